@@ -1,0 +1,1 @@
+"""The lakehouse and the Spark jobs: one module per stage, each reading and writing declared tables."""

@@ -1,0 +1,61 @@
+"""Settings: the one place that holds every default.
+
+Precedence: explicit arguments > environment (RECONTEXT_HOME, SPARK_REMOTE) >
+`<home>/config.toml` > the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HOME = Path("~/.recontext")
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    max_side: int = 2048  # larger images are downscaled (LANCZOS) to this longest side
+    min_side: int = 64  # images whose shorter side is below this are quarantined
+    max_pixels: int = 64_000_000  # larger images are quarantined as possible decompression bombs
+    max_file_bytes: int = 64 * 1024 * 1024  # larger files are quarantined unread
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    spark_remote: str | None = None  # a Spark Connect URL; None = embedded Sail engine
+    arrow_batch_rows: int = 256  # rows per Arrow batch into pandas UDFs (rows carry image bytes)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+
+    @property
+    def lakehouse(self) -> Path:
+        return self.home / "lakehouse"
+
+    @classmethod
+    def load(cls, home: str | Path | None = None, **overrides) -> "Settings":
+        home = Path(home or os.environ.get("RECONTEXT_HOME") or DEFAULT_HOME).expanduser().resolve()
+        values: dict = {}
+        config_file = home / "config.toml"
+        if config_file.exists():
+            values = tomllib.loads(config_file.read_text())
+        if os.environ.get("SPARK_REMOTE"):
+            values["spark_remote"] = os.environ["SPARK_REMOTE"]
+        values.update(overrides)
+        return cls(home=home, **_build(cls, values, str(config_file)))
+
+
+def _build(cls, values: dict, origin: str) -> dict:
+    """Turn nested dicts from TOML into the nested dataclasses, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in fields or key == "home":
+            raise ValueError(f"unknown setting '{key}' in {origin}; known: {sorted(set(fields) - {'home'})}")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and sub is not None:
+            value = sub(**_build(sub, value, f"{origin} [{key}]"))
+        out[key] = value
+    return out

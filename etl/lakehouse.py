@@ -1,0 +1,126 @@
+"""The lakehouse: declared Delta tables under `<home>/lakehouse/<name>`, registered in a session.
+
+Writes are MERGEs on each table's key, preceded by an anti-join that drops rows identical to
+what is stored, so a re-run with nothing new commits nothing. History and row counts that the
+engine lacks come from delta-rs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass
+
+from deltalake import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+
+from etl.config import Settings
+from etl.engine import spark_session
+from etl.tables import TABLES, Table
+
+# Sail fails time travel to versions before a checkpoint (NOTES.md 1): never checkpoint.
+TABLE_PROPERTIES = "'delta.checkpointInterval'='1000000'"
+
+
+@dataclass(frozen=True)
+class TableStats:
+    name: str
+    rows: int
+    version: int
+    last_operation: str
+
+
+class Lakehouse:
+    def __init__(self, settings: Settings, spark: SparkSession | None = None):
+        self.settings = settings
+        self.spark = spark or spark_session(settings)
+        settings.lakehouse.mkdir(parents=True, exist_ok=True)
+        self.register_tables()
+
+    @classmethod
+    def open(cls, home=None, **overrides) -> "Lakehouse":
+        return cls(Settings.load(home, **overrides))
+
+    def location(self, name: str) -> str:
+        return str(self.settings.lakehouse / name)
+
+    def register_tables(self) -> None:
+        """Create missing tables and register all of them in this session's catalog.
+
+        The catalog of the embedded engine lives in memory, so this runs at every start.
+        """
+        for table in TABLES.values():
+            partitioned = f"PARTITIONED BY ({', '.join(table.partition_by)})" if table.partition_by else ""
+            self.spark.sql(
+                f"CREATE TABLE IF NOT EXISTS {table.name} ({table.ddl_columns()}) USING delta "
+                f"{partitioned} LOCATION '{self.location(table.name)}' "
+                f"COMMENT '{table.comment}' TBLPROPERTIES ({TABLE_PROPERTIES})"
+            )
+
+    def table(self, name: str) -> DataFrame:
+        return self.spark.table(_declared(name).name)
+
+    def upsert(self, name: str, rows: DataFrame) -> int:
+        """MERGE `rows` into table `name` on its key; returns how many rows were written.
+
+        Rows equal to the stored row in every compared column are left out first, so an
+        unchanged re-run writes no new table version. `rows` is read twice: pass a staged or
+        cheap DataFrame, not one that runs a model.
+        """
+        table = _declared(name)
+        source = _view(rows.select(*table.column_names))
+        on_key = " AND ".join(f"t.{k} = s.{k}" for k in table.key)
+        unchanged = " AND ".join(f"t.{c} <=> s.{c}" for c in table.compared) or "TRUE"
+        changed = self.spark.sql(
+            f"SELECT s.* FROM {source} s LEFT ANTI JOIN {table.name} t ON {on_key} AND {unchanged}"
+        )
+        # Staging the changed rows decouples the MERGE from a source that reads its own target.
+        with self.staged(changed) as staged:
+            count = staged.count()
+            if count:
+                self.spark.sql(
+                    f"MERGE INTO {table.name} t USING {_view(staged)} s ON {on_key} "
+                    "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+                )
+        return count
+
+    def staged(self, rows: DataFrame) -> "_Staged":
+        """Materialize `rows` once into a scratch Delta folder (removed on exit).
+
+        Used where a DataFrame that runs a model or reads files must feed several writes.
+        """
+        return _Staged(self, rows)
+
+    def stats(self) -> list[TableStats]:
+        out = []
+        for name in TABLES:
+            delta = DeltaTable(self.location(name))
+            last = delta.history(1)[0].get("operation", "")
+            rows = self.spark.sql(f"SELECT count(*) AS n FROM {name}").collect()[0]["n"]
+            out.append(TableStats(name, rows, delta.version(), last))
+        return out
+
+
+class _Staged:
+    def __init__(self, lake: Lakehouse, rows: DataFrame):
+        self.lake, self.rows = lake, rows
+        self.path = lake.settings.lakehouse / "_staging" / uuid.uuid4().hex
+
+    def __enter__(self) -> DataFrame:
+        self.rows.write.format("delta").mode("overwrite").save(str(self.path))
+        return self.lake.spark.read.format("delta").load(str(self.path))
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _declared(name: str) -> Table:
+    if name not in TABLES:
+        raise KeyError(f"unknown table '{name}'; declared tables: {', '.join(TABLES)}")
+    return TABLES[name]
+
+
+def _view(df: DataFrame) -> str:
+    name = f"_v_{uuid.uuid4().hex[:12]}"
+    df.createOrReplaceTempView(name)
+    return name

@@ -1,0 +1,49 @@
+"""Read-only SQL for `recontext sql`: one query statement, nothing that writes."""
+
+from __future__ import annotations
+
+import re
+
+from etl.errors import UserError
+
+QUERY_STARTS = {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC"}
+# Words that write or change state anywhere in a statement (e.g. `WITH x AS (...) INSERT ...`).
+WRITE_WORDS = {"INSERT", "UPDATE", "DELETE", "MERGE", "DROP", "CREATE", "ALTER", "TRUNCATE",
+               "OVERWRITE", "REPLACE", "GRANT", "REVOKE", "VACUUM", "OPTIMIZE", "RESTORE", "MSCK",
+               "LOAD", "CACHE", "UNCACHE", "REFRESH"}
+
+_LEXEME = re.compile(
+    r"""(?P<comment>--[^\n]*|/\*.*?\*/)
+      | (?P<string>'(?:\\.|''|[^'\\])*'|"(?:\\.|""|[^"\\])*"|`(?:``|[^`])*`)
+      | (?P<word>[A-Za-z_][A-Za-z_0-9]*)
+      | (?P<semicolon>;)
+      | (?P<other>\S)""",
+    re.VERBOSE | re.DOTALL,
+)
+
+
+class WriteRefused(UserError):
+    exit_code = 2
+
+
+def check_read_only(query: str) -> str:
+    """Return the query without a trailing ';', or raise WriteRefused saying why."""
+    tokens = [(m.lastgroup, m.group()) for m in _LEXEME.finditer(query) if m.lastgroup != "comment"]
+    while tokens and tokens[-1][0] == "semicolon":
+        tokens.pop()
+    if not tokens:
+        raise WriteRefused("empty query")
+    if any(kind == "semicolon" for kind, _ in tokens):
+        raise WriteRefused("refused: only one statement per call (found ';' between statements)")
+    words = [(i, text.upper()) for i, (kind, text) in enumerate(tokens) if kind == "word"]
+    first = next((w for _, w in words), "")
+    if first not in QUERY_STARTS:
+        raise WriteRefused(
+            f"refused: `recontext sql` is read-only and runs only {', '.join(sorted(QUERY_STARTS))}"
+            f" statements, not {first or tokens[0][1]!r}; tables are written by the pipeline's jobs"
+        )
+    for i, word in words:
+        calls_function = i + 1 < len(tokens) and tokens[i + 1][1] == "("
+        if word in WRITE_WORDS and not calls_function:  # replace(...) is a string function
+            raise WriteRefused(f"refused: {word} writes data; `recontext sql` is read-only")
+    return query.strip().rstrip(";").strip()

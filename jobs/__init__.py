@@ -1,0 +1,1 @@
+"""Entry points: the `recontext` command and the job definitions that call the stages."""

@@ -1,0 +1,144 @@
+"""The `recontext` command."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+import time
+
+from etl.config import Settings
+from etl.errors import UserError
+from etl.sources import FORMATS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.load(args.home)
+        return args.run(settings, args) or 0
+    except UserError as err:
+        print(f"recontext: {err}", file=sys.stderr)
+        return err.exit_code
+    except (KeyError, ValueError) as err:  # unknown table, bad config value
+        print(f"recontext: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - engine errors (e.g. a bad SQL query) as one line
+        if args.verbose:
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"recontext: {type(err).__name__}: {first_line} (use --verbose for details)", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recontext", description=__doc__)
+    parser.add_argument("--home", help="working folder: lakehouse/, mlflow/, models/ "
+                                       "(default: $RECONTEXT_HOME or ~/.recontext)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    ingest = commands.add_parser("ingest", help="ingest a catalog source into the lakehouse")
+    ingest.add_argument("source", help="a folder per product, a manifest (.csv/.jsonl), or an ABO root")
+    ingest.add_argument("--format", choices=FORMATS, help="source layout (default: detected)")
+    ingest.set_defaults(run=cmd_ingest)
+
+    sql = commands.add_parser("sql", help="run one read-only SQL query")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sql.set_defaults(run=cmd_sql)
+
+    tables = commands.add_parser("tables", help="row count, Delta version and last operation per table")
+    tables.set_defaults(run=cmd_tables)
+
+    demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def _lake(settings: Settings):
+    from etl.lakehouse import Lakehouse
+
+    return Lakehouse(settings)
+
+
+def cmd_ingest(settings: Settings, args) -> int:
+    from etl.ingest import ingest
+
+    started = time.perf_counter()
+    summary = ingest(_lake(settings), args.source, args.format)
+    print(f"ingested {summary.source}: {summary.products} products, {summary.images_ok} images, "
+          f"{summary.rejected} quarantined in {time.perf_counter() - started:.1f}s; rows written: "
+          + ", ".join(f"{t}={n}" for t, n in summary.rows_written.items()))
+    if summary.rejected:
+        print("see why: recontext sql \"SELECT product_id, source_uri, reason FROM quarantine\"")
+    return 0
+
+
+def cmd_sql(settings: Settings, args) -> int:
+    from etl.queries import check_read_only
+
+    query = check_read_only(args.query)  # refuse before starting anything
+    frame = _lake(settings).spark.sql(query).toPandas()
+    if args.format == "json":
+        records = frame.map(_json_value).to_dict(orient="records") if len(frame) else []
+        json.dump(records, sys.stdout, default=str, ensure_ascii=False)
+        print()
+    elif args.format == "csv":
+        frame.map(_display_value).to_csv(sys.stdout, index=False)
+    else:
+        print(frame.map(_display_value).to_string(index=False) if len(frame) else "(no rows)")
+    return 0
+
+
+def cmd_tables(settings: Settings, args) -> int:
+    _print_tables(_lake(settings))
+    return 0
+
+
+def _print_tables(lake) -> None:
+    stats = lake.stats()
+    width = max(len(s.name) for s in stats)
+    print(f"{'table':<{width}}  {'rows':>8}  {'version':>7}  last operation")
+    for s in stats:
+        print(f"{s.name:<{width}}  {s.rows:>8}  {s.version:>7}  {s.last_operation}")
+
+
+def cmd_demo(settings: Settings, args) -> int:
+    from etl.ingest import ingest
+    from etl.sample_catalog import write_sample_catalog
+
+    print(f"recontext demo, home {settings.home}")
+    catalog = write_sample_catalog(settings.home / "samples" / "catalog")
+    lake = _lake(settings)
+    summary = ingest(lake, catalog, "folder")
+    print(f"ingested the sample catalog ({catalog}): {summary.products} products, "
+          f"{summary.images_ok} images, {summary.rejected} quarantined")
+    print(lake.spark.sql(
+        "SELECT p.product_id, p.product_type, count(i.image_id) AS images, "
+        "concat_ws(' ', collect_list(concat(i.width, 'x', i.height))) AS sizes "
+        "FROM products p LEFT JOIN product_images i ON i.product_id = p.product_id "
+        "GROUP BY p.product_id, p.product_type ORDER BY p.product_id").toPandas().to_string(index=False))
+    print()
+    _print_tables(lake)
+    print(f"\nquery it: recontext --home {settings.home} sql \"SELECT * FROM products\"")
+    return 0
+
+
+def _json_value(value):
+    return base64.b64encode(value).decode() if isinstance(value, (bytes, bytearray)) else value
+
+
+def _display_value(value):
+    return f"<{len(value)} bytes>" if isinstance(value, (bytes, bytearray)) else value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
