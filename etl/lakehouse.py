@@ -68,7 +68,8 @@ class Lakehouse:
         cheap DataFrame, not one that runs a model.
         """
         table = _declared(name)
-        source = _view(rows.select(*table.column_names))
+        # Cast to the declared types: an untyped NULL literal cannot be written to Delta.
+        source = _view(rows.selectExpr(*(f"CAST({c.name} AS {c.type}) AS {c.name}" for c in table.columns)))
         on_key = " AND ".join(f"t.{k} = s.{k}" for k in table.key)
         unchanged = " AND ".join(f"t.{c} <=> s.{c}" for c in table.compared) or "TRUE"
         changed = self.spark.sql(

@@ -1,0 +1,41 @@
+import pytest
+
+from etl.config import Settings
+from etl.engine import embedded_url
+from etl.lakehouse import Lakehouse
+
+
+def test_spark_remote_connects_to_an_endpoint(tmp_path, monkeypatch):
+    # Any Spark Connect endpoint will do; here a Sail server that is already running.
+    monkeypatch.setenv("SPARK_REMOTE", embedded_url())
+    settings = Settings.load(tmp_path)
+    assert settings.spark_remote == embedded_url()
+    lake = Lakehouse(settings)
+    assert lake.spark.sql("SELECT count(*) AS n FROM products").collect()[0]["n"] == 0
+
+
+def test_two_homes_in_one_process_do_not_share_tables(tmp_path):
+    first, second = Lakehouse.open(tmp_path / "a"), Lakehouse.open(tmp_path / "b")
+    row = first.spark.sql("SELECT 'p' AS product_id, 't' AS title, NULL AS product_type, "
+                          "'{}' AS attributes, 'test' AS source, current_timestamp() AS ingested_at")
+    assert first.upsert("products", row) == 1
+    assert first.table("products").count() == 1
+    assert second.table("products").count() == 0
+
+
+def test_config_file_overrides_defaults(tmp_path):
+    (tmp_path / "config.toml").write_text("arrow_batch_rows = 8\n[ingest]\nmax_side = 512\n")
+    settings = Settings.load(tmp_path)
+    assert settings.arrow_batch_rows == 8 and settings.ingest.max_side == 512
+    assert settings.ingest.min_side == 64  # untouched defaults stay
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    (tmp_path / "config.toml").write_text("[ingest]\nmax_sides = 512\n")
+    with pytest.raises(ValueError, match="unknown setting 'max_sides'"):
+        Settings.load(tmp_path)
+
+
+def test_unknown_table_is_an_error(lake):
+    with pytest.raises(KeyError, match="unknown table 'nope'"):
+        lake.table("nope")

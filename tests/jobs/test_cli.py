@@ -1,0 +1,72 @@
+"""The `recontext` command as a user runs it: separate processes on one home."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import main
+
+
+def recontext(*args, home):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SPARK_REMOTE", None)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("demo")
+    result = recontext("demo", home=home)
+    assert result.returncode == 0, result.stderr
+    assert "4 products, 5 images, 0 quarantined" in result.stdout
+    return home
+
+
+def test_demo_tables_are_queryable_from_a_new_process(demo_home):
+    result = recontext("sql", "SELECT product_id, product_type FROM products ORDER BY product_id",
+                       "--format", "json", home=demo_home)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        {"product_id": "coffee-cup", "product_type": "coffee cup"},
+        {"product_id": "gift-box", "product_type": "gift box"},
+        {"product_id": "motorcycle", "product_type": "motorcycle"},
+        {"product_id": "rocket", "product_type": "rocket"},
+    ]
+
+
+def test_tables_lists_counts_versions_operations(demo_home):
+    result = recontext("tables", home=demo_home)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
+    assert lines["products"] == ["4", "1", "MERGE"]
+    assert lines["product_images"] == ["5", "1", "MERGE"]
+    assert lines["quarantine"] == ["0", "0", "CREATE", "TABLE"]
+
+
+def test_sql_csv_and_binary_columns(demo_home):
+    result = recontext("sql", "SELECT product_id, image FROM product_images WHERE product_id = 'rocket'",
+                       "--format", "csv", home=demo_home)
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.strip().splitlines()
+    assert header == "product_id,image" and row.startswith("rocket,<") and row.endswith(" bytes>")
+
+
+def test_sql_refuses_writes_with_exit_code_2(demo_home, capsys):
+    assert main(["--home", str(demo_home), "sql", "DELETE FROM products"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recontext: refused") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ingest", "/no/such/folder"], "source not found"),
+    (["sql", "SELECT * FROM no_such_table"], "no_such_table"),
+    (["ingest", "/tmp", "--format", "abo"], "ABO layout without"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, args, message):
+    assert main(["--home", str(tmp_path / "h"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
