@@ -92,11 +92,24 @@ class Lakehouse:
         """
         return _Staged(self, rows)
 
+    def history(self, name: str, limit: int | None = None) -> list[dict]:
+        """Delta commits, newest first (the engine lacks DESCRIBE HISTORY)."""
+        return DeltaTable(self.location(_declared(name).name)).history(limit)
+
+    def compact(self, name: str) -> dict:
+        """Rewrite small files into larger ones (delta-rs OPTIMIZE); rows are unchanged."""
+        return DeltaTable(self.location(_declared(name).name)).optimize.compact()
+
+    def vacuum(self, name: str, retention_hours: int = 168) -> list[str]:
+        """Delete files no longer referenced by versions newer than the retention."""
+        return DeltaTable(self.location(_declared(name).name)).vacuum(
+            retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+
     def stats(self) -> list[TableStats]:
         out = []
         for name in TABLES:
             delta = DeltaTable(self.location(name))
-            last = delta.history(1)[0].get("operation", "")
+            last = self.history(name, 1)[0].get("operation", "")
             rows = self.spark.sql(f"SELECT count(*) AS n FROM {name}").collect()[0]["n"]
             out.append(TableStats(name, rows, delta.version(), last))
         return out

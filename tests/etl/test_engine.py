@@ -39,3 +39,16 @@ def test_unknown_config_key_is_an_error(tmp_path):
 def test_unknown_table_is_an_error(lake):
     with pytest.raises(KeyError, match="unknown table 'nope'"):
         lake.table("nope")
+
+
+def test_compact_and_vacuum_keep_rows(lake):
+    for i in range(3):  # three commits, three small files
+        lake.upsert("products", lake.spark.sql(
+            f"SELECT 'p{i}' AS product_id, 't' AS title, 'mug' AS product_type, '{{}}' AS attributes, "
+            "'test' AS source, current_timestamp() AS ingested_at"))
+    assert [h["operation"] for h in lake.history("products")][:3] == ["MERGE"] * 3
+    metrics = lake.compact("products")
+    assert metrics["numFilesRemoved"] >= 3 and metrics["numFilesAdded"] == 1
+    removed = lake.vacuum("products", retention_hours=0)
+    assert len(removed) >= 3
+    assert sorted(r.product_id for r in lake.table("products").collect()) == ["p0", "p1", "p2"]
