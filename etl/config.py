@@ -24,11 +24,37 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class ModelPath:
+    path: str | None = None  # a local folder/file in the library's own layout; None = tiny model
+    name: str | None = None  # backbone name recorded next to outputs; default: folder name
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which weights each model role loads. Real weights are a path here, never a code change."""
+
+    device: str = "auto"  # auto = cuda when available, else cpu
+    batch_size: int = 16  # images per forward pass inside a UDF batch
+    tiny_dir: str | None = None  # where tiny random-weight models are built; default <home>/models/tiny
+    clip: ModelPath = field(default_factory=ModelPath)  # open_clip local-dir folder
+    dino: ModelPath = field(default_factory=ModelPath)  # transformers DINO / DINOv2 snapshot
+    captioner: ModelPath = field(default_factory=ModelPath)  # transformers image-text-to-text snapshot
+    sam: ModelPath = field(default_factory=ModelPath)  # segment-anything checkpoint file (.pth)
+    sam_variant: str = "tiny"  # vit_h, vit_l, vit_b for released checkpoints
+    u2netp: ModelPath = field(default_factory=ModelPath)  # ONNX file; default: the packaged real one
+    segmenter: str = "u2netp"  # the mask method used for segmented metrics: u2netp or sam
+    # BLIP-style models continue this prefix; instruction models get it as the question, e.g.
+    # "Describe the product's colour, position, lighting, materials and details in one sentence."
+    caption_prompt: str = "a photo of"
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     spark_remote: str | None = None  # a Spark Connect URL; None = embedded Sail engine
     arrow_batch_rows: int = 256  # rows per Arrow batch into pandas UDFs (rows carry image bytes)
     ingest: IngestSettings = field(default_factory=IngestSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
 
     @property
     def lakehouse(self) -> Path:

