@@ -69,3 +69,14 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
+
+
+def product_shot(width: int = 160, height: int = 120, seed: int = 0) -> Image.Image:
+    """A coloured object on a plain light background: something a salient-object model finds."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), (235, 235, 230))
+    colour = tuple(int(c) for c in rng.integers(20, 200, size=3))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=colour)
+    return image

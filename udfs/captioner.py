@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from transformers.utils.logging import disable_progress_bar
+
 from udfs.device import pick_device
 
 REQUIRED_FILES = ("config.json",)
@@ -26,6 +28,7 @@ class Captioner:
     def __init__(self, path: str | Path, device: str = "auto", max_new_tokens: int = 40):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        disable_progress_bar()
         self.device = pick_device(device)
         self.processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
@@ -51,7 +54,7 @@ def _is_blip(model) -> bool:
     return model.config.model_type == "blip"
 
 
-def build_tiny(path: Path, seed: int = 0) -> None:
+def build_tiny(path: Path, seed: int = 0):
     """A random-weight BLIP captioner (real architecture) with a small WordPiece vocabulary."""
     from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration,
                               BlipImageProcessor, BlipProcessor)
@@ -71,7 +74,9 @@ def build_tiny(path: Path, seed: int = 0) -> None:
                      "eos_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id},
         projection_dim=32,
     )
-    BlipForConditionalGeneration(config).save_pretrained(path)
+    model = BlipForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}),
                               tokenizer=tokenizer)
     processor.save_pretrained(path)
+    return model

@@ -56,7 +56,7 @@ def _unit(features: torch.Tensor) -> np.ndarray:
     return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()
 
 
-def build_tiny(path: Path, seed: int = 0) -> None:
+def build_tiny(path: Path, seed: int = 0):
     """A random-weight CLIP with the real architecture, written in open_clip's local-dir layout."""
     import open_clip
     from safetensors.torch import save_file
@@ -66,3 +66,4 @@ def build_tiny(path: Path, seed: int = 0) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "open_clip_config.json").write_text(json.dumps(TINY_CONFIG, indent=2))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "open_clip_model.safetensors")
+    return model

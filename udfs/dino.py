@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transformers.utils.logging import disable_progress_bar
+
 from udfs.device import autocast, pick_device
 
 REQUIRED_FILES = ("config.json", "preprocessor_config.json")
@@ -20,6 +22,7 @@ class DinoModel:
     def __init__(self, path: str | Path, device: str = "auto"):
         from transformers import AutoImageProcessor, AutoModel
 
+        disable_progress_bar()
         self.device = pick_device(device)
         self.processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
@@ -33,12 +36,14 @@ class DinoModel:
         return (cls / cls.norm(dim=-1, keepdim=True)).cpu().numpy()
 
 
-def build_tiny(path: Path, seed: int = 0) -> None:
+def build_tiny(path: Path, seed: int = 0):
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           image_size=56, patch_size=14)
-    Dinov2Model(config).save_pretrained(path)
+    model = Dinov2Model(config).eval()
+    model.save_pretrained(path)
     BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    return model

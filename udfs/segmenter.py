@@ -149,9 +149,11 @@ class SamSegmenter:
         return results
 
 
-def build_tiny_sam(path: Path, seed: int = 0) -> None:
+def build_tiny_sam(path: Path, seed: int = 0):
     import torch
 
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(build_sam("tiny").state_dict(), path)
+    model = build_sam("tiny")
+    torch.save(model.state_dict(), path)
+    return model

@@ -22,7 +22,7 @@ from etl.errors import UserError
 @dataclass(frozen=True)
 class Role:
     required: tuple[str, ...]  # files a folder must hold ("" = the path is itself the file)
-    build_tiny: Callable[[Path], None] | None
+    build_tiny: Callable[[Path], object] | None
     tiny_name: str  # path below the tiny dir
 
 
@@ -88,13 +88,13 @@ class ModelZoo:
             path = self.path(role)
             if self.is_tiny(role) and not path.exists():
                 _build_atomically(_roles()[role].build_tiny, path)
-            missing = [f or path.name for f in _roles()[role].required
-                       if not (path / f if f else path).exists()]
-            if missing or (not path.exists()):
-                raise UserError(
-                    f"model for role '{role}' not found or incomplete at {path} (missing: "
-                    f"{', '.join(missing) or path}); set models.{role}.path in <home>/config.toml"
-                )
+            hint = f"set models.{role}.path in <home>/config.toml"
+            if not path.exists():
+                raise UserError(f"model for role '{role}' not found: {path} does not exist; {hint}")
+            missing = [f for f in _roles()[role].required if f and not (path / f).exists()]
+            if missing:
+                raise UserError(f"model for role '{role}' at {path} is incomplete (missing "
+                                f"{', '.join(missing)}); {hint}")
 
     def load(self, role: str):
         """The loaded model for a role, once per process (every UDF batch reuses it)."""
@@ -131,7 +131,7 @@ class ModelZoo:
             raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
 
 
-def _build_atomically(build: Callable[[Path], None], path: Path) -> None:
+def _build_atomically(build: Callable[[Path], object], path: Path) -> None:
     """Build into a scratch path and rename, so a concurrent or killed build leaves no half model."""
     scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
