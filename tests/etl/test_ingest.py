@@ -87,7 +87,8 @@ def test_delta_rs_reads_the_same_tables(lake, folder_source):
     for name, table in TABLES.items():
         independent = DeltaTable(lake.location(name)).to_pandas()
         spark_rows = rows(lake, name, ", ".join(table.key))
-        assert len(independent) == len(spark_rows) > 0, name
+        assert len(independent) == len(spark_rows), name
+        assert len(spark_rows) > 0 or name not in ("products", "product_images", "quarantine")
         key = list(table.key)
         assert (sorted(map(tuple, independent[key].values.tolist()))
                 == sorted(map(tuple, spark_rows[key].values.tolist())))
