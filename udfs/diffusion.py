@@ -1,0 +1,135 @@
+"""Diffusion pipelines (diffusers), loaded from `save_pretrained` folders.
+
+Roles: `text2img` (StableDiffusionPipeline: in-class negatives, later LoRA training and
+generation), `inpaint` (StableDiffusionInpaintPipeline: outpainted backgrounds and
+counterfactuals) and `image2video` (StableVideoDiffusionPipeline: novel views). A real
+snapshot (SD 1.5, SD 1.5 inpainting, SVD img2vid) is a folder swap; the tiny builders write
+random-weight components with the real architectures in the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from udfs.device import pick_device
+
+REQUIRED_FILES = ("model_index.json",)
+TINY_TEXT_DIM = 32
+
+
+def load_pipeline(role: str, path: str | Path, device: str = "auto"):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableVideoDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    cls = {"text2img": StableDiffusionPipeline, "inpaint": StableDiffusionInpaintPipeline,
+           "image2video": StableVideoDiffusionPipeline}[role]
+    target = pick_device(device)
+    # Half precision on GPUs (bf16 where supported); fp32 on the CPU, where it is exact and portable.
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if target.type == "cuda" \
+        else torch.float32
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if role != "image2video" else {}
+    pipeline = cls.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(target)
+
+
+def clip_tokenizer():
+    """The real CLIP BPE tokenizer (49,408 tokens) from the vocabulary that open_clip ships."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    bpe = SimpleTokenizer()
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    tokenizer = CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges)
+    if len(tokenizer) != 49408:  # transformers can build a near-empty vocabulary without an error
+        raise RuntimeError(f"CLIP tokenizer has {len(tokenizer)} tokens, expected 49408")
+    return tokenizer
+
+
+def _tiny_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=TINY_TEXT_DIM,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+        max_position_embeddings=77, projection_dim=TINY_TEXT_DIM))
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, sample_size=64)
+
+
+def _tiny_unet(in_channels: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TINY_TEXT_DIM, attention_head_dim=8, norm_num_groups=32)
+
+
+def _tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def build_tiny_text2img(path: Path, seed: int = 0):
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    pipeline = StableDiffusionPipeline(
+        unet=_tiny_unet(4), vae=_tiny_vae(), text_encoder=_tiny_text_encoder(), tokenizer=clip_tokenizer(),
+        scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(path)
+    return pipeline
+
+
+def build_tiny_inpaint(path: Path, seed: int = 0):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    torch.manual_seed(seed)
+    pipeline = StableDiffusionInpaintPipeline(
+        unet=_tiny_unet(9), vae=_tiny_vae(), text_encoder=_tiny_text_encoder(), tokenizer=clip_tokenizer(),
+        scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(path)
+    return pipeline
+
+
+def build_tiny_image2video(path: Path, seed: int = 0):
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32, num_attention_heads=(2, 4), projection_class_embeddings_input_dim=96,
+        addition_time_embed_dim=32)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                                       down_block_types=["DownEncoderBlock2D"] * 2, latent_channels=4)
+    # SVD resizes its conditioning image to 224 px before the image encoder.
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+        intermediate_size=37, patch_size=32))
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, interpolation_type="linear",
+        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+        steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
+    pipeline = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
+    pipeline.save_pretrained(path)
+    (path / "recontext_tiny.json").write_text(json.dumps({"seed": seed}))
+    return pipeline
