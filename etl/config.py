@@ -42,10 +42,49 @@ class ModelSettings:
     sam: ModelPath = field(default_factory=ModelPath)  # segment-anything checkpoint file (.pth)
     sam_variant: str = "tiny"  # vit_h, vit_l, vit_b for released checkpoints
     u2netp: ModelPath = field(default_factory=ModelPath)  # ONNX file; default: the packaged real one
+    text2img: ModelPath = field(default_factory=ModelPath)  # diffusers StableDiffusionPipeline folder
+    inpaint: ModelPath = field(default_factory=ModelPath)  # diffusers StableDiffusionInpaintPipeline folder
+    image2video: ModelPath = field(default_factory=ModelPath)  # diffusers StableVideoDiffusionPipeline folder
+    llm: ModelPath = field(default_factory=ModelPath)  # causal LM folder (GGUF or safetensors); default: SmolLM2
+    sentence: ModelPath = field(default_factory=ModelPath)  # sentence embedder folder; default: all-MiniLM-L6-v2
     segmenter: str = "u2netp"  # the mask method used for segmented metrics: u2netp or sam
     # BLIP-style models continue this prefix; instruction models get it as the question, e.g.
     # "Describe the product's colour, position, lighting, materials and details in one sentence."
     caption_prompt: str = "a photo of"
+
+
+@dataclass(frozen=True)
+class PromptBankSettings:
+    """How the LLM fills the prompt bank and how prompts are curated."""
+
+    endpoint: str | None = None  # OpenAI-compatible base URL (vLLM, Ollama, hosted); None = local LLM
+    endpoint_model: str = ""  # model name sent to the endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key
+    scenes_per_type: int = 12  # background scenes asked for per product type
+    targets_per_type: int = 6  # target generation prompts asked for per product type
+    max_new_tokens: int = 320
+    temperature: float = 0.8
+    min_words: int = 3
+    max_words: int = 40
+    duplicate_similarity: float = 0.9  # MiniLM cosine at or above which a prompt is a near-duplicate
+    min_type_similarity: float = 0.15  # MiniLM cosine to the product type below which a scene is implausible
+    auto_approve: bool = True  # prompts passing every check start approved; False = pending review
+    known_types: tuple[str, ...] = ()  # extra product types for zero-shot classification
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Synthetic augmentation. Defaults suit the tiny models; real SD 1.5 wants 512 px, 30 steps."""
+
+    resolution: int = 64  # longest side of generated images (multiple of 8)
+    steps: int = 8
+    guidance_scale: float = 5.0
+    seed: int = 0
+    novel_view_frames: int = 4  # frames per image-to-video clip
+    novel_views_per_image: int = 2  # frames kept as new viewpoints (evenly spaced, first frame skipped)
+    video_steps: int = 4
+    outpaints_per_image: int = 2  # approved scenes painted behind each reference / novel view
+    positives_per_negative: float = 2.0  # the paper's 2:1 positive:negative ratio, per product
 
 
 @dataclass(frozen=True)
@@ -55,6 +94,8 @@ class Settings:
     arrow_batch_rows: int = 256  # rows per Arrow batch into pandas UDFs (rows carry image bytes)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
+    prompt_bank: PromptBankSettings = field(default_factory=PromptBankSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
 
     @property
     def lakehouse(self) -> Path:

@@ -22,7 +22,9 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     written = {"embeddings": 0, "text_embeddings": 0, "quarantine": 0}
     images = all_images(lake)
     method = zoo.models.segmenter
-    masks = lake.table("masks").where(f"method = {sql_literal(method)}").select("image_id", "mask")
+    # Segmented variants exist only where a product was found.
+    masks = lake.table("masks").where(f"method = {sql_literal(method)} AND area_fraction > 0").select(
+        "image_id", "mask")
     variants = {
         "full": (images.withColumn("mask", F.lit(None).cast("binary")), ""),
         "segmented": (images.join(masks, "image_id"), method),
@@ -42,7 +44,8 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                 "current_timestamp() AS created_at", "product_id", "r.error AS error")
             for table, n in write_model_outputs(lake, STAGE, "embeddings", pending, rows).items():
                 written[table] += n
-    written["text_embeddings"] = embed_texts(lake, zoo, lake.table("captions").select(F.col("caption").alias("text")))
+    texts = lake.spark.sql("SELECT caption AS text FROM captions UNION SELECT prompt AS text FROM synthetic_images")
+    written["text_embeddings"] = embed_texts(lake, zoo, texts)
     return written
 
 

@@ -1,7 +1,8 @@
-"""The images every model stage processes: one row per image_id with its bytes and product.
+"""The images every model stage processes: reference photos plus synthetic images.
 
-Reference photos today; later stages add their synthetic and generated images here, and masks,
-captions, embeddings and metrics then cover them with the same code.
+Masks, captions, embeddings and metrics read these two functions, so every kind of image
+(reference, novel view, outpaint, negative, counterfactual, later generated) is covered by the
+same code.
 """
 
 from __future__ import annotations
@@ -10,20 +11,31 @@ from pyspark.sql import DataFrame
 
 from etl.lakehouse import Lakehouse
 
+_UNION = """
+    SELECT image_id, product_id, role AS kind, NULL AS parent_image_id, NULL AS prompt, image, has_alpha
+    FROM product_images
+    UNION ALL
+    SELECT image_id, product_id, kind, parent_image_id, prompt, image, false AS has_alpha
+    FROM synthetic_images
+"""
+
 
 def all_images(lake: Lakehouse) -> DataFrame:
     """image_id, product_id, kind, image, has_alpha; an image shared by products appears once."""
     return lake.spark.sql(
-        """
-        SELECT image_id, product_id, role AS kind, image, has_alpha FROM (
-          SELECT *, row_number() OVER (PARTITION BY image_id ORDER BY product_id) AS n
-          FROM product_images) WHERE n = 1
+        f"""
+        SELECT image_id, product_id, kind, image, has_alpha FROM (
+          SELECT *, row_number() OVER (PARTITION BY image_id ORDER BY product_id) AS n FROM ({_UNION}))
+        WHERE n = 1
         """
     )
 
 
 def scored_images(lake: Lakehouse) -> DataFrame:
-    """image_id, product_id, kind, is_reference: every (image, product) pair that gets metrics."""
+    """image_id, product_id, kind, is_reference, parent_image_id, prompt: every scored pair."""
     return lake.spark.sql(
-        "SELECT DISTINCT image_id, product_id, role AS kind, role = 'reference' AS is_reference FROM product_images"
+        f"""
+        SELECT DISTINCT image_id, product_id, kind, kind = 'reference' AS is_reference, parent_image_id, prompt
+        FROM ({_UNION})
+        """
     )

@@ -6,7 +6,6 @@ and kept; unusable ones raise `RejectedImage` with a reason a person can act on.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from etl.config import IngestSettings
+from udfs.imaging import encode_png, pixel_hash
 
 # Formats decoded and kept; the first three are stored with their original bytes when
 # nothing had to change, everything else is re-encoded as PNG.
@@ -84,14 +84,10 @@ def normalize_image(raw: bytes, limits: IngestSettings) -> NormalizedImage:
     if not changes and original_format in KEEP_AS_IS:
         data, fmt = raw, original_format
     else:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=4)
-        data, fmt = buffer.getvalue(), "PNG"
+        data, fmt = encode_png(image), "PNG"
 
-    digest = hashlib.sha256(f"{image.mode}:{width}x{height}:".encode())
-    digest.update(image.tobytes())
     return NormalizedImage(
-        image_id=digest.hexdigest(),
+        image_id=pixel_hash(image),
         data=data,
         format=fmt,
         width=width,

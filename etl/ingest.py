@@ -17,7 +17,6 @@ import pandas as pd
 from etl.config import IngestSettings
 from etl.lakehouse import Lakehouse
 from etl.sources import Listing, list_source
-from etl.tables import sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +62,11 @@ def ingest(lake: Lakehouse, source: str | Path, fmt: str | None = None) -> Inges
         written["product_images"] = lake.upsert("product_images", images)
         counts = {r["ok"]: r["n"] for r in spark.sql(
             "SELECT reason_code IS NULL AS ok, count(*) AS n FROM _ingest_decoded GROUP BY 1").collect()}
-        file_rejects = staged.where("reason_code IS NOT NULL").selectExpr(
-            "product_id", "source_uri", "reason_code", "reason")
-        listing_rejects = spark.createDataFrame(
-            pd.DataFrame(
-                list({(r.product_id, r.source_uri): r for r in listing.rejected}.values()),
-                columns=["product_id", "source_uri", "reason_code", "reason"],
-            ),
-            "product_id string, source_uri string, reason_code string, reason string",
-        )
-        quarantine = file_rejects.unionByName(listing_rejects).selectExpr(
-            f"'{STAGE}' AS stage", "*", f"{sql_literal(listing.source)} AS source", "current_timestamp() AS created_at"
-        )
-        written["quarantine"] = lake.upsert("quarantine", quarantine)
+        file_rejects = [tuple(r) for r in staged.where("reason_code IS NOT NULL").select(
+            "product_id", "source_uri", "reason_code", "reason").collect()]
+    written["quarantine"] = lake.quarantine(
+        STAGE, file_rejects + [(r.product_id, r.source_uri, r.reason_code, r.reason) for r in listing.rejected],
+        source=listing.source)
 
     summary = IngestSummary(
         source=listing.source,

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
@@ -91,6 +92,18 @@ class Lakehouse:
                     "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
                 )
         return count
+
+    def quarantine(self, stage: str, rows: list[tuple], source: str | None = None) -> int:
+        """Record rejected inputs: (product_id, source_uri, reason_code, reason) tuples."""
+        if not rows:
+            return 0
+        unique = list({(r[0], r[1]): r for r in rows}.values())  # one row per key, as MERGE needs
+        frame = self.spark.createDataFrame(
+            pd.DataFrame(unique, columns=["product_id", "source_uri", "reason_code", "reason"]),
+            "product_id string, source_uri string, reason_code string, reason string")
+        return self.upsert("quarantine", frame.selectExpr(
+            f"{sql_literal(stage)} AS stage", "*", f"{sql_literal(source or stage)} AS source",
+            "current_timestamp() AS created_at"))
 
     def staged(self, rows: DataFrame) -> "_Staged":
         """Materialize `rows` once into a scratch Delta folder (removed on exit).

@@ -66,8 +66,12 @@ def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
         SELECT s.image_id, s.product_id, s.kind, s.is_reference,
                cf.vector AS clip_vector, df.vector AS dino_vector, cs.vector AS seg_clip_vector,
                ds.vector AS seg_dino_vector,
-               cap.caption AS text, 'caption' AS text_source, tf.vector AS text_vector,
-               m.mask AS mask, a.mask AS source_mask, CASE WHEN a.mask IS NULL THEN NULL ELSE 'alpha' END AS iou_against
+               coalesce(nullif(s.prompt, ''), cap.caption) AS text,
+               CASE WHEN nullif(s.prompt, '') IS NOT NULL THEN 'prompt' ELSE 'caption' END AS text_source,
+               tf.vector AS text_vector, m.mask AS mask,
+               coalesce(pm.mask, a.mask) AS source_mask,
+               CASE WHEN pm.mask IS NOT NULL THEN concat('parent:', s.parent_image_id)
+                    WHEN a.mask IS NOT NULL THEN 'alpha' END AS iou_against
         FROM _scored s JOIN _todo t ON t.product_id = s.product_id
         LEFT JOIN {vectors(clip, 'full')} cf ON cf.image_id = s.image_id
         LEFT JOIN {vectors(dino, 'full')} df ON df.image_id = s.image_id
@@ -78,9 +82,11 @@ def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                    AND prompt = {sql_literal(zoo.models.caption_prompt)} GROUP BY image_id) cap
                ON cap.image_id = s.image_id
         LEFT JOIN (SELECT text, vector FROM text_embeddings WHERE backbone = {sql_literal(clip)}) tf
-               ON tf.text = cap.caption
+               ON tf.text = coalesce(nullif(s.prompt, ''), cap.caption)
         LEFT JOIN (SELECT image_id, mask FROM masks WHERE method = {sql_literal(method)}) m ON m.image_id = s.image_id
         LEFT JOIN (SELECT image_id, mask FROM masks WHERE method = 'alpha') a ON a.image_id = s.image_id
+        LEFT JOIN (SELECT image_id, mask FROM masks WHERE method = {sql_literal(method)}) pm
+               ON pm.image_id = s.parent_image_id
         """
     )
     constants = {"clip_backbone": clip, "dino_backbone": dino, "mask_method": method}

@@ -105,7 +105,7 @@ def cmd_sql(settings: Settings, args) -> int:
 
 
 def cmd_score(settings: Settings, args) -> int:
-    from etl.scoring import run_scoring
+    from etl.pipeline import run_scoring
 
     print("scoring (masks, captions, embeddings, metrics):")
     run_scoring(_lake(settings))
@@ -128,7 +128,7 @@ def _print_tables(lake) -> None:
 def cmd_demo(settings: Settings, args) -> int:
     from etl.ingest import ingest
     from etl.sample_catalog import write_sample_catalog
-    from etl.scoring import run_scoring
+    from etl.pipeline import run_scoring
 
     print(f"recontext demo, home {settings.home}")
     catalog = write_sample_catalog(settings.home / "samples" / "catalog")

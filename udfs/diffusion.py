@@ -32,7 +32,7 @@ def load_pipeline(role: str, path: str | Path, device: str = "auto"):
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if target.type == "cuda" \
         else torch.float32
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if role != "image2video" else {}
-    pipeline = cls.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, **kwargs)
+    pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(target)
 
@@ -43,8 +43,11 @@ def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     bpe = SimpleTokenizer()
-    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
-    tokenizer = CLIPTokenizer(vocab=dict(bpe.encoder), merges=merges)
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    # open_clip spells the special tokens <start_of_text>/<end_of_text>; transformers, <|...|>.
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): i for token, i in bpe.encoder.items()}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     if len(tokenizer) != 49408:  # transformers can build a near-empty vocabulary without an error
         raise RuntimeError(f"CLIP tokenizer has {len(tokenizer)} tokens, expected 49408")
     return tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -31,9 +32,7 @@ def alpha_mask(data: bytes) -> np.ndarray | None:
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(Image.fromarray(mask.astype(np.uint8) * 255, "L"))
 
 
 def decode_mask(data: bytes) -> np.ndarray:
@@ -62,3 +61,16 @@ def segment(image: Image.Image, mask: np.ndarray) -> Image.Image:
     pixels = np.asarray(image.convert("RGB")).copy()
     pixels[~mask] = BACKGROUND
     return Image.fromarray(pixels).crop(box)
+
+
+def pixel_hash(image: Image.Image) -> str:
+    """The image_id of every stored image: sha256 of mode, size and raw pixels (not file bytes)."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=4)
+    return buffer.getvalue()

@@ -92,7 +92,7 @@ def text_embedding_udf(zoo: ModelZoo):
 
 
 def mask_udf(zoo: ModelZoo, method: str):
-    """image -> product mask (PNG), area fraction, [x0, y0, x1, y1] box, score.
+    """image -> product mask (PNG), area fraction, [x0, y0, x1, y1] box (NULL when empty), score.
 
     method: 'u2netp' (salient object), 'sam' (box-prompted with the whole image), or 'alpha'
     (the image's own alpha channel, no model: a ground-truth hint where the catalog has one).
@@ -113,9 +113,7 @@ def mask_udf(zoo: ModelZoo, method: str):
             for result, error in results:
                 if result is None:
                     rows.append((None, None, None, None, error))
-                elif result.box is None:
-                    rows.append((None, None, None, None, "EmptyMask: no product pixels found"))
-                else:
+                else:  # an empty mask is a result (no product found: area 0, no box), not an error
                     rows.append((encode_mask(result.mask), result.area_fraction, result.box, result.score, None))
             yield pd.DataFrame(rows, columns=["mask", "area_fraction", "bbox", "score", "error"])
 

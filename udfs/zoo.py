@@ -8,6 +8,7 @@ the same loader that real weights use.
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import threading
 import uuid
@@ -27,7 +28,7 @@ class Role:
 
 
 def _roles() -> dict[str, Role]:
-    from udfs import captioner, clip, dino, segmenter
+    from udfs import captioner, clip, diffusion, dino, segmenter, sentence
 
     return {
         "clip": Role(clip.REQUIRED_FILES, clip.build_tiny, "clip"),
@@ -35,12 +36,21 @@ def _roles() -> dict[str, Role]:
         "captioner": Role(captioner.REQUIRED_FILES, captioner.build_tiny, "captioner"),
         "sam": Role(("",), segmenter.build_tiny_sam, "sam/sam_tiny.pth"),
         "u2netp": Role(("",), None, ""),
+        "text2img": Role(diffusion.REQUIRED_FILES, diffusion.build_tiny_text2img, "text2img"),
+        "inpaint": Role(diffusion.REQUIRED_FILES, diffusion.build_tiny_inpaint, "inpaint"),
+        "image2video": Role(diffusion.REQUIRED_FILES, diffusion.build_tiny_image2video, "image2video"),
+        "llm": Role((), None, ""),
+        "sentence": Role(sentence.REQUIRED_FILES, None, ""),
     }
 
 
-ROLES = ("clip", "dino", "captioner", "sam", "u2netp")
+ROLES = ("clip", "dino", "captioner", "sam", "u2netp", "text2img", "inpaint", "image2video", "llm", "sentence")
+# Roles whose default is real weights that an installed package ships, not a tiny build.
+PACKAGED = {"u2netp": "udfs.segmenter:packaged_u2netp", "llm": "udfs.llm:packaged_smollm2",
+            "sentence": "udfs.sentence:packaged_minilm"}
 
 _loaded: dict[tuple, object] = {}
+_in_use: dict[tuple, threading.Lock] = {}
 _lock = threading.Lock()
 
 
@@ -60,10 +70,9 @@ class ModelZoo:
         configured = getattr(self.models, role).path
         if configured:
             return Path(configured).expanduser()
-        if role == "u2netp":
-            from udfs.segmenter import packaged_u2netp
-
-            return packaged_u2netp()
+        if role in PACKAGED:
+            module, function = PACKAGED[role].split(":")
+            return getattr(importlib.import_module(module), function)()
         return self.tiny_dir / _roles()[role].tiny_name
 
     def name(self, role: str) -> str:
@@ -72,10 +81,11 @@ class ModelZoo:
             return spec.name
         if spec.path:
             return Path(spec.path).name
-        return "u2netp" if role == "u2netp" else f"tiny-{role}"
+        return {"u2netp": "u2netp", "llm": "SmolLM2-135M-Instruct", "sentence": "all-MiniLM-L6-v2"}.get(
+            role, f"tiny-{role}")
 
     def is_tiny(self, role: str) -> bool:
-        return not getattr(self.models, role).path and role != "u2netp"
+        return not getattr(self.models, role).path and role not in PACKAGED
 
     def check(self, *roles: str) -> None:
         """Build missing tiny models; raise a clear error for a missing or broken model path.
@@ -96,14 +106,23 @@ class ModelZoo:
                 raise UserError(f"model for role '{role}' at {path} is incomplete (missing "
                                 f"{', '.join(missing)}); {hint}")
 
+    def _key(self, role: str) -> tuple:
+        return (role, str(self.path(role)), self.models.device, self.models.sam_variant)
+
     def load(self, role: str):
         """The loaded model for a role, once per process (every UDF batch reuses it)."""
-        path = self.path(role)
-        key = (role, str(path), self.models.device, self.models.sam_variant)
+        key = self._key(role)
         with _lock:
             if key not in _loaded:
-                _loaded[key] = self._load(role, path)
+                _loaded[key] = self._load(role, self.path(role))
+                _in_use[key] = threading.Lock()
             return _loaded[key]
+
+    def exclusive(self, role: str) -> threading.Lock:
+        """Hold while calling a loaded model that keeps state between steps (diffusers pipelines
+        and their schedulers): an engine may run several tasks at once in one worker process."""
+        self.load(role)
+        return _in_use[self._key(role)]
 
     def _load(self, role: str, path: Path):
         device = self.models.device
@@ -124,6 +143,18 @@ class ModelZoo:
                 from udfs.segmenter import SamSegmenter
 
                 return SamSegmenter(path, self.models.sam_variant, device)
+            if role in ("text2img", "inpaint", "image2video"):
+                from udfs.diffusion import load_pipeline
+
+                return load_pipeline(role, path, device)
+            if role == "llm":
+                from udfs.llm import LocalLLM
+
+                return LocalLLM(path, device)
+            if role == "sentence":
+                from udfs.sentence import SentenceEncoder
+
+                return SentenceEncoder(path)
             from udfs.segmenter import U2NetSegmenter
 
             return U2NetSegmenter(path, device)

@@ -15,7 +15,7 @@ from etl.lakehouse import Lakehouse
 from etl.masks import run_masks
 from etl.metrics import cosine, mask_iou, score_product
 from etl.sample_catalog import write_sample_catalog
-from etl.scoring import run_scoring
+from etl.pipeline import run_scoring
 from etl.tables import TABLES
 from sample_images import encode
 

@@ -1,0 +1,187 @@
+"""Augmentation jobs -> `synthetic_images`: novel views, outpainted positives, negatives.
+
+Each job plans generation tasks per product on the driver (ids and prompts only, no pixels),
+drops the tasks whose `task_key` is already stored, and runs the rest in a mapInPandas UDF that
+loads each pipeline once per worker. A task's key hashes everything that determines its output
+(kind, parent, prompt, model, seed, parameters), so re-runs add nothing, a new product is
+augmented without touching the others, and a failed task is retried on the next run (its
+failure is recorded in `quarantine`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+
+import pandas as pd
+
+from etl.config import AugmentSettings
+from etl.lakehouse import Lakehouse
+from etl.prompt_bank import approved_prompts, resolved_types
+from etl.tables import TABLES, sql_literal
+from udfs.generation import OUTPUT_COLUMNS, ROLE_OF_KIND, generate_batches
+from udfs.zoo import ModelZoo
+
+STAGE = "augment"
+POSITIVE_KINDS = ("novel_view", "outpaint")
+NEGATIVE_KINDS = ("negative", "counterfactual")
+TASK_SCHEMA = ("task_key string, product_id string, kind string, parent_image_id string, prompt_id string, "
+               "prompt string, model string, seed int, parameters string")
+
+
+def task_seed(base: int, *parts: str) -> int:
+    """A per-task seed that depends only on the base seed and the task's identity."""
+    return (base + int(hashlib.sha256("|".join(parts).encode()).hexdigest()[:8], 16)) % 2**31
+
+
+def _task(kind: str, product_id: str, parent: str | None, prompt_id: str | None, prompt: str, model: str,
+          seed: int, parameters: dict) -> dict:
+    identity = json.dumps([kind, parent, prompt_id, prompt, model, seed, parameters], sort_keys=True)
+    return {"task_key": hashlib.sha256(identity.encode()).hexdigest(), "product_id": product_id, "kind": kind,
+            "parent_image_id": parent, "prompt_id": prompt_id, "prompt": prompt, "model": model, "seed": seed,
+            "parameters": json.dumps(parameters, sort_keys=True)}
+
+
+def _common(settings: AugmentSettings) -> dict:
+    return {"resolution": settings.resolution, "steps": settings.steps, "guidance_scale": settings.guidance_scale}
+
+
+def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> dict[str, int]:
+    zoo.check("image2video")
+    model = zoo.name("image2video")
+    frames = settings.novel_view_frames
+    keep = sorted({round(i * (frames - 1) / settings.novel_views_per_image)
+                   for i in range(1, settings.novel_views_per_image + 1)})  # evenly spaced, never frame 0
+    parameters = {"resolution": settings.resolution, "steps": settings.video_steps, "frames": frames,
+                  "keep_frames": keep}
+    references = lake.spark.sql("SELECT DISTINCT product_id, image_id FROM product_images").toPandas()
+    tasks = [_task("novel_view", r.product_id, r.image_id, None, "", model,
+                   task_seed(settings.seed, "novel_view", r.image_id), parameters)
+             for r in references.itertuples(index=False)]
+    return _run_tasks(lake, zoo, tasks)
+
+
+def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings, mask_method: str) -> dict[str, int]:
+    """Approved scenes painted around each reference and novel view, product pixels kept."""
+    zoo.check("inpaint")
+    model = zoo.name("inpaint")
+    scenes = approved_prompts(lake, "scene")
+    types = dict(resolved_types(lake).toPandas().itertuples(index=False))
+    parents = lake.spark.sql(
+        f"""SELECT DISTINCT i.product_id, i.image_id FROM (
+              SELECT product_id, image_id FROM product_images
+              UNION ALL SELECT product_id, image_id FROM synthetic_images WHERE kind = 'novel_view') i
+            JOIN masks m ON m.image_id = i.image_id AND m.method = {sql_literal(mask_method)}
+            ORDER BY i.product_id, i.image_id""").toPandas()
+    tasks, missing = [], []
+    for parent in parents.itertuples(index=False):
+        product_type = types.get(parent.product_id)
+        options = scenes[scenes.product_type == product_type]
+        if options.empty:
+            missing.append((parent.product_id, f"type:{product_type}", "no_approved_scenes",
+                            f"no approved scene prompts for product type '{product_type}'; approve some "
+                            "(recontext prompts ...) or import them from a CSV"))
+            continue
+        chosen = random.Random(task_seed(settings.seed, "scenes", parent.image_id)).sample(
+            list(options.itertuples(index=False)), min(settings.outpaints_per_image, len(options)))
+        for scene in chosen:
+            prompt = f"a photo of a {product_type}, {scene.text}"
+            tasks.append(_task("outpaint", parent.product_id, parent.image_id, scene.prompt_id, prompt, model,
+                               task_seed(settings.seed, "outpaint", parent.image_id, scene.prompt_id),
+                               _common(settings)))
+    written = _run_tasks(lake, zoo, tasks)
+    written["quarantine"] += lake.quarantine(STAGE, missing)
+    return written
+
+
+def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings, mask_method: str,
+                  caption_model: str, caption_prompt: str) -> dict[str, int]:
+    """Negatives to reach positives / negatives = settings.positives_per_negative per product.
+
+    Positives are the references, novel views and outpaints. Negatives alternate between
+    counterfactuals (another object of the class inpainted where the product was, in an
+    outpainted scene) and in-class negatives (text-to-image from a positive's caption with the
+    product replaced by its class noun); without outpaints, all are in-class negatives.
+    """
+    zoo.check("inpaint", "text2img")
+    types = dict(resolved_types(lake).toPandas().itertuples(index=False))
+    positives = lake.spark.sql(
+        f"""SELECT i.product_id, i.image_id, i.kind, m.image_id IS NOT NULL AS has_mask, c.caption FROM (
+              SELECT product_id, image_id, 'reference' AS kind FROM product_images
+              UNION ALL SELECT product_id, image_id, kind FROM synthetic_images
+              WHERE kind IN ('novel_view', 'outpaint')) i
+            LEFT JOIN masks m ON m.image_id = i.image_id AND m.method = {sql_literal(mask_method)}
+            LEFT JOIN captions c ON c.image_id = i.image_id AND c.model = {sql_literal(caption_model)}
+                                 AND c.prompt = {sql_literal(caption_prompt)}
+            ORDER BY i.product_id, i.image_id""").toPandas()
+    tasks = []
+    for product_id, group in positives.groupby("product_id", sort=True):
+        product_type = types.get(product_id) or "product"
+        wanted = math.ceil(len(group) / settings.positives_per_negative)
+        scenes = group[(group.kind == "outpaint") & group.has_mask.astype(bool)]
+        captioned = group[group.caption.notna()]
+        for i in range(wanted):
+            if i % 2 == 0 and len(scenes):
+                parent = scenes.iloc[(i // 2) % len(scenes)]
+                tasks.append(_task("counterfactual", product_id, parent.image_id, None,
+                                   f"a photo of a different {product_type}", zoo.name("inpaint"),
+                                   task_seed(settings.seed, "counterfactual", product_id, str(i)),
+                                   {**_common(settings), "index": i}))
+            else:
+                source = captioned.iloc[i % len(captioned)] if len(captioned) else None
+                scene = _strip_caption_prefix(source.caption, caption_prompt) if source is not None else ""
+                prompt = f"a photo of a {product_type}" + (f", {scene}" if scene else "")
+                tasks.append(_task("negative", product_id, None, None, prompt, zoo.name("text2img"),
+                                   task_seed(settings.seed, "negative", product_id, str(i)),
+                                   {**_common(settings), "index": i,
+                                    "caption_of": None if source is None else source.image_id}))
+    return _run_tasks(lake, zoo, tasks, mask_method)
+
+
+def _strip_caption_prefix(caption: str, prompt: str) -> str:
+    text = caption.strip()
+    return text[len(prompt):].strip(" ,") if prompt and text.lower().startswith(prompt.lower()) else text
+
+
+def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: str | None = None) -> dict[str, int]:
+    """Run the tasks not stored yet; write images to synthetic_images, failures to quarantine."""
+    spark = lake.spark
+    if not tasks:
+        return {"synthetic_images": 0, "quarantine": 0}
+    planned = spark.createDataFrame(pd.DataFrame(tasks), TASK_SCHEMA)
+    done = lake.table("synthetic_images").select("task_key").distinct()
+    pending = planned.join(done, "task_key", "left_anti")
+    if pending.isEmpty():
+        return {"synthetic_images": 0, "quarantine": 0}
+    method = mask_method or zoo.models.segmenter
+    pending.createOrReplaceTempView("_pending_tasks")
+    # Parents come with their bytes and product mask; text-to-image tasks have neither.
+    inputs = spark.sql(
+        f"""SELECT t.*, p.image, m.mask FROM _pending_tasks t
+            LEFT JOIN (SELECT image_id, first(image) AS image FROM (
+                         SELECT image_id, image FROM product_images
+                         UNION ALL SELECT image_id, image FROM synthetic_images) GROUP BY image_id) p
+                   ON p.image_id = t.parent_image_id
+            LEFT JOIN masks m ON m.image_id = t.parent_image_id AND m.method = {sql_literal(method)}""")
+    zoo.check(*sorted({ROLE_OF_KIND[t["kind"]] for t in tasks}))
+    schema = ", ".join(f"{name} {_type(name)}" for name in OUTPUT_COLUMNS)
+    generated = inputs.mapInPandas(generate_batches(zoo), schema)
+    with lake.staged(generated) as staged:
+        staged.createOrReplaceTempView("_generated")
+        images = lake.spark.sql(  # identical frames of one clip are stored once
+            """SELECT *, current_timestamp() AS created_at FROM (
+                 SELECT *, row_number() OVER (PARTITION BY task_key, image_id ORDER BY parameters) AS n
+                 FROM _generated WHERE error IS NULL) WHERE n = 1""")
+        written = lake.upsert("synthetic_images", images)
+        failures = [(r["product_id"], f"task:{r['task_key']}", "generation_failed",
+                     f"{r['kind']} generation failed ({r['error']}); it is retried on the next run")
+                    for r in staged.where("error IS NOT NULL").collect()]
+    return {"synthetic_images": written, "quarantine": lake.quarantine(STAGE, failures)}
+
+
+def _type(column: str) -> str:
+    if column == "error":
+        return "string"
+    return next(c.type for c in TABLES["synthetic_images"].columns if c.name == column)

