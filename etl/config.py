@@ -60,9 +60,9 @@ class PromptBankSettings:
     endpoint: str | None = None  # OpenAI-compatible base URL (vLLM, Ollama, hosted); None = local LLM
     endpoint_model: str = ""  # model name sent to the endpoint
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key
-    scenes_per_type: int = 12  # background scenes asked for per product type
-    targets_per_type: int = 6  # target generation prompts asked for per product type
-    max_new_tokens: int = 320
+    scenes_per_type: int = 8  # background scenes asked for per product type
+    targets_per_type: int = 4  # target generation prompts asked for per product type
+    max_new_tokens: int = 200
     temperature: float = 0.8
     min_words: int = 3
     max_words: int = 40

@@ -54,16 +54,16 @@ def spark_session(settings: Settings) -> SparkSession:
     """A Spark session for this settings' engine.
 
     - On Databricks the ambient session is used.
-    - With `spark_remote` (or SPARK_REMOTE) set, connect to that Spark Connect endpoint.
-    - Otherwise a new session on the embedded Sail server. Each call gets its own session, and
-      Sail keeps one catalog per session, so two lakehouse homes in one process never collide.
+    - With `spark_remote` (or SPARK_REMOTE) set, a new session on that Spark Connect endpoint.
+    - Otherwise a new session on the embedded Sail server. Sail keeps one catalog per session,
+      so two lakehouse homes in one process never collide.
     """
     if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
         spark = SparkSession.builder.getOrCreate()
-    elif settings.spark_remote:
-        spark = SparkSession.builder.remote(settings.spark_remote).getOrCreate()
     else:
-        spark = SparkSession.builder.remote(embedded_url()).create()
+        # A new session per lakehouse: getOrCreate would hand back a session registered for
+        # another home (pyspark remembers the first one).
+        spark = SparkSession.builder.remote(settings.spark_remote or embedded_url()).create()
         _sessions.append(spark)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.arrow_batch_rows))
     # Delta stores timestamps in UTC; Sail compares the zone by name, and a session on a

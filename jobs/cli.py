@@ -64,6 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="masks, captions, embeddings and metrics for new images")
     score.set_defaults(run=cmd_score)
 
+    augment = commands.add_parser("augment", help="prompt bank, novel views, outpaints, negatives, scoring")
+    augment.set_defaults(run=cmd_augment)
+
+    prompts = commands.add_parser("prompts", help="review the prompt bank")
+    actions = prompts.add_subparsers(required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="write prompts to a CSV for review")
+    export.add_argument("file")
+    export.add_argument("--type", help="only this product type")
+    export.set_defaults(run=cmd_prompts_export)
+    imported = actions.add_parser("import", help="apply a reviewed CSV (statuses, reasons, new prompts)")
+    imported.add_argument("file")
+    imported.set_defaults(run=cmd_prompts_import)
+    for status, verb in (("approved", "approve"), ("rejected", "reject")):
+        action = actions.add_parser(verb, help=f"mark prompts {status}")
+        action.add_argument("prompt_ids", nargs="+")
+        action.add_argument("--reason")
+        action.set_defaults(run=cmd_prompts_status, status=status)
+
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
     demo.set_defaults(run=cmd_demo)
     return parser
@@ -112,6 +130,37 @@ def cmd_score(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_augment(settings: Settings, args) -> int:
+    from etl.pipeline import AUGMENTATION, run_stages
+
+    print("augmenting (prompt bank, novel views, outpaints, negatives, captions, scores):")
+    run_stages(_lake(settings), AUGMENTATION)
+    return 0
+
+
+def cmd_prompts_export(settings: Settings, args) -> int:
+    from etl.prompt_bank import export_csv
+
+    count = export_csv(_lake(settings), args.file, args.type)
+    print(f"wrote {count} prompts to {args.file}; edit status (approved/rejected/pending) and reason, add rows "
+          f"without prompt_id for new prompts, then: recontext prompts import {args.file}")
+    return 0
+
+
+def cmd_prompts_import(settings: Settings, args) -> int:
+    from etl.prompt_bank import import_csv
+
+    print(f"updated {import_csv(_lake(settings), args.file)} prompts")
+    return 0
+
+
+def cmd_prompts_status(settings: Settings, args) -> int:
+    from etl.prompt_bank import set_status
+
+    print(f"{set_status(_lake(settings), args.prompt_ids, args.status, args.reason)} prompts marked {args.status}")
+    return 0
+
+
 def cmd_tables(settings: Settings, args) -> int:
     _print_tables(_lake(settings))
     return 0
@@ -127,8 +176,8 @@ def _print_tables(lake) -> None:
 
 def cmd_demo(settings: Settings, args) -> int:
     from etl.ingest import ingest
+    from etl.pipeline import AUGMENTATION, run_stages
     from etl.sample_catalog import write_sample_catalog
-    from etl.pipeline import run_scoring
 
     print(f"recontext demo, home {settings.home}")
     catalog = write_sample_catalog(settings.home / "samples" / "catalog")
@@ -141,13 +190,17 @@ def cmd_demo(settings: Settings, args) -> int:
         "concat_ws(' ', collect_list(concat(i.width, 'x', i.height))) AS sizes "
         "FROM products p LEFT JOIN product_images i ON i.product_id = p.product_id "
         "GROUP BY p.product_id, p.product_type ORDER BY p.product_id").toPandas().to_string(index=False))
-    print("\nscoring (masks, captions, embeddings, metrics):")
-    run_scoring(lake)
+    print("\naugmenting and scoring (the first run has the LLM write the prompt bank: ~1-2 min):")
+    run_stages(lake, AUGMENTATION)
+    print("\nprompt bank:")
     print(lake.spark.sql(
-        "SELECT product_id, round(clip_i, 3) AS clip_i, round(dino_i, 3) AS dino_i, round(clip_t, 3) AS clip_t, "
-        "round(seg_clip_i, 3) AS seg_clip_i, round(seg_dino_i, 3) AS seg_dino_i, "
-        "round(seg_clip_t, 3) AS seg_clip_t, round(mask_iou, 3) AS mask_iou, iou_against "
-        "FROM image_metrics ORDER BY product_id, image_id").toPandas().to_string(index=False))
+        "SELECT product_type, purpose, status, count(*) AS prompts FROM prompt_bank GROUP BY 1, 2, 3 "
+        "ORDER BY 1, 2, 3").toPandas().to_string(index=False))
+    print("\nimages and mean scores per product and kind:")
+    print(lake.spark.sql(
+        "SELECT product_id, kind, count(*) AS images, round(avg(clip_i), 3) AS clip_i, round(avg(dino_i), 3) AS dino_i, "
+        "round(avg(clip_t), 3) AS clip_t, round(avg(mask_iou), 3) AS mask_iou FROM image_metrics "
+        "GROUP BY 1, 2 ORDER BY 1, 2").toPandas().to_string(index=False))
     print()
     _print_tables(lake)
     print(f"\nquery it: recontext --home {settings.home} sql \"SELECT * FROM products\"")

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from etl.tables import TABLES
 from jobs.cli import main
 
 
@@ -23,7 +24,17 @@ def demo_home(tmp_path_factory):
     result = recontext("demo", home=home)
     assert result.returncode == 0, result.stderr
     assert "4 products, 5 images, 0 quarantined" in result.stdout
+    assert "images and mean scores per product and kind" in result.stdout
     return home
+
+
+def test_demo_again_writes_nothing(demo_home):
+    before = recontext("tables", home=demo_home).stdout
+    result = recontext("augment", home=demo_home)
+    assert result.returncode == 0, result.stderr
+    assert all(line.rstrip().endswith(("=0", "=0, quarantine=0")) or "rows written" not in line
+               for line in result.stdout.splitlines()), result.stdout
+    assert recontext("tables", home=demo_home).stdout == before
 
 
 def test_demo_tables_are_queryable_from_a_new_process(demo_home):
@@ -44,7 +55,9 @@ def test_tables_lists_counts_versions_operations(demo_home):
     lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
     assert lines["products"] == ["4", "1", "MERGE"]
     assert lines["product_images"] == ["5", "1", "MERGE"]
-    assert lines["quarantine"] == ["0", "0", "CREATE", "TABLE"]
+    assert set(lines) == set(TABLES)
+    for table in ("prompt_bank", "synthetic_images", "masks", "captions", "embeddings", "image_metrics"):
+        assert int(lines[table][0]) > 0, table
 
 
 def test_sql_csv_and_binary_columns(demo_home):
