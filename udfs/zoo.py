@@ -8,7 +8,6 @@ the same loader that real weights use.
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import threading
 import uuid
@@ -18,6 +17,7 @@ from typing import Callable
 
 from etl.config import ModelSettings, Settings
 from etl.errors import UserError
+from udfs.packaged import PACKAGED, packaged_weights
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ def _roles() -> dict[str, Role]:
 
 
 ROLES = ("clip", "dino", "captioner", "sam", "u2netp", "text2img", "inpaint", "image2video", "llm", "sentence")
-# Roles whose default is real weights that an installed package ships, not a tiny build.
-PACKAGED = {"u2netp": "udfs.segmenter:packaged_u2netp", "llm": "udfs.llm:packaged_smollm2",
-            "sentence": "udfs.sentence:packaged_minilm"}
+
 
 _loaded: dict[tuple, object] = {}
 _in_use: dict[tuple, threading.Lock] = {}
@@ -70,9 +68,8 @@ class ModelZoo:
         configured = getattr(self.models, role).path
         if configured:
             return Path(configured).expanduser()
-        if role in PACKAGED:
-            module, function = PACKAGED[role].split(":")
-            return getattr(importlib.import_module(module), function)()
+        if role in PACKAGED:  # real weights that an installed package ships
+            return packaged_weights(role)
         return self.tiny_dir / _roles()[role].tiny_name
 
     def name(self, role: str) -> str:
@@ -81,8 +78,7 @@ class ModelZoo:
             return spec.name
         if spec.path:
             return Path(spec.path).name
-        return {"u2netp": "u2netp", "llm": "SmolLM2-135M-Instruct", "sentence": "all-MiniLM-L6-v2"}.get(
-            role, f"tiny-{role}")
+        return PACKAGED[role][3] if role in PACKAGED else f"tiny-{role}"
 
     def is_tiny(self, role: str) -> bool:
         return not getattr(self.models, role).path and role not in PACKAGED

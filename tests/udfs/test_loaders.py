@@ -14,6 +14,7 @@ from etl.errors import UserError
 from sample_images import photo
 from udfs import captioner, clip, dino, segmenter
 from udfs.imaging import decode_rgb
+from udfs.packaged import packaged_weights
 from udfs.zoo import ModelZoo
 
 IMAGES = [photo(96, 80, seed=1), photo(64, 128, seed=2)]
@@ -70,7 +71,7 @@ def test_u2netp_recovers_the_gift_box_outline():
     buffer = io.BytesIO()
     rgba.save(buffer, "PNG")
     truth = np.asarray(rgba.getchannel("A")) >= 128
-    result = segmenter.U2NetSegmenter(segmenter.packaged_u2netp(), device="cpu").segment(
+    result = segmenter.U2NetSegmenter(packaged_weights("u2netp"), device="cpu").segment(
         [decode_rgb(buffer.getvalue())])[0]
     iou = (result.mask & truth).sum() / (result.mask | truth).sum()
     assert iou >= 0.9, iou
