@@ -88,6 +88,37 @@ class AugmentSettings:
 
 
 @dataclass(frozen=True)
+class TrainingSettings:
+    """Training-set filter, rare-token sweep and DreamBooth-style LoRA (paper 2.3-2.4, A.5).
+    Defaults suit the tiny models; real SD 1.5: resolution 512, steps ~1000, rank 16-64."""
+
+    # filter
+    iou_threshold: float = 0.5  # outpaints whose product mask IoU with the source is below: dropped
+    min_score: float = -3.0  # positives whose aggregate score is below: dropped
+    positives_per_product: int = 24  # top K synthetic positives kept (references always kept)
+    score_weights: dict = field(default_factory=lambda: {"clip_i": 1.0, "seg_clip_i": 1.0, "clip_t": 1.0})
+    # rare-token sweep
+    token_candidates: int = 3  # tokens tried per product in the sweep (1 = no sweep)
+    sweep_steps: int = 10  # steps of each sweep run
+    # LoRA
+    rank: int = 4
+    alpha: int = 4
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    learning_rate: float = 1e-3
+    steps: int = 30
+    batch_size: int = 2
+    resolution: int = 64
+    mixed_precision: str = "no"  # "bf16" or "fp16" on CUDA
+    gradient_checkpointing: bool = False
+    train_text_encoder: bool = False  # LoRA on the text encoder too
+    checkpoint_every: int = 10
+    validate_every: int = 15
+    validation_images: int = 2
+    seed: int = 0
+    experiment: str = "recontext"  # MLflow experiment
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     spark_remote: str | None = None  # a Spark Connect URL; None = embedded Sail engine
@@ -96,6 +127,7 @@ class Settings:
     models: ModelSettings = field(default_factory=ModelSettings)
     prompt_bank: PromptBankSettings = field(default_factory=PromptBankSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
 
     @property
     def lakehouse(self) -> Path:

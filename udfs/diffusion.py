@@ -20,7 +20,7 @@ REQUIRED_FILES = ("model_index.json",)
 TINY_TEXT_DIM = 32
 
 
-def load_pipeline(role: str, path: str | Path, device: str = "auto"):
+def load_pipeline(role: str, path: str | Path, device: str = "auto", dtype: torch.dtype | None = None):
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableVideoDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -28,9 +28,11 @@ def load_pipeline(role: str, path: str | Path, device: str = "auto"):
     cls = {"text2img": StableDiffusionPipeline, "inpaint": StableDiffusionInpaintPipeline,
            "image2video": StableVideoDiffusionPipeline}[role]
     target = pick_device(device)
-    # Half precision on GPUs (bf16 where supported); fp32 on the CPU, where it is exact and portable.
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if target.type == "cuda" \
-        else torch.float32
+    # Inference: half precision on GPUs (bf16 where supported); fp32 on the CPU, exact and portable.
+    # Training passes fp32 and autocasts instead.
+    if dtype is None:
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if target.type == "cuda" \
+            else torch.float32
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if role != "image2video" else {}
     pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
