@@ -16,6 +16,7 @@ from etl.lakehouse import Lakehouse
 from etl.masks import run_masks
 from etl.metrics import run_metrics
 from etl.prompt_bank import run_classify, run_prompt_bank
+from etl.training_set import run_training_set
 from udfs.zoo import ModelZoo
 
 Stage = Callable[[Lakehouse, ModelZoo], dict[str, int]]
@@ -31,6 +32,8 @@ STAGES: dict[str, Stage] = {
     "outpaint": lambda lake, zoo: run_outpaint(lake, zoo, lake.settings.augment, zoo.models.segmenter),
     "negatives": lambda lake, zoo: run_negatives(lake, zoo, lake.settings.augment, zoo.models.segmenter,
                                                  zoo.name("captioner"), zoo.models.caption_prompt),
+    "training_set": run_training_set,
+    "train": lambda lake, zoo: _train(lake, zoo),
 }
 
 SCORING = ["masks", "captions", "embeddings", "metrics"]
@@ -38,6 +41,13 @@ SCORING = ["masks", "captions", "embeddings", "metrics"]
 # counterfactuals need masks of the outpaints; negatives need captions of the positives.
 AUGMENTATION = ["masks", "captions", "embeddings", "classify", "prompt_bank", "novel_views", "masks", "outpaint",
                 "masks", "captions", "negatives", *SCORING]
+TRAINING = ["training_set", "train"]
+
+
+def _train(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    from training.train_job import run_training  # torch training code, loaded only when training
+
+    return run_training(lake, zoo)
 
 
 def run_stages(lake: Lakehouse, names: list[str], zoo: ModelZoo | None = None,

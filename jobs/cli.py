@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     augment = commands.add_parser("augment", help="prompt bank, novel views, outpaints, negatives, scoring")
     augment.set_defaults(run=cmd_augment)
 
+    train = commands.add_parser("train", help="filter the training set and train a LoRA adapter per product")
+    train.add_argument("--products", help="comma-separated product ids (default: all)")
+    train.set_defaults(run=cmd_train)
+
+    promote = commands.add_parser("promote", help="make a registered adapter version the product's champion")
+    promote.add_argument("product_id")
+    promote.add_argument("version")
+    promote.set_defaults(run=cmd_promote)
+
     prompts = commands.add_parser("prompts", help="review the prompt bank")
     actions = prompts.add_subparsers(required=True, metavar="ACTION")
     export = actions.add_parser("export", help="write prompts to a CSV for review")
@@ -139,6 +148,31 @@ def cmd_augment(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_train(settings: Settings, args) -> int:
+    from etl.pipeline import run_stages
+    from training.train_job import run_training
+    from udfs.zoo import ModelZoo
+
+    lake = _lake(settings)
+    print("filtering the training set and training adapters (tracked in MLflow):")
+    run_stages(lake, ["training_set"])
+    products = [p.strip() for p in args.products.split(",")] if args.products else None
+    written = run_training(lake, ModelZoo.from_settings(settings), products)
+    print(f"  adapters written: {written['adapters']}, failures: {written['quarantine']}")
+    print(lake.spark.sql("SELECT product_id, token, model_name, model_version, round(final_loss, 4) AS loss, "
+                         "round(clip_i, 3) AS clip_i, round(dino_i, 3) AS dino_i FROM adapters "
+                         "ORDER BY product_id, created_at").toPandas().to_string(index=False))
+    return 0
+
+
+def cmd_promote(settings: Settings, args) -> int:
+    from training.tracking import promote, registered_model_name
+
+    promote(settings, args.product_id, args.version)
+    print(f"{registered_model_name(args.product_id)} version {args.version} is now @champion")
+    return 0
+
+
 def cmd_prompts_export(settings: Settings, args) -> int:
     from etl.prompt_bank import export_csv
 
@@ -177,7 +211,7 @@ def _print_tables(lake) -> None:
 
 def cmd_demo(settings: Settings, args) -> int:
     from etl.ingest import ingest
-    from etl.pipeline import AUGMENTATION, run_stages
+    from etl.pipeline import AUGMENTATION, TRAINING, run_stages
     from etl.sample_catalog import write_sample_catalog
 
     print(f"recontext demo, home {settings.home}")
@@ -202,6 +236,10 @@ def cmd_demo(settings: Settings, args) -> int:
         "SELECT product_id, kind, count(*) AS images, round(avg(clip_i), 3) AS clip_i, round(avg(dino_i), 3) AS dino_i, "
         "round(avg(clip_t), 3) AS clip_t, round(avg(mask_iou), 3) AS mask_iou FROM image_metrics "
         "GROUP BY 1, 2 ORDER BY 1, 2").toPandas().to_string(index=False))
+    print("\ntraining a tiny LoRA adapter per product (MLflow store: <home>/mlflow):")
+    run_stages(lake, TRAINING)
+    print(lake.spark.sql("SELECT product_id, token, model_name, model_version, alias, round(final_loss, 4) AS loss "
+                         "FROM adapters ORDER BY product_id").toPandas().to_string(index=False))
     print()
     _print_tables(lake)
     print(f"\nquery it: recontext --home {settings.home} sql \"SELECT * FROM products\"")

@@ -1,0 +1,111 @@
+"""The training job through MLflow: adapters registered per product with aliases, loaded back
+through mlflow.diffusers and pyfunc, skipped when already trained, failures isolated."""
+
+import json
+import os
+
+import mlflow
+import pytest
+import torch
+from deltalake import DeltaTable
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from etl.config import Settings
+from etl.errors import UserError
+from etl.ingest import ingest
+from etl.lakehouse import Lakehouse
+from etl.pipeline import SCORING, run_stages
+from sample_images import encode, product_shot, write_files
+from training import tracking
+from training.lora import ADAPTER_FILE
+from training.train_job import run_training
+from udfs.zoo import ModelZoo
+
+TRAINING = {"token_candidates": 2, "sweep_steps": 3, "steps": 6, "checkpoint_every": 3, "validate_every": 3,
+            "validation_images": 1}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models):
+    # Runs here last seconds: sample system metrics every half second instead of every 10.
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"
+    home = tmp_path_factory.mktemp("train")
+    lake = Lakehouse(Settings.load(home, models={"tiny_dir": str(tiny_models)}, training=TRAINING))
+    for product_id, seeds in {"mug-a": [1, 2], "mug-b": [3]}.items():
+        write_files(home / "catalog" / product_id, {f"{s}.png": encode(product_shot(seed=s), "PNG") for s in seeds})
+        (home / "catalog" / product_id / "product.json").write_text(json.dumps({"product_type": "mug"}))
+    ingest(lake, home / "catalog")
+    zoo = ModelZoo.from_settings(lake.settings)
+    run_stages(lake, [*SCORING, "training_set"], zoo, progress=lambda _: None)
+    written = run_training(lake, zoo, progress=lambda _: None)
+    yield lake, zoo, written
+    os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", None)
+
+
+def test_one_registered_adapter_per_product(trained):
+    lake, _, written = trained
+    assert written == {"adapters": 2, "quarantine": 0}
+    adapters = DeltaTable(lake.location("adapters")).to_pandas().set_index("product_id")
+    client = MlflowClient()
+    for product_id, row in adapters.iterrows():
+        assert row.model_name == f"recontext-{product_id}" and row.model_version == "1"
+        assert str(client.get_model_version_by_alias(row.model_name, "candidate").version) == "1"
+        assert row.training_set_version == DeltaTable(lake.location("training_images")).version()
+        assert len(json.loads(row.token_scores)) == 2 and row.token in json.loads(row.token_scores)
+        run = client.get_run(row.run_id)
+        assert run.data.params["token"] == row.token and "loss" in run.data.metrics
+        assert "val_clip_i" in run.data.metrics and any(k.startswith("system/") for k in run.data.metrics)
+        history = client.get_metric_history(row.run_id, "loss")
+        assert [m.step for m in history] == list(range(1, 7))
+        nested = client.search_runs([run.info.experiment_id],
+                                    filter_string=f"tags.mlflow.parentRunId = '{row.run_id}'")
+        assert sorted(r.data.params["token"] for r in nested) == sorted(json.loads(row.token_scores))
+        artifacts = [a.path for a in client.list_artifacts(row.run_id, "validation")]
+        assert artifacts and all(p.endswith(".png") for p in artifacts)
+
+
+def test_adapter_loads_back_through_mlflow(trained):
+    lake = trained[0]
+    row = DeltaTable(lake.location("adapters")).to_pandas().iloc[0]
+    model = mlflow.diffusers.load_model(f"models:/{row.model_name}@candidate")
+    local = lake.settings.home / "training" / row.product_id
+    trained_file = next(local.glob(f"*/final/adapter/{ADAPTER_FILE}"))
+    logged, original = load_file(model.adapter_path if model.adapter_path.endswith(".safetensors")
+                                 else f"{model.adapter_path}/{ADAPTER_FILE}"), load_file(trained_file)
+    assert logged.keys() == original.keys() and all(torch.equal(logged[k], original[k]) for k in logged)
+    pipeline = model.load_pipeline(device="cpu")
+    assert any("lora" in name for name, _ in pipeline.unet.named_parameters())
+    assert mlflow.pyfunc.load_model(f"models:/{row.model_name}/1") is not None
+
+
+def test_promote_sets_champion(trained):
+    lake = trained[0]
+    tracking.promote(lake.settings, "mug-a", "1")
+    assert str(MlflowClient().get_model_version_by_alias("recontext-mug-a", "champion").version) == "1"
+    with pytest.raises(UserError, match="no version 9"):
+        tracking.promote(lake.settings, "mug-a", "9")
+
+
+def test_same_version_and_config_is_skipped(trained):
+    lake, zoo, _ = trained
+    assert run_training(lake, zoo, progress=lambda _: None) == {"adapters": 0, "quarantine": 0}
+
+
+def test_a_failing_product_is_recorded_and_others_go_on(trained, monkeypatch):
+    lake, zoo, _ = trained
+    import training.train_job as job
+
+    real = job.train_product
+    monkeypatch.setattr(job, "config_hash", lambda *_: "other-config")  # forces a retrain of both
+
+    def flaky(lake, zoo, product_id, *args, **kwargs):
+        if product_id == "mug-a":
+            raise RuntimeError("CUDA out of memory")
+        return real(lake, zoo, product_id, *args, **kwargs)
+
+    monkeypatch.setattr(job, "train_product", flaky)
+    assert job.run_training(lake, zoo, progress=lambda _: None) == {"adapters": 1, "quarantine": 1}
+    failure = DeltaTable(lake.location("quarantine")).to_pandas().query("stage == 'train'").iloc[0]
+    assert failure.product_id == "mug-a" and "CUDA out of memory" in failure.reason
+    assert str(MlflowClient().get_model_version_by_alias("recontext-mug-b", "candidate").version) == "2"

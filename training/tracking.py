@@ -1,0 +1,73 @@
+"""MLflow: where runs are tracked, and the adapter registry.
+
+The embedded default store is `<home>/mlflow` (SQLite backend `mlflow.db`, artifacts in
+`artifacts/`); `MLFLOW_TRACKING_URI` points elsewhere (a tracking server, Databricks).
+One registered model per product, `recontext-<product_id>`: versions are that product's
+adapters, so aliases (`candidate` on every new version, `champion` on the promoted one) and
+permissions work per product, the way the registry's UI lists them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from etl.config import Settings
+from etl.errors import UserError
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+def registered_model_name(product_id: str) -> str:
+    return f"recontext-{product_id}"
+
+
+def configure(settings: Settings) -> str:
+    """Point MLflow at the store and return the experiment id (created on first use)."""
+    import logging
+
+    import mlflow
+    from diffusers.utils import logging as diffusers_logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # system-metrics start/stop chatter
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" on UNet-only adapters
+    store = settings.home / "mlflow"
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        store.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.get_experiment_by_name(settings.training.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (store / "artifacts").as_uri()
+    return mlflow.create_experiment(settings.training.experiment, artifact_location=location)
+
+
+def register_adapter(adapter_dir, base_model: str, product_id: str) -> str:
+    """Log the adapter with the mlflow.diffusers flavor in the active run, register it, alias it
+    `candidate`; returns the new version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = registered_model_name(product_id)
+    info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
+                                      registered_model_name=name)
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
+    return version
+
+
+def promote(settings: Settings, product_id: str, version: str) -> None:
+    """Give `version` of the product's adapter the `champion` alias (moving it from any other)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure(settings)
+    name = registered_model_name(product_id)
+    try:
+        MlflowClient().get_model_version(name, str(version))
+    except MlflowException:
+        raise UserError(f"no version {version} of {name} in the registry; see `recontext sql \"SELECT "
+                        f"product_id, model_version FROM adapters\"`") from None
+    MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
