@@ -59,7 +59,8 @@ def test_tables_lists_counts_versions_operations(demo_home):
     assert lines["products"] == ["4", "1", "MERGE"]
     assert lines["product_images"] == ["5", "1", "MERGE"]
     assert set(lines) == set(TABLES)
-    for table in ("prompt_bank", "synthetic_images", "masks", "captions", "embeddings", "image_metrics"):
+    for table in ("prompt_bank", "synthetic_images", "masks", "captions", "embeddings", "image_metrics",
+                  "training_images", "adapters"):
         assert int(lines[table][0]) > 0, table
 
 
