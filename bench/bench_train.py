@@ -41,7 +41,8 @@ def build_full_size(path: Path) -> None:
                           up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2),
         text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                   num_attention_heads=12)),
-        tokenizer=clip_tokenizer(), scheduler=DDIMScheduler(beta_schedule="scaled_linear"), safety_checker=None,
+        tokenizer=clip_tokenizer(), scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False),
+        safety_checker=None,
         feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
 
 
