@@ -77,8 +77,13 @@ def train_lora(base_path: str | Path, examples: list[Example], config: TrainingS
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                 target_modules=list(config.target_modules)))
     if config.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                            target_modules=TEXT_ENCODER_TARGETS))
+        # peft directly: transformers 5's add_adapter wants a peft release not yet published.
+        from peft import inject_adapter_in_model
+
+        text_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                 target_modules=TEXT_ENCODER_TARGETS)
+        inject_adapter_in_model(text_config, text_encoder)
+        text_encoder.peft_config = {"default": text_config}
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]

@@ -89,3 +89,20 @@ def test_token_is_rare_not_a_word_and_not_the_product_name():
     assert "cup" not in _pool() and "mug" not in _pool()
     close = rare_token_candidates("x", ["gued"], 4000)
     assert "gued" not in close and all(edit_distance(t, "gued") >= 2 for t in close)
+
+
+def test_text_encoder_lora_is_saved_with_the_unet_lora(base, tmp_path):
+    config = TrainingSettings(steps=3, train_text_encoder=True, checkpoint_every=2)
+    adapter = train_lora(base, EXAMPLES, config, tmp_path).adapter_dir
+    weights = load_file(adapter / ADAPTER_FILE)
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    from udfs.diffusion import load_pipeline
+
+    pipeline = load_pipeline("text2img", base, "cpu")
+    tokens = torch.tensor([[49406, 320, 1125, 49407]])
+    before = pipeline.text_encoder(tokens)[0].detach().clone()
+    pipeline.load_lora_weights(str(adapter))  # diffusers' own loader applies the text-encoder LoRA
+    assert not torch.allclose(pipeline.text_encoder(tokens)[0], before)
+    resumed = train_lora(base, EXAMPLES, TrainingSettings(steps=4, train_text_encoder=True, checkpoint_every=2),
+                         tmp_path)
+    assert resumed.resumed_from == 3
