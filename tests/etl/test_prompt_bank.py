@@ -13,7 +13,6 @@ from deltalake import DeltaTable
 from etl.config import PromptBankSettings, Settings
 from etl.errors import UserError
 from etl.ingest import ingest
-from etl.lakehouse import Lakehouse
 from etl.pipeline import SCORING, run_stages
 from etl.prompt_bank import (approved_prompts, curate, export_csv, import_csv, run_classify, run_prompt_bank,
                              set_status)
