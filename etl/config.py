@@ -119,6 +119,21 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class GenerationSettings:
+    """Generation with the champion adapters, and post-finetuning ranking (paper 2.5)."""
+
+    prompts_per_product: int = 4  # approved target prompts used per product (in prompt_id order)
+    seeds_per_prompt: int = 2
+    steps: int = 8  # 30 with real weights
+    guidance_scale: float = 5.0
+    resolution: int = 64  # 512 with real weights
+    seed: int = 0
+    rank_weights: dict = field(default_factory=lambda: {"clip_t": 1.0, "clip_i": 1.0, "dino_i": 1.0})
+    min_score: float = -3.0  # generations whose aggregate is below are not kept
+    keep_top: int = 4  # top N kept per product
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     spark_remote: str | None = None  # a Spark Connect URL; None = embedded Sail engine
@@ -128,6 +143,7 @@ class Settings:
     prompt_bank: PromptBankSettings = field(default_factory=PromptBankSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     @property
     def lakehouse(self) -> Path:

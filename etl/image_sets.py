@@ -1,7 +1,7 @@
 """The images every model stage processes: reference photos plus synthetic images.
 
 Masks, captions, embeddings and metrics read these two functions, so every kind of image
-(reference, novel view, outpaint, negative, counterfactual, later generated) is covered by the
+(reference, novel view, outpaint, negative, counterfactual, generated) is covered by the
 same code.
 """
 
@@ -17,6 +17,9 @@ _UNION = """
     UNION ALL
     SELECT image_id, product_id, kind, parent_image_id, prompt, image, false AS has_alpha
     FROM synthetic_images
+    UNION ALL
+    SELECT image_id, product_id, 'generated' AS kind, NULL AS parent_image_id, prompt, image, false AS has_alpha
+    FROM generations
 """
 
 

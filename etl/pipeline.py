@@ -34,6 +34,8 @@ STAGES: dict[str, Stage] = {
                                                  zoo.name("captioner"), zoo.models.caption_prompt),
     "training_set": run_training_set,
     "train": lambda lake, zoo: _train(lake, zoo),
+    "generate": lambda lake, zoo: _generate(lake, zoo),
+    "rank": lambda lake, zoo: _rank(lake, zoo),
 }
 
 SCORING = ["masks", "captions", "embeddings", "metrics"]
@@ -42,6 +44,7 @@ SCORING = ["masks", "captions", "embeddings", "metrics"]
 AUGMENTATION = ["masks", "captions", "embeddings", "classify", "prompt_bank", "novel_views", "masks", "outpaint",
                 "masks", "captions", "negatives", *SCORING]
 TRAINING = ["training_set", "train"]
+GENERATION = ["generate", *SCORING, "rank"]
 
 
 def _train(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
@@ -70,3 +73,15 @@ def run_scoring(lake: Lakehouse, zoo: ModelZoo | None = None, progress=print) ->
     zoo = zoo or ModelZoo.from_settings(lake.settings)
     zoo.check("clip", "dino", "captioner", zoo.models.segmenter)  # fail before any task runs
     return run_stages(lake, SCORING, zoo, progress)
+
+
+def _generate(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    from training.generate import run_generation
+
+    return run_generation(lake, zoo)
+
+
+def _rank(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    from training.generate import run_ranking
+
+    return run_ranking(lake, zoo)

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--products", help="comma-separated product ids (default: all)")
     train.set_defaults(run=cmd_train)
 
+    generate = commands.add_parser("generate", help="generate with each product's champion adapter, score, rank")
+    generate.set_defaults(run=cmd_generate)
+
     promote = commands.add_parser("promote", help="make a registered adapter version the product's champion")
     promote.add_argument("product_id")
     promote.add_argument("version")
@@ -165,6 +168,23 @@ def cmd_train(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_generate(settings: Settings, args) -> int:
+    from etl.pipeline import GENERATION, run_stages
+
+    lake = _lake(settings)
+    print("generating with the champion adapters, scoring and ranking:")
+    run_stages(lake, GENERATION)
+    _print_ranking(lake)
+    return 0
+
+
+def _print_ranking(lake) -> None:
+    print(lake.spark.sql(
+        "SELECT r.product_id, count(*) AS generated, sum(CAST(r.kept AS INT)) AS kept, round(max(r.score), 3) AS "
+        "best_score, first(r.adapter_version) AS adapter_version FROM ranked_generations r "
+        "GROUP BY r.product_id ORDER BY r.product_id").toPandas().to_string(index=False))
+
+
 def cmd_promote(settings: Settings, args) -> int:
     from training.tracking import promote, registered_model_name
 
@@ -211,7 +231,7 @@ def _print_tables(lake) -> None:
 
 def cmd_demo(settings: Settings, args) -> int:
     from etl.ingest import ingest
-    from etl.pipeline import AUGMENTATION, TRAINING, run_stages
+    from etl.pipeline import AUGMENTATION, GENERATION, TRAINING, run_stages
     from etl.sample_catalog import write_sample_catalog
 
     print(f"recontext demo, home {settings.home}")
@@ -238,8 +258,16 @@ def cmd_demo(settings: Settings, args) -> int:
         "GROUP BY 1, 2 ORDER BY 1, 2").toPandas().to_string(index=False))
     print("\ntraining a tiny LoRA adapter per product (MLflow store: <home>/mlflow):")
     run_stages(lake, TRAINING)
-    print(lake.spark.sql("SELECT product_id, token, model_name, model_version, alias, round(final_loss, 4) AS loss "
-                         "FROM adapters ORDER BY product_id").toPandas().to_string(index=False))
+    adapters = lake.spark.sql("SELECT product_id, token, model_name, model_version, alias, "
+                              "round(final_loss, 4) AS loss FROM adapters ORDER BY product_id").toPandas()
+    print(adapters.to_string(index=False))
+    from training.tracking import promote
+
+    for row in adapters.itertuples():  # the demo promotes every first adapter; people review first
+        promote(settings, row.product_id, row.model_version)
+    print("\npromoted each product's adapter to @champion; generating, scoring and ranking:")
+    run_stages(lake, GENERATION)
+    _print_ranking(lake)
     print()
     _print_tables(lake)
     print(f"\nquery it: recontext --home {settings.home} sql \"SELECT * FROM products\"")

@@ -60,7 +60,7 @@ def test_tables_lists_counts_versions_operations(demo_home):
     assert lines["product_images"] == ["5", "1", "MERGE"]
     assert set(lines) == set(TABLES)
     for table in ("prompt_bank", "synthetic_images", "masks", "captions", "embeddings", "image_metrics",
-                  "training_images", "adapters"):
+                  "training_images", "adapters", "generations", "ranked_generations"):
         assert int(lines[table][0]) > 0, table
 
 

@@ -1,0 +1,151 @@
+"""Generation with the champion adapters -> `generations`; post-finetuning ranking ->
+`ranked_generations` (paper 2.5).
+
+Generation is a driver loop over products (each loads its adapter from the MLflow registry
+by the `champion` alias onto one base pipeline): approved target prompts of the product's type
+x seeds. A task key hashes adapter version, prompt, seed and parameters, so a re-run generates
+nothing twice and promoting another version makes the next run generate with it.
+
+Ranking scores every generation with the metrics job's columns, aggregates them (sum of
+CLIP-T + CLIP-I + DINO by default, `generation.rank_weights`), drops those below
+`generation.min_score` and keeps the top `generation.keep_top` per product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pandas as pd
+import torch
+
+from etl.config import GenerationSettings
+from etl.lakehouse import Lakehouse
+from etl.prompt_bank import approved_prompts, resolved_types
+from etl.tables import TABLES
+from training import tracking
+from udfs.imaging import encode_png, pixel_hash
+from udfs.zoo import ModelZoo
+
+log = logging.getLogger(__name__)
+STAGE = "generate"
+
+
+def champion(product_id: str) -> tuple[str, str, str] | None:
+    """(model name, version, run id) of the product's champion adapter, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name = tracking.registered_model_name(product_id)
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, tracking.CHAMPION)
+    except MlflowException:
+        return None
+    return name, str(version.version), version.run_id
+
+
+def run_generation(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    import mlflow
+
+    from udfs.diffusion import load_pipeline
+
+    settings = lake.settings.generation
+    tracking.configure(lake.settings)
+    adapters = lake.spark.sql("SELECT product_id, model_version, token FROM adapters").toPandas()
+    tokens = {(r.product_id, str(r.model_version)): r.token for r in adapters.itertuples()}
+    types = dict(resolved_types(lake).toPandas().itertuples(index=False))
+    targets = approved_prompts(lake, "target")
+    done = {r["task_key"] for r in lake.spark.sql("SELECT DISTINCT task_key FROM generations").collect()}
+    pipeline, rows, failures = None, [], []
+    for product_id in sorted(adapters.product_id.unique()):
+        found = champion(product_id)
+        if found is None:
+            continue  # only products with a champion adapter are generated
+        name, version, run_id = found
+        token, class_noun = tokens.get((product_id, version)), types.get(product_id) or "product"
+        prompts = targets[targets.product_type == class_noun].head(settings.prompts_per_product)
+        if prompts.empty:
+            failures.append((product_id, f"type:{class_noun}", "no_approved_targets",
+                             f"no approved target prompts for product type '{class_noun}'; approve some "
+                             "(recontext prompts ...) or import them from a CSV"))
+            continue
+        tasks = [_task(product_id, name, version, run_id, token, class_noun, p, seed, settings)
+                 for p in prompts.itertuples() for seed in range(settings.seed, settings.seed + settings.seeds_per_prompt)]
+        tasks = [t for t in tasks if t["task_key"] not in done]
+        if not tasks:
+            continue
+        try:
+            if token is None:
+                raise ValueError(f"version {version} of {name} is not in the adapters table")
+            if pipeline is None:
+                pipeline = load_pipeline("text2img", zoo.path("text2img"), zoo.models.device)
+            adapter = mlflow.diffusers.load_model(f"models:/{name}@{tracking.CHAMPION}")
+            pipeline.unload_lora_weights()
+            pipeline.load_lora_weights(adapter.adapter_path)
+            for task in tasks:
+                generator = torch.Generator("cpu").manual_seed(task["seed"])
+                image = pipeline(task["generation_prompt"], num_inference_steps=settings.steps,
+                                 guidance_scale=settings.guidance_scale, height=settings.resolution,
+                                 width=settings.resolution, generator=generator).images[0]
+                rows.append({**task, "image_id": pixel_hash(image), "image": encode_png(image),
+                             "width": image.width, "height": image.height,
+                             "scheduler": type(pipeline.scheduler).__name__})
+        except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
+            log.exception("generation for %s failed", product_id)
+            failures.append((product_id, f"adapter:{name}/{version}", "generation_failed",
+                             f"generation failed ({type(err).__name__}: {err}); it is retried on the next run"))
+    written = 0
+    if rows:
+        columns = [c for c in TABLES["generations"].column_names if c != "created_at"]
+        frame = lake.spark.createDataFrame(pd.DataFrame(rows)[columns].astype({"seed": "int32", "steps": "int32"}),
+                                           ", ".join(f"{c.name} {c.type}" for c in TABLES["generations"].columns
+                                                     if c.name != "created_at"))
+        written = lake.upsert("generations", frame.selectExpr("*", "current_timestamp() AS created_at"))
+    return {"generations": written, "quarantine": lake.quarantine(STAGE, failures)}
+
+
+def _task(product_id, name, version, run_id, token, class_noun, prompt, seed, settings: GenerationSettings) -> dict:
+    scene = prompt.text
+    identity = json.dumps([name, version, prompt.prompt_id, seed, settings.steps, settings.guidance_scale,
+                           settings.resolution])
+    return {"task_key": hashlib.sha256(identity.encode()).hexdigest(), "product_id": product_id,
+            "adapter_model": name, "adapter_version": version, "run_id": run_id, "token": token,
+            "prompt_id": prompt.prompt_id, "prompt": f"a photo of a {class_noun}, {scene}",
+            "generation_prompt": f"a photo of {token} {class_noun}, {scene}", "seed": seed,
+            "steps": settings.steps, "guidance": float(settings.guidance_scale)}
+
+
+def rank_generations(scores: pd.DataFrame, settings: GenerationSettings) -> pd.DataFrame:
+    """Per product: aggregate, threshold, rank, keep the top N. `scores` has product_id,
+    image_id, adapter_version and the metric columns named in rank_weights."""
+    scores = scores.copy()
+    scores["score"] = sum(w * scores[m].astype(float).fillna(0.0) for m, w in settings.rank_weights.items())
+    scores["rank"], scores["kept"], scores["reason"] = None, False, None
+    below = scores.score < settings.min_score
+    scores.loc[below, "reason"] = [f"score {s:.3f} below {settings.min_score}" for s in scores.score[below]]
+    for _, group in scores[~below].groupby("product_id"):
+        ordered = group.sort_values(["score", "image_id"], ascending=[False, True])
+        for rank, index in enumerate(ordered.index, start=1):
+            scores.loc[index, "rank"] = rank
+            if rank <= settings.keep_top:
+                scores.loc[index, "kept"] = True
+            else:
+                scores.loc[index, "reason"] = f"over the top {settings.keep_top} (rank {rank})"
+    scores["rank"] = scores["rank"].astype("Int32")
+    return scores[["product_id", "image_id", "score", "rank", "kept", "reason", "adapter_version"]]
+
+
+def run_ranking(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    scores = lake.spark.sql(
+        """SELECT g.product_id, g.image_id, g.adapter_version, m.clip_i, m.dino_i, m.clip_t, m.seg_clip_i,
+                  m.seg_dino_i, m.seg_clip_t
+           FROM generations g JOIN image_metrics m ON m.image_id = g.image_id AND m.product_id = g.product_id"""
+    ).toPandas()
+    if scores.empty:
+        return {"ranked_generations": 0}
+    ranked = rank_generations(scores, lake.settings.generation)
+    schema = ", ".join(f"{c.name} {c.type}" for c in TABLES["ranked_generations"].columns if c.name != "created_at")
+    frame = lake.spark.createDataFrame(ranked.astype(object).where(ranked.notna(), None), schema)
+    return {"ranked_generations": lake.upsert("ranked_generations",
+                                              frame.selectExpr("*", "current_timestamp() AS created_at"))}
