@@ -15,6 +15,9 @@ from etl.config import Settings
 from etl.errors import UserError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+# The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading
+# it later would make a second home in the same process log into the first home's store.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def registered_model_name(product_id: str) -> str:
@@ -31,7 +34,7 @@ def configure(settings: Settings) -> str:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # system-metrics start/stop chatter
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" on UNet-only adapters
     store = settings.home / "mlflow"
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = _USER_TRACKING_URI
     if not uri:
         store.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{store / 'mlflow.db'}"
@@ -40,7 +43,7 @@ def configure(settings: Settings) -> str:
     experiment = mlflow.get_experiment_by_name(settings.training.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (store / "artifacts").as_uri()
+    location = None if _USER_TRACKING_URI else (store / "artifacts").as_uri()
     return mlflow.create_experiment(settings.training.experiment, artifact_location=location)
 
 
