@@ -27,6 +27,17 @@ POSITIVE_KINDS = ("reference", "novel_view", "outpaint")
 COLUMNS = [c for c in TABLES["training_images"].column_names if c != "created_at"]
 
 
+def keep_first(rows: pd.DataFrame, ordered: list, keep: int, flag: str, reason) -> None:
+    """Rank `ordered` (row labels, best first) 1..n in place; the first `keep` get `flag` True,
+    the rest `reason(rank)`."""
+    for rank, index in enumerate(ordered, start=1):
+        rows.loc[index, "rank"] = rank
+        if rank <= keep:
+            rows.loc[index, flag] = True
+        else:
+            rows.loc[index, "reason"] = reason(rank)
+
+
 def filter_hash(config: TrainingSettings, positives_per_negative: float) -> str:
     fields = {"iou_threshold": config.iou_threshold, "min_score": config.min_score,
               "positives_per_product": config.positives_per_product, "score_weights": config.score_weights,
@@ -55,12 +66,8 @@ def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positiv
     low_score = synthetic & ~low_iou & (rows.score < config.min_score)
     rows.loc[low_score, "reason"] = [f"score {v:.3f} below {config.min_score}" for v in rows.score[low_score]]
     eligible = rows[synthetic & ~low_iou & ~low_score].sort_values(["score", "image_id"], ascending=[False, True])
-    for rank, index in enumerate(eligible.index, start=1):
-        rows.loc[index, "rank"] = rank
-        if rank <= config.positives_per_product:
-            rows.loc[index, "selected"] = True
-        else:
-            rows.loc[index, "reason"] = f"over quota (rank {rank}, keeping {config.positives_per_product})"
+    keep_first(rows, list(eligible.index), config.positives_per_product, "selected",
+               lambda rank: f"over quota (rank {rank}, keeping {config.positives_per_product})")
 
     wanted = math.ceil(int(rows.selected.sum()) / positives_per_negative)
     negatives = rows[~rows.is_positive]
@@ -68,12 +75,8 @@ def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positiv
     ordered = sorted(negatives.index, key=lambda i: (
         sorted(negatives[negatives.kind == negatives.kind[i]].image_id).index(negatives.image_id[i]),
         negatives.kind[i] != "counterfactual"))
-    for rank, index in enumerate(ordered, start=1):
-        rows.loc[index, "rank"] = rank
-        if rank <= wanted:
-            rows.loc[index, "selected"] = True
-        else:
-            rows.loc[index, "reason"] = f"over quota (negative {rank}, keeping {wanted} for the ratio)"
+    keep_first(rows, ordered, wanted, "selected",
+               lambda rank: f"over quota (negative {rank}, keeping {wanted} for the ratio)")
     rows["rank"] = rows["rank"].astype("Int32")
     return rows[COLUMNS]
 

@@ -24,6 +24,7 @@ from etl.config import GenerationSettings
 from etl.lakehouse import Lakehouse
 from etl.prompt_bank import approved_prompts, resolved_types
 from etl.tables import TABLES
+from etl.training_set import keep_first
 from training import tracking
 from udfs.imaging import encode_png, pixel_hash
 from udfs.zoo import ModelZoo
@@ -126,12 +127,8 @@ def rank_generations(scores: pd.DataFrame, settings: GenerationSettings) -> pd.D
     scores.loc[below, "reason"] = [f"score {s:.3f} below {settings.min_score}" for s in scores.score[below]]
     for _, group in scores[~below].groupby("product_id"):
         ordered = group.sort_values(["score", "image_id"], ascending=[False, True])
-        for rank, index in enumerate(ordered.index, start=1):
-            scores.loc[index, "rank"] = rank
-            if rank <= settings.keep_top:
-                scores.loc[index, "kept"] = True
-            else:
-                scores.loc[index, "reason"] = f"over the top {settings.keep_top} (rank {rank})"
+        keep_first(scores, list(ordered.index), settings.keep_top, "kept",
+                   lambda rank: f"over the top {settings.keep_top} (rank {rank})")
     scores["rank"] = scores["rank"].astype("Int32")
     return scores[["product_id", "image_id", "score", "rank", "kept", "reason", "adapter_version"]]
 
