@@ -90,7 +90,7 @@ def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
         """
     )
     constants = {"clip_backbone": clip, "dino_backbone": dino, "mask_method": method}
-    schema = ", ".join(f"{c.name} {c.type}" for c in TABLES["image_metrics"].columns if c.name != "computed_at")
+    schema = TABLES["image_metrics"].data_schema()
     metrics = wide.groupBy("product_id").applyInPandas(
         lambda rows: score_product(rows, constants), schema).selectExpr("*", "current_timestamp() AS computed_at")
     with lake.staged(metrics) as staged:
@@ -135,7 +135,7 @@ def score_product(rows: pd.DataFrame, constants: dict) -> pd.DataFrame:
             "text_source": row.text_source if row.text is not None else None,
             **constants, "iou_against": row.iou_against,
         })
-    columns = [c for c in TABLES["image_metrics"].column_names if c != "computed_at"]
+    columns = TABLES["image_metrics"].data_columns
     return pd.DataFrame(out, columns=columns).astype({"n_references": "int32"})
 
 

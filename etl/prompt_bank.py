@@ -150,9 +150,8 @@ def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings
         for text, status, reason in curated:
             rows.append((prompt_id(product_type, purpose, text), product_type, purpose, text, status, reason,
                          "auto", llm.name, seed))
-    frame = pd.DataFrame(rows, columns=["prompt_id", "product_type", "purpose", "text", "status", "reason",
-                                        "reviewed_by", "llm", "seed"]).drop_duplicates("prompt_id")
-    return {"prompt_bank": lake.upsert("prompt_bank", spark.createDataFrame(frame, _schema(exclude="created_at"))
+    frame = pd.DataFrame(rows, columns=TABLES["prompt_bank"].data_columns).drop_duplicates("prompt_id")
+    return {"prompt_bank": lake.upsert("prompt_bank", spark.createDataFrame(frame, TABLES["prompt_bank"].data_schema())
                                        .selectExpr("*", "current_timestamp() AS created_at"))}
 
 
@@ -270,8 +269,8 @@ def import_csv(lake: Lakehouse, path: str | Path) -> int:
     frame = frame.merge(stored, on="prompt_id", how="left")
     frame["llm"] = frame.llm.fillna("human")
     frame["reviewed_by"] = "human"
-    rows = lake.spark.createDataFrame(frame[[c for c in TABLES["prompt_bank"].column_names if c != "created_at"]]
-                                      .astype(object).where(frame.notna(), None), _schema(exclude="created_at"))
+    rows = lake.spark.createDataFrame(frame[TABLES["prompt_bank"].data_columns]
+                                      .astype(object).where(frame.notna(), None), TABLES["prompt_bank"].data_schema())
     return lake.upsert("prompt_bank", rows.selectExpr("*", "current_timestamp() AS created_at"))
 
 
@@ -280,8 +279,4 @@ def approved_prompts(lake: Lakehouse, purpose: str) -> pd.DataFrame:
     return lake.spark.sql(
         f"SELECT prompt_id, product_type, text FROM prompt_bank WHERE status = 'approved' "
         f"AND purpose = {sql_literal(purpose)} ORDER BY product_type, prompt_id").toPandas()
-
-
-def _schema(exclude: str) -> str:
-    return ", ".join(f"{c.name} {c.type}" for c in TABLES["prompt_bank"].columns if c.name != exclude)
 

@@ -31,6 +31,15 @@ class Table:
         return [c.name for c in self.columns]
 
     @property
+    def data_columns(self) -> list[str]:
+        """Everything but the audit timestamps: what a job produces before writing."""
+        return [c for c in self.column_names if c not in self.audit]
+
+    def data_schema(self) -> str:
+        """Spark schema string of the data columns (for createDataFrame and pandas UDFs)."""
+        return ", ".join(f"{c.name} {c.type}" for c in self.columns if c.name not in self.audit)
+
+    @property
     def compared(self) -> list[str]:
         """Columns whose change makes a re-run update a row."""
         return [c for c in self.column_names if c not in self.key and c not in self.audit]

@@ -24,7 +24,7 @@ from etl.lakehouse import Lakehouse
 from etl.tables import TABLES, sql_literal
 
 POSITIVE_KINDS = ("reference", "novel_view", "outpaint")
-COLUMNS = [c for c in TABLES["training_images"].column_names if c != "created_at"]
+COLUMNS = TABLES["training_images"].data_columns
 
 
 def keep_first(rows: pd.DataFrame, ordered: list, keep: int, flag: str, reason) -> None:
@@ -91,7 +91,7 @@ def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
             FROM image_metrics m
             LEFT JOIN captions c ON c.image_id = m.image_id AND c.model = {sql_literal(zoo.name('captioner'))}
                                  AND c.prompt = {sql_literal(zoo.models.caption_prompt)}""")
-    schema = ", ".join(f"{c.name} {c.type}" for c in TABLES["training_images"].columns if c.name != "created_at")
+    schema = TABLES["training_images"].data_schema()
     selected = candidates.groupBy("product_id").applyInPandas(
         lambda rows: select_training_images(rows, config, ratio, config_hash), schema)
     with lake.staged(selected.selectExpr("*", "current_timestamp() AS created_at")) as staged:

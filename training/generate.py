@@ -98,10 +98,9 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                              f"generation failed ({type(err).__name__}: {err}); it is retried on the next run"))
     written = 0
     if rows:
-        columns = [c for c in TABLES["generations"].column_names if c != "created_at"]
-        frame = lake.spark.createDataFrame(pd.DataFrame(rows)[columns].astype({"seed": "int32", "steps": "int32"}),
-                                           ", ".join(f"{c.name} {c.type}" for c in TABLES["generations"].columns
-                                                     if c.name != "created_at"))
+        table = TABLES["generations"]
+        frame = lake.spark.createDataFrame(
+            pd.DataFrame(rows)[table.data_columns].astype({"seed": "int32", "steps": "int32"}), table.data_schema())
         written = lake.upsert("generations", frame.selectExpr("*", "current_timestamp() AS created_at"))
     return {"generations": written, "quarantine": lake.quarantine(STAGE, failures)}
 
@@ -142,7 +141,7 @@ def run_ranking(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     if scores.empty:
         return {"ranked_generations": 0}
     ranked = rank_generations(scores, lake.settings.generation)
-    schema = ", ".join(f"{c.name} {c.type}" for c in TABLES["ranked_generations"].columns if c.name != "created_at")
-    frame = lake.spark.createDataFrame(ranked.astype(object).where(ranked.notna(), None), schema)
+    frame = lake.spark.createDataFrame(ranked.astype(object).where(ranked.notna(), None),
+                                       TABLES["ranked_generations"].data_schema())
     return {"ranked_generations": lake.upsert("ranked_generations",
                                               frame.selectExpr("*", "current_timestamp() AS created_at"))}
