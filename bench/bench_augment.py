@@ -29,8 +29,11 @@ def tiny_run() -> dict:
     from etl.config import Settings
     from etl.ingest import ingest
     from etl.lakehouse import Lakehouse
-    from etl.pipeline import AUGMENTATION, run_stages
+    from etl.pipeline import run_stages
     from etl.sample_catalog import write_sample_catalog
+    from jobs.runner import steps_for
+
+    AUGMENTATION = steps_for("augment")
 
     home = Path(tempfile.mkdtemp(prefix="recontext-bench-aug-"))
     lake = Lakehouse(Settings.load(home))

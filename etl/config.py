@@ -17,6 +17,8 @@ DEFAULT_HOME = Path("~/.recontext")
 
 @dataclass(frozen=True)
 class IngestSettings:
+    # Catalog sources `recontext run` ingests: folders, manifests or ABO roots (format detected).
+    sources: tuple[str, ...] = ()
     max_side: int = 2048  # larger images are downscaled (LANCZOS) to this longest side
     min_side: int = 64  # images whose shorter side is below this are quarantined
     max_pixels: int = 64_000_000  # larger images are quarantined as possible decompression bombs
@@ -116,6 +118,9 @@ class TrainingSettings:
     validation_images: int = 2
     seed: int = 0
     experiment: str = "recontext"  # MLflow experiment
+    # A product's first adapter becomes @champion at once (unattended pipelines, tests); by
+    # default people review candidates and `recontext promote` one.
+    auto_promote: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,20 @@ class GenerationSettings:
     rank_weights: dict = field(default_factory=lambda: {"clip_t": 1.0, "clip_i": 1.0, "dino_i": 1.0})
     min_score: float = -3.0  # generations whose aggregate is below are not kept
     keep_top: int = 4  # top N kept per product
+    # "sum" (the weights above) or "learned": the pass probability of the learned ranker
+    # (`recontext evaluate` fits it on human ratings), with its own threshold.
+    rank_aggregate: str = "sum"
+    min_pass_probability: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Automatic and human evaluation, ours against the baseline arm (paper 3, appendix A.3)."""
+
+    baseline: bool = True  # train and generate the plain DreamBooth + LoRA baseline arm
+    raters_per_image: int = 3  # an image's verdict needs this many raters; pass = yes by majority
+    ranker_min_images: int = 20  # rated images needed before the learned ranker is fit
+    ranker_folds: int = 5  # held-out evaluation: folds grouped by product
 
 
 @dataclass(frozen=True)
@@ -138,12 +157,14 @@ class Settings:
     home: Path
     spark_remote: str | None = None  # a Spark Connect URL; None = embedded Sail engine
     arrow_batch_rows: int = 256  # rows per Arrow batch into pandas UDFs (rows carry image bytes)
+    retention_hours: int = 168  # `recontext maintain` keeps table files that versions this recent need
     ingest: IngestSettings = field(default_factory=IngestSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     prompt_bank: PromptBankSettings = field(default_factory=PromptBankSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     @property
     def lakehouse(self) -> Path:

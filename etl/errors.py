@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code

@@ -37,8 +37,14 @@ class IngestSummary:
     rows_written: dict[str, int]  # per table: rows new or changed by this run
 
 
-def ingest(lake: Lakehouse, source: str | Path, fmt: str | None = None) -> IngestSummary:
+def ingest(lake: Lakehouse, source: str | Path, fmt: str | None = None,
+           products: set[str] | None = None) -> IngestSummary:
+    """Ingest `source` (only `products`, when given)."""
     listing = list_source(source, fmt)
+    if products is not None:
+        listing.products = {p: v for p, v in listing.products.items() if p in products}
+        listing.images = [i for i in listing.images if i.product_id in products]
+        listing.rejected = [r for r in listing.rejected if r.product_id in products]
     spark = lake.spark
     written = {"products": lake.upsert("products", _products_frame(lake, listing))}
 

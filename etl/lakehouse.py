@@ -7,6 +7,7 @@ engine lacks come from delta-rs.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -36,8 +37,31 @@ class Lakehouse:
     def __init__(self, settings: Settings, spark: SparkSession | None = None):
         self.settings = settings
         self.spark = spark or spark_session(settings)
+        self.products: set[str] | None = None  # see limit_to
         settings.lakehouse.mkdir(parents=True, exist_ok=True)
         self.register_tables()
+
+    def limit_to(self, products: set[str]) -> None:
+        """Make every stage of this session see only `products`: reference photos are the root of
+        every image, so a temp view over `product_images` (it shadows the table in queries; only
+        ingest writes the table, through its own path) scopes all image stages, and the driver
+        loops (training, generation) read `self.products`."""
+        self.products = set(products)
+        listed = ", ".join(sql_literal(p) for p in sorted(self.products))
+        self.spark.sql(f"CREATE OR REPLACE TEMP VIEW product_images AS SELECT * FROM "
+                       f"delta.`{self.location('product_images')}` WHERE product_id IN ({listed})")
+
+    @contextlib.contextmanager
+    def unscoped(self):
+        """Lift limit_to's view while writing `product_images` itself (ingest)."""
+        if self.products is None:
+            yield
+            return
+        self.spark.sql("DROP VIEW IF EXISTS product_images")
+        try:
+            yield
+        finally:
+            self.limit_to(self.products)
 
     @classmethod
     def open(cls, home=None, **overrides) -> "Lakehouse":

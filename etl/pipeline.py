@@ -1,7 +1,8 @@
-"""The stages in dependency order, and the sequences the commands run.
+"""The steps of the pipeline: `(lake, zoo) -> {table: rows written}`, each incremental (it
+processes only what is not stored yet, so running it again writes nothing).
 
-Every stage is `(lake, zoo) -> {table: rows written}` and incremental: it processes only what is
-not stored yet, so running a sequence again writes nothing.
+jobs/pipeline.toml groups steps into stages with dependencies; `recontext run` (jobs/runner.py)
+runs those. `run_stages` runs a list of steps directly (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 from etl.augment import run_negatives, run_novel_views, run_outpaint
 from etl.captions import run_captions
 from etl.embeddings import run_embeddings
+from etl.evaluation import run_evaluation
 from etl.lakehouse import Lakehouse
 from etl.masks import run_masks
 from etl.metrics import run_metrics
@@ -19,9 +21,10 @@ from etl.prompt_bank import run_classify, run_prompt_bank
 from etl.training_set import run_training_set
 from udfs.zoo import ModelZoo
 
-Stage = Callable[[Lakehouse, ModelZoo], dict[str, int]]
+Step = Callable[[Lakehouse, ModelZoo], dict[str, int]]
 
-STAGES: dict[str, Stage] = {
+STEPS: dict[str, Step] = {
+    "ingest": lambda lake, zoo: _ingest(lake),
     "masks": run_masks,
     "captions": run_captions,
     "embeddings": run_embeddings,
@@ -34,23 +37,54 @@ STAGES: dict[str, Stage] = {
                                                  zoo.name("captioner"), zoo.models.caption_prompt),
     "training_set": run_training_set,
     "train": lambda lake, zoo: _train(lake, zoo),
+    "train_baseline": lambda lake, zoo: _train_baseline(lake, zoo),
     "generate": lambda lake, zoo: _generate(lake, zoo),
     "rank": lambda lake, zoo: _rank(lake, zoo),
+    "evaluate": run_evaluation,
+    "fit_ranker": lambda lake, zoo: _fit_ranker(lake, zoo),
+    "report": lambda lake, zoo: _report(lake),
 }
 
 SCORING = ["masks", "captions", "embeddings", "metrics"]
-# Classification needs reference embeddings; outpainting needs masks of the novel views;
-# counterfactuals need masks of the outpaints; negatives need captions of the positives.
-AUGMENTATION = ["masks", "captions", "embeddings", "classify", "prompt_bank", "novel_views", "masks", "outpaint",
-                "masks", "captions", "negatives", *SCORING]
-TRAINING = ["training_set", "train"]
-GENERATION = ["generate", *SCORING, "rank"]
+
+
+def _ingest(lake: Lakehouse) -> dict[str, int]:
+    """Every configured source (ingest.sources), limited to lake.products when set."""
+    from etl.ingest import ingest
+
+    written: dict[str, int] = {}
+    with lake.unscoped():
+        for source in lake.settings.ingest.sources:
+            for table, n in ingest(lake, source, products=lake.products).rows_written.items():
+                written[table] = written.get(table, 0) + n
+    return written
+
+
+def _report(lake: Lakehouse) -> dict[str, int]:
+    from etl.report import write_report
+
+    write_report(lake, lake.settings.home / "report", sorted(lake.products) if lake.products else None)
+    return {}
 
 
 def _train(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     from training.train_job import run_training  # torch training code, loaded only when training
 
     return run_training(lake, zoo)
+
+
+def _train_baseline(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    if not lake.settings.evaluation.baseline:
+        return {"adapters": 0}
+    from training.train_job import run_baseline_training
+
+    return run_baseline_training(lake, zoo)
+
+
+def _fit_ranker(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    from training.ranker import run_fit_ranker
+
+    return run_fit_ranker(lake, zoo)
 
 
 def run_stages(lake: Lakehouse, names: list[str], zoo: ModelZoo | None = None,
@@ -60,7 +94,7 @@ def run_stages(lake: Lakehouse, names: list[str], zoo: ModelZoo | None = None,
     results: dict[str, dict[str, int]] = {}
     for name in names:
         started = time.perf_counter()
-        written = STAGES[name](lake, zoo)
+        written = STEPS[name](lake, zoo)
         for table, n in written.items():
             results.setdefault(name, {}).setdefault(table, 0)
             results[name][table] += n

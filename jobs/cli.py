@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import logging
 import os
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 from etl.config import Settings
 from etl.errors import UserError
 from etl.sources import FORMATS
+from jobs.logs import configure as configure_logging
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,8 +23,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # library bars (GGUF loading); stage
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose, args.log_format == "json")
     try:
         settings = Settings.load(args.home)
         return args.run(settings, args) or 0
@@ -47,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="working folder: lakehouse/, mlflow/, models/ "
                                        "(default: $RECONTEXT_HOME or ~/.recontext)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per log line on stderr (run id, stage, seconds, rows)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     ingest = commands.add_parser("ingest", help="ingest a catalog source into the lakehouse")
@@ -62,18 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     tables = commands.add_parser("tables", help="row count, Delta version and last operation per table")
     tables.set_defaults(run=cmd_tables)
 
-    score = commands.add_parser("score", help="masks, captions, embeddings and metrics for new images")
-    score.set_defaults(run=cmd_score)
-
-    augment = commands.add_parser("augment", help="prompt bank, novel views, outpaints, negatives, scoring")
-    augment.set_defaults(run=cmd_augment)
-
-    train = commands.add_parser("train", help="filter the training set and train a LoRA adapter per product")
-    train.add_argument("--products", help="comma-separated product ids (default: all)")
-    train.set_defaults(run=cmd_train)
-
-    generate = commands.add_parser("generate", help="generate with each product's champion adapter, score, rank")
-    generate.set_defaults(run=cmd_generate)
+    run = commands.add_parser("run", help="run pipeline stages (jobs/pipeline.toml) incrementally, recorded in "
+                                          "job_runs")
+    run.add_argument("stages", nargs="*", default=["all"], metavar="STAGE",
+                     help="'all' (default) or stage names; they run in dependency order")
+    groups = {"score": "masks, captions, embeddings and metrics for new images",
+              "augment": "prompt bank, novel views, outpaints, negatives, scoring",
+              "train": "filter the training set and train a LoRA adapter per product",
+              "generate": "generate with each product's champion adapter, score, rank",
+              "evaluate": "baseline arm, generation, ranking, evaluation: ours vs baseline"}
+    for command in [run, *(commands.add_parser(name, help=text) for name, text in groups.items())]:
+        command.add_argument("--products", help="comma-separated product ids (default: all)")
+        command.add_argument("--wait", action="store_true", help="wait for a run already using this home")
+        command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1])
 
     promote = commands.add_parser("promote", help="make a registered adapter version the product's champion")
     promote.add_argument("product_id")
@@ -94,6 +96,25 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("prompt_ids", nargs="+")
         action.add_argument("--reason")
         action.set_defaults(run=cmd_prompts_status, status=status)
+
+    ratings = commands.add_parser("ratings", help="human evaluation: rating package out, ratings in")
+    steps = ratings.add_subparsers(required=True, metavar="ACTION")
+    package = steps.add_parser("export", help="write a rating package (HTML form + images + CSV template)")
+    package.add_argument("folder")
+    package.set_defaults(run=cmd_ratings_export)
+    answers = steps.add_parser("import", help="load rating CSVs (rater,image_id,question,answer), re-evaluate")
+    answers.add_argument("files", nargs="+")
+    answers.set_defaults(run=cmd_ratings_import)
+
+    report = commands.add_parser("report", help="write the static HTML report (opens from disk)")
+    report.add_argument("--product", action="append", help="only this product (repeatable)")
+    report.add_argument("--out", help="folder (default: <home>/report)")
+    report.set_defaults(run=cmd_report)
+
+    maintain = commands.add_parser("maintain", help="compact and vacuum tables, prune orphaned MLflow artifacts")
+    maintain.add_argument("--retention-hours", type=int,
+                          help="keep files that versions this recent need (default: settings retention_hours)")
+    maintain.set_defaults(run=cmd_maintain)
 
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
     demo.set_defaults(run=cmd_demo)
@@ -135,47 +156,27 @@ def cmd_sql(settings: Settings, args) -> int:
     return 0
 
 
-def cmd_score(settings: Settings, args) -> int:
-    from etl.pipeline import run_scoring
+def cmd_run(settings: Settings, args) -> int:
+    """`recontext run` and the commands that run a group of stages (augment, train, ...)."""
+    from jobs.runner import load_groups, run
 
-    print("scoring (masks, captions, embeddings, metrics):")
-    run_scoring(_lake(settings))
-    return 0
-
-
-def cmd_augment(settings: Settings, args) -> int:
-    from etl.pipeline import AUGMENTATION, run_stages
-
-    print("augmenting (prompt bank, novel views, outpaints, negatives, captions, scores):")
-    run_stages(_lake(settings), AUGMENTATION)
-    return 0
-
-
-def cmd_train(settings: Settings, args) -> int:
-    from etl.pipeline import run_stages
-    from training.train_job import run_training
-    from udfs.zoo import ModelZoo
-
+    names = load_groups()[args.group] if getattr(args, "group", None) else args.stages
+    products = [p.strip() for p in args.products.split(",") if p.strip()] if args.products else None
     lake = _lake(settings)
-    print("filtering the training set and training adapters (tracked in MLflow):")
-    run_stages(lake, ["training_set"])
-    products = [p.strip() for p in args.products.split(",")] if args.products else None
-    written = run_training(lake, ModelZoo.from_settings(settings), products)
-    print(f"  adapters written: {written['adapters']}, failures: {written['quarantine']}")
-    print(lake.spark.sql("SELECT product_id, token, model_name, model_version, round(final_loss, 4) AS loss, "
+    results = run(lake, names, products, wait=args.wait)
+    if getattr(args, "group", None) in ("train",):
+        _print_adapters(lake)
+    if getattr(args, "group", None) in ("generate", "evaluate"):
+        _print_ranking(lake)
+    if getattr(args, "group", None) == "evaluate":
+        _print_evaluation(lake)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _print_adapters(lake) -> None:
+    print(lake.spark.sql("SELECT product_id, arm, token, model_name, model_version, round(final_loss, 4) AS loss, "
                          "round(clip_i, 3) AS clip_i, round(dino_i, 3) AS dino_i FROM adapters "
-                         "ORDER BY product_id, created_at").toPandas().to_string(index=False))
-    return 0
-
-
-def cmd_generate(settings: Settings, args) -> int:
-    from etl.pipeline import GENERATION, run_stages
-
-    lake = _lake(settings)
-    print("generating with the champion adapters, scoring and ranking:")
-    run_stages(lake, GENERATION)
-    _print_ranking(lake)
-    return 0
+                         "ORDER BY product_id, arm, created_at").toPandas().to_string(index=False))
 
 
 def _print_ranking(lake) -> None:
@@ -183,6 +184,58 @@ def _print_ranking(lake) -> None:
         "SELECT r.product_id, count(*) AS generated, sum(CAST(r.kept AS INT)) AS kept, round(max(r.score), 3) AS "
         "best_score, first(r.adapter_version) AS adapter_version FROM ranked_generations r "
         "GROUP BY r.product_id ORDER BY r.product_id").toPandas().to_string(index=False))
+
+
+def _print_evaluation(lake) -> None:
+    from etl.evaluation import comparison
+
+    print("\nours vs baseline (means over evaluated generations; evaluation_metrics has per-product rows):")
+    table = comparison(lake)
+    print(table.to_string(index=False) if len(table) else "(nothing evaluated yet: no generations)")
+
+
+def cmd_ratings_export(settings: Settings, args) -> int:
+    from etl.evaluation import export_package
+
+    index, images = export_package(_lake(settings), args.folder)
+    print(f"rating package: {images} images in {index}; raters open it in a browser, answer, and send back the "
+          f"CSV it downloads; then: recontext ratings import FILE.csv ...")
+    return 0
+
+
+def cmd_ratings_import(settings: Settings, args) -> int:
+    from etl.evaluation import import_ratings
+    from jobs.runner import run
+
+    lake = _lake(settings)
+    for file in args.files:
+        written, rejected = import_ratings(lake, file)
+        print(f"{file}: {written} ratings written, {rejected} quarantined")
+        if rejected:
+            print("  see why: recontext sql \"SELECT source_uri, reason FROM quarantine WHERE stage = 'ratings'\"")
+    run(lake, ["evaluate"])
+    _print_evaluation(lake)
+    return 0
+
+
+def cmd_report(settings: Settings, args) -> int:
+    from pathlib import Path
+
+    from etl.report import write_report
+
+    index = write_report(_lake(settings), Path(args.out) if args.out else settings.home / "report", args.product)
+    print(f"report: {index.as_uri()}")
+    return 0
+
+
+def cmd_maintain(settings: Settings, args) -> int:
+    from jobs.maintain import maintain
+
+    hours = settings.retention_hours if args.retention_hours is None else args.retention_hours
+    report = maintain(_lake(settings), hours)
+    print(f"maintenance of {settings.home} (retention {hours} h):")
+    print("\n".join(report.lines()))
+    return 0
 
 
 def cmd_promote(settings: Settings, args) -> int:
@@ -230,23 +283,27 @@ def _print_tables(lake) -> None:
 
 
 def cmd_demo(settings: Settings, args) -> int:
-    from etl.ingest import ingest
-    from etl.pipeline import AUGMENTATION, GENERATION, TRAINING, run_stages
+    """The whole pipeline on the bundled sample catalog, through the same runner as `recontext run`."""
+    import dataclasses
+
+    from etl.evaluation import export_package, import_ratings, synthetic_ratings
     from etl.sample_catalog import write_sample_catalog
+    from jobs.runner import load_groups, run
+    from training.tracking import promote
 
     print(f"recontext demo, home {settings.home}")
     catalog = write_sample_catalog(settings.home / "samples" / "catalog")
+    if not settings.ingest.sources:
+        settings = dataclasses.replace(settings, ingest=dataclasses.replace(settings.ingest, sources=(str(catalog),)))
     lake = _lake(settings)
-    summary = ingest(lake, catalog, "folder")
-    print(f"ingested the sample catalog ({catalog}): {summary.products} products, "
-          f"{summary.images_ok} images, {summary.rejected} quarantined")
+    groups = load_groups()
+    print("\ningesting, augmenting and scoring (the first run has the LLM write the prompt bank: ~1-2 min):")
+    run(lake, ["ingest", *groups["augment"]])
     print(lake.spark.sql(
         "SELECT p.product_id, p.product_type, count(i.image_id) AS images, "
         "concat_ws(' ', collect_list(concat(i.width, 'x', i.height))) AS sizes "
         "FROM products p LEFT JOIN product_images i ON i.product_id = p.product_id "
         "GROUP BY p.product_id, p.product_type ORDER BY p.product_id").toPandas().to_string(index=False))
-    print("\naugmenting and scoring (the first run has the LLM write the prompt bank: ~1-2 min):")
-    run_stages(lake, AUGMENTATION)
     print("\nprompt bank:")
     print(lake.spark.sql(
         "SELECT product_type, purpose, status, count(*) AS prompts FROM prompt_bank GROUP BY 1, 2, 3 "
@@ -257,20 +314,27 @@ def cmd_demo(settings: Settings, args) -> int:
         "round(avg(clip_t), 3) AS clip_t, round(avg(mask_iou), 3) AS mask_iou FROM image_metrics "
         "GROUP BY 1, 2 ORDER BY 1, 2").toPandas().to_string(index=False))
     print("\ntraining a tiny LoRA adapter per product (MLflow store: <home>/mlflow):")
-    run_stages(lake, TRAINING)
-    adapters = lake.spark.sql("SELECT product_id, token, model_name, model_version, alias, "
-                              "round(final_loss, 4) AS loss FROM adapters ORDER BY product_id").toPandas()
-    print(adapters.to_string(index=False))
-    from training.tracking import promote
-
+    run(lake, groups["train"])
+    _print_adapters(lake)
+    adapters = lake.spark.sql("SELECT product_id, min(CAST(model_version AS INT)) AS version FROM adapters "
+                              "WHERE arm = 'ours' GROUP BY product_id").toPandas()
     for row in adapters.itertuples():  # the demo promotes every first adapter; people review first
-        promote(settings, row.product_id, row.model_version)
-    print("\npromoted each product's adapter to @champion; generating, scoring and ranking:")
-    run_stages(lake, GENERATION)
+        promote(settings, row.product_id, str(row.version))
+    print("\npromoted each product's first adapter to @champion; baseline arm, generation, ranking, evaluation:")
+    run(lake, groups["evaluate"])
     _print_ranking(lake)
+    _print_evaluation(lake)
+    index, images = export_package(lake, settings.home / "ratings" / "package")
+    print(f"\nrating package for people: {index} ({images} images); the demo rates them with three made-up raters "
+          "whose answers follow the metrics:")
+    imported, _ = import_ratings(lake, synthetic_ratings(lake, settings.home / "ratings" / "synthetic.csv"))
+    print(f"  {imported} synthetic ratings imported")
+    run(lake, ["evaluate", "report"])
+    _print_evaluation(lake)
     print()
     _print_tables(lake)
-    print(f"\nquery it: recontext --home {settings.home} sql \"SELECT * FROM products\"")
+    print(f"\nreport (open in a browser): {(settings.home / 'report' / 'index.html').as_uri()}")
+    print(f"query it: recontext --home {settings.home} sql \"SELECT * FROM evaluation_metrics\"")
     return 0
 
 

@@ -31,3 +31,19 @@ def settings(home, tiny_models):
 def lake(settings):
     """A lakehouse on a fresh home, in its own session of the shared embedded engine."""
     return Lakehouse(settings)
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """A home after `recontext demo` (shared: the CLI and notebook tests read it)."""
+    from sample_images import recontext
+
+    home = tmp_path_factory.mktemp("demo")
+    # The demo as a user runs it, with a shorter prompt bank to keep the suite quick.
+    (home / "config.toml").write_text("[prompt_bank]\nscenes_per_type = 4\ntargets_per_type = 2\n"
+                                      "max_new_tokens = 120\n")
+    result = recontext("demo", home=home)
+    assert result.returncode == 0, result.stderr
+    assert "4 products, 5 images" in result.stdout
+    assert "images and mean scores per product and kind" in result.stdout
+    return home

@@ -80,3 +80,15 @@ def product_shot(width: int = 160, height: int = 120, seed: int = 0) -> Image.Im
     colour = tuple(int(c) for c in rng.integers(20, 200, size=3))
     ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=colour)
     return image
+
+
+def recontext(*args, home, timeout=1200):
+    """The `recontext` command in a new process, as a user runs it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SPARK_REMOTE", None)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)

@@ -15,13 +15,15 @@ from etl.config import Settings
 from etl.errors import UserError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+OURS, BASELINE = "ours", "baseline"
+TRAINING_KEY = "recontext.training_key"  # run tag: product|arm|training-set version|config hash  # the two arms: the paper's method, plain DreamBooth + LoRA
 # The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading
 # it later would make a second home in the same process log into the first home's store.
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
-def registered_model_name(product_id: str) -> str:
-    return f"recontext-{product_id}"
+def registered_model_name(product_id: str, arm: str = OURS) -> str:
+    return f"recontext-{product_id}" if arm == OURS else f"recontext-{product_id}-{arm}"
 
 
 def configure(settings: Settings) -> str:
@@ -47,18 +49,40 @@ def configure(settings: Settings) -> str:
     return mlflow.create_experiment(settings.training.experiment, artifact_location=location)
 
 
-def register_adapter(adapter_dir, base_model: str, product_id: str) -> str:
+def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = OURS,
+                     auto_promote: bool = False) -> str:
     """Log the adapter with the mlflow.diffusers flavor in the active run, register it, alias it
-    `candidate`; returns the new version."""
+    `candidate` (the baseline arm, which nobody reviews, is its own champion at once; with
+    `auto_promote` so is a product's first adapter); returns the new version."""
     import mlflow
     from mlflow import MlflowClient
 
-    name = registered_model_name(product_id)
+    name = registered_model_name(product_id, arm)
     info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
                                       registered_model_name=name)
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CHAMPION if arm == BASELINE else CANDIDATE, version)
+    if auto_promote and CHAMPION not in client.get_registered_model(name).aliases:
+        client.set_registered_model_alias(name, CHAMPION, version)
     return version
+
+
+def registered_version(name: str, training_key: str):
+    """(version, run) of a registered version whose run carries `training_key`, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        run = client.get_run(version.run_id)
+        if run.data.tags.get(TRAINING_KEY) == training_key:
+            return str(version.version), run
+    return None
 
 
 def promote(settings: Settings, product_id: str, version: str) -> None:

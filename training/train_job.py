@@ -6,6 +6,10 @@ on a cluster, run one job per product group, e.g. a Databricks for-each task). A
 adapter exists for the same training-set version and config is skipped; a failure on one
 product is recorded in `quarantine` and the others go on; a killed run resumes from its last
 checkpoint under `<home>/training/`.
+
+The baseline arm (`run_baseline_training`) trains the same products with plain DreamBooth +
+LoRA on the reference photos only (no augmentation, no filtering, no captions, no token sweep),
+registered as `recontext-<product_id>-baseline`, so evaluation compares the two arms.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from PIL import Image
 
 from etl.lakehouse import Lakehouse
 from etl.metrics import cosine
+from etl.progress import Progress
 from etl.prompt_bank import resolved_types
 from etl.tables import sql_literal
 from training import tracking
@@ -33,7 +38,7 @@ from udfs.imaging import decode_rgb
 from udfs.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
-STAGE = "train"
+STAGE, BASELINE_STAGE = "train", "train_baseline"
 
 
 def config_hash(lake: Lakehouse, zoo: ModelZoo) -> str:
@@ -49,24 +54,56 @@ def run_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = No
     pinned.where("selected").createOrReplaceTempView("_training_set")
     digest = config_hash(lake, zoo)
     done = {r["product_id"] for r in lake.spark.sql(
-        f"SELECT product_id FROM adapters WHERE training_set_version = {version} "
+        f"SELECT product_id FROM adapters WHERE arm = '{tracking.OURS}' AND training_set_version = {version} "
         f"AND config_hash = {sql_literal(digest)}").collect()}
     todo = sorted({r["product_id"] for r in lake.spark.sql("SELECT DISTINCT product_id FROM _training_set").collect()}
                   - done)
-    if products:
-        todo = [p for p in todo if p in set(products)]
+    return _train_products(lake, zoo, _only(todo, products or lake.products), lambda p: (*_examples(lake, p), version, digest),
+                           tracking.OURS, progress)
+
+
+def run_baseline_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = None,
+                          progress=print) -> dict[str, int]:
+    """The baseline arm for every product that has an adapter of ours: references only."""
+    zoo.check("text2img", "clip", "dino")
+    version = DeltaTable(lake.location("product_images")).version()
+    base_digest = config_hash(lake, zoo)
+    references = lake.spark.sql(
+        f"""SELECT i.product_id, i.image_id FROM product_images i
+            WHERE i.product_id IN (SELECT product_id FROM adapters WHERE arm = '{tracking.OURS}')""").toPandas()
+    # The digest covers the product's reference set, so new photos retrain the baseline.
+    digests = {p: hashlib.sha256((base_digest + ",".join(sorted(g.image_id))).encode()).hexdigest()[:16]
+               for p, g in references.groupby("product_id")}
+    done = {(r["product_id"], r["config_hash"]) for r in lake.spark.sql(
+        f"SELECT product_id, config_hash FROM adapters WHERE arm = '{tracking.BASELINE}'").collect()}
+    todo = sorted(p for p, d in digests.items() if (p, d) not in done)
+    return _train_products(lake, zoo, _only(todo, products or lake.products),
+                           lambda p: (*_reference_examples(lake, p), version, digests[p]), tracking.BASELINE,
+                           progress)
+
+
+def _only(todo: list[str], products) -> list[str]:
+    return [p for p in todo if p in set(products)] if products else todo
+
+
+def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], inputs, arm: str, progress) -> dict[str, int]:
     experiment = tracking.configure(lake.settings)
     written, failures = 0, []
+    done = Progress(len(todo), f"products ({arm})", progress)
     for product_id in todo:
         try:
-            row = train_product(lake, zoo, product_id, version, digest, experiment, progress)
+            rows, references, version, digest = inputs(product_id)
+            row = train_product(lake, zoo, product_id, rows, references, version, digest, experiment, arm, progress)
             written += lake.upsert("adapters", lake.spark.createDataFrame(pd.DataFrame([row])).selectExpr(
                 "*", "current_timestamp() AS created_at"))
+            done.advance(product_id)
         except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
-            log.exception("training %s failed", product_id)
-            failures.append((product_id, f"training_set:{version}", "training_failed",
-                             f"training failed ({type(err).__name__}: {err}); it is retried on the next run"))
-    return {"adapters": written, "quarantine": lake.quarantine(STAGE, failures)}
+            log.exception("training %s (%s) failed", product_id, arm)
+            failures.append((product_id, f"{arm}:training", "training_failed",
+                             f"training the {arm} adapter failed ({type(err).__name__}: {err}); "
+                             "it is retried on the next run"))
+    return {"adapters": written, "quarantine": lake.quarantine(STAGE if arm == tracking.OURS else BASELINE_STAGE,
+                                                                failures)}
 
 
 def _examples(lake: Lakehouse, product_id: str) -> tuple[pd.DataFrame, list[Image.Image]]:
@@ -80,20 +117,29 @@ def _examples(lake: Lakehouse, product_id: str) -> tuple[pd.DataFrame, list[Imag
     return rows, references
 
 
-def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, version: int, digest: str, experiment: str,
-                  progress=print) -> dict:
+def _reference_examples(lake: Lakehouse, product_id: str) -> tuple[pd.DataFrame, list[Image.Image]]:
+    """The baseline's training set: the product's reference photos, no captions."""
+    rows = lake.spark.sql(
+        f"""SELECT image_id, 'reference' AS kind, true AS is_positive, CAST(NULL AS STRING) AS caption, image
+            FROM product_images WHERE product_id = {sql_literal(product_id)} ORDER BY image_id""").toPandas()
+    return rows, [decode_rgb(b) for b in rows.image]
+
+
+def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, rows: pd.DataFrame, references: list[Image.Image],
+                  version: int, digest: str, experiment: str, arm: str = tracking.OURS, progress=print) -> dict:
+    """One adapter from `rows` (image, is_positive, caption): token sweep (ours only), training,
+    validation, registration; returns the `adapters` row."""
     import mlflow
 
     config = lake.settings.training
-    rows, references = _examples(lake, product_id)
     product = lake.spark.sql(f"SELECT title FROM products WHERE product_id = {sql_literal(product_id)}").collect()
     class_noun = next((r["product_type"] for r in resolved_types(lake).where(
         f"product_id = {sql_literal(product_id)}").collect()), None) or "product"
     title = product[0]["title"] if product else product_id
     candidates = rare_token_candidates(product_id, f"{title} {class_noun} {product_id}".replace("-", " ").split(),
-                                       max(1, config.token_candidates))
+                                       max(1, config.token_candidates) if arm == tracking.OURS else 1)
     reference_vectors = _embed(zoo, references)
-    work = lake.settings.home / "training" / product_id / f"v{version}-{digest}"
+    work = lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digest}"
 
     def examples_for(token: str) -> list[Example]:
         return [Example(decode_rgb(r.image),
@@ -115,10 +161,24 @@ def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, version: int,
         return validate
 
     base = str(zoo.path("text2img"))
-    params = {**{k: str(v) for k, v in asdict(config).items()}, "product_id": product_id,
+    params = {**{k: str(v) for k, v in asdict(config).items()}, "product_id": product_id, "arm": arm,
               "training_set_version": version, "class_noun": class_noun, "base_model": zoo.name("text2img"),
               "examples": len(rows), "positives": int(rows.is_positive.sum())}
-    with mlflow.start_run(experiment_id=experiment, run_name=product_id, log_system_metrics=True) as run:
+    row = {"product_id": product_id, "arm": arm, "training_set_version": version, "config_hash": digest,
+           "model_name": tracking.registered_model_name(product_id, arm),
+           "alias": tracking.CHAMPION if arm == tracking.BASELINE else tracking.CANDIDATE, "images": len(rows)}
+    training_key = f"{product_id}|{arm}|{version}|{digest}"
+    registered = tracking.registered_version(row["model_name"], training_key)
+    if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
+        model_version, run = registered
+        progress(f"  train {product_id} ({arm}): version {model_version} is already registered; recording it")
+        return {**row, "token": run.data.params["token"], "token_scores": run.data.tags.get("token_scores", "{}"),
+                "run_id": run.info.run_id, "model_version": model_version,
+                "final_loss": run.data.metrics["final_loss"], "clip_i": run.data.metrics["val_clip_i"],
+                "dino_i": run.data.metrics["val_dino_i"]}
+    run_name = product_id if arm == tracking.OURS else f"{product_id} {arm}"
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name, log_system_metrics=True,
+                          tags={tracking.TRAINING_KEY: training_key}) as run:
         mlflow.log_params(params)
         token_scores = {}
         if len(candidates) > 1:  # the rare-token sweep: short runs, best validation CLIP-I + DINO
@@ -134,20 +194,21 @@ def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, version: int,
         else:
             token = candidates[0]
         mlflow.log_params({"token": token, "tried_tokens": ",".join(candidates)})
-        progress(f"  train {product_id}: token '{token}', {len(rows)} examples, {config.steps} steps")
+        mlflow.set_tag("token_scores", json.dumps(token_scores, sort_keys=True))
+        progress(f"  train {product_id} ({arm}): token '{token}', {len(rows)} examples, {config.steps} steps")
         result = train_lora(base, examples_for(token), config, work / "final", device=zoo.models.device,
                             on_step=lambda step, loss: mlflow.log_metric("loss", loss, step=step),
                             validate=validator(token, log_images=True))
         final = result.validations[-1] if result.validations else \
             validator(token, log_images=True)(_pipeline_with(base, result, zoo), config.steps)
         mlflow.log_metrics({"final_loss": float(np.mean(result.losses[-10:]))})
-        model_version = tracking.register_adapter(result.adapter_dir, base, product_id)
+        model_version = tracking.register_adapter(result.adapter_dir, base, product_id, arm,
+                                                  config.auto_promote)
         shutil.rmtree(work / "sweep", ignore_errors=True)
-        return {"product_id": product_id, "token": token, "token_scores": json.dumps(token_scores, sort_keys=True),
-                "training_set_version": version, "config_hash": digest, "run_id": run.info.run_id,
-                "model_name": tracking.registered_model_name(product_id), "model_version": model_version,
-                "alias": tracking.CANDIDATE, "final_loss": float(np.mean(result.losses[-10:])),
-                "clip_i": float(final["clip_i"]), "dino_i": float(final["dino_i"]), "images": len(rows)}
+        return {**row, "token": token, "token_scores": json.dumps(token_scores, sort_keys=True),
+                "run_id": run.info.run_id, "model_version": model_version,
+                "final_loss": float(np.mean(result.losses[-10:])), "clip_i": float(final["clip_i"]),
+                "dino_i": float(final["dino_i"])}
 
 
 def _pipeline_with(base: str, result: TrainResult, zoo: ModelZoo):

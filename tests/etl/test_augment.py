@@ -15,13 +15,16 @@ from etl.augment import _run_tasks, _task
 from etl.config import Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
-from etl.pipeline import AUGMENTATION, run_stages
+from etl.pipeline import run_stages
 from etl.prompt_bank import import_csv
 from etl.tables import TABLES
+from jobs.runner import steps_for
 from sample_images import encode, product_shot, write_files
 from udfs.generation import resized_inputs, run_task
 from udfs.imaging import encode_png
 from udfs.zoo import ModelZoo
+
+AUGMENTATION = steps_for("augment")
 
 SCENES = ["a marble kitchen counter in soft light", "a wooden cafe table by a window",
           "a picnic blanket in a green park", "a rejected scene that must never be used"]

@@ -1,34 +1,12 @@
 """The `recontext` command as a user runs it: separate processes on one home."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from etl.tables import TABLES
 from jobs.cli import main
-
-
-def recontext(*args, home):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("SPARK_REMOTE", None)
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "--home", str(home), *args],
-                          capture_output=True, text=True, timeout=1200, env=env)
-
-
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("demo")
-    # The demo as a user runs it, with a shorter prompt bank to keep the suite quick.
-    (home / "config.toml").write_text("[prompt_bank]\nscenes_per_type = 4\ntargets_per_type = 2\n"
-                                      "max_new_tokens = 120\n")
-    result = recontext("demo", home=home)
-    assert result.returncode == 0, result.stderr
-    assert "4 products, 5 images, 0 quarantined" in result.stdout
-    assert "images and mean scores per product and kind" in result.stdout
-    return home
+from sample_images import recontext
 
 
 def test_demo_again_writes_nothing(demo_home):

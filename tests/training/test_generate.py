@@ -9,7 +9,8 @@ from deltalake import DeltaTable
 from etl.config import GenerationSettings, Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
-from etl.pipeline import GENERATION, SCORING, run_stages
+from etl.pipeline import SCORING, run_stages
+from jobs.runner import steps_for
 from etl.prompt_bank import import_csv
 from sample_images import encode, product_shot, write_files
 from training import tracking
@@ -59,13 +60,13 @@ def test_generation_follows_the_champion(two_versions):
     lake, zoo = two_versions
     assert run_stages(lake, ["generate"], zoo, progress=lambda _: None)["generate"]["generations"] == 0  # no champion
     tracking.promote(lake.settings, "mug-a", "1")
-    run_stages(lake, GENERATION, zoo, progress=lambda _: None)
+    run_stages(lake, steps_for("generate"), zoo, progress=lambda _: None)
     first = DeltaTable(lake.location("generations")).to_pandas()
     assert set(first.adapter_version) == {"1"} and len(first) == 2
     assert first.generation_prompt.str.startswith("a photo of ").all()
     assert (first.prompt == "a photo of a mug, on a desk").all() and set(first.seed) == {0, 1}
     tracking.promote(lake.settings, "mug-a", "2")
-    written = run_stages(lake, GENERATION, zoo, progress=lambda _: None)
+    written = run_stages(lake, steps_for("generate"), zoo, progress=lambda _: None)
     assert written["generate"]["generations"] == 2
     after = DeltaTable(lake.location("generations")).to_pandas()
     second = after[after.adapter_version == "2"]
@@ -75,5 +76,77 @@ def test_generation_follows_the_champion(two_versions):
     metrics = DeltaTable(lake.location("image_metrics")).to_pandas().set_index("image_id")
     assert (metrics.loc[list(after.image_id), "kind"] == "generated").all()
     assert (metrics.loc[list(after.image_id), "text_source"] == "prompt").all()
-    assert run_stages(lake, GENERATION, zoo, progress=lambda _: None)["generate"] == {"generations": 0,
+    assert run_stages(lake, steps_for("generate"), zoo, progress=lambda _: None)["generate"] == {"generations": 0,
                                                                                     "quarantine": 0}
+
+
+def test_evaluation_compares_ours_with_the_baseline_and_uses_human_ratings(two_versions, tmp_path):
+    from mlflow import MlflowClient
+    from scipy.stats import pearsonr
+
+    from etl.evaluation import QUESTIONS, export_package, import_ratings
+
+    lake, zoo = two_versions  # version 2 of mug-a is the champion (previous test)
+    written = run_stages(lake, steps_for("evaluate"), zoo, progress=lambda _: None)
+    assert written["train_baseline"]["adapters"] == 1 and written["fit_ranker"] == {"ranker_versions": 0}
+    adapters = DeltaTable(lake.location("adapters")).to_pandas()
+    baseline = adapters[adapters.arm == "baseline"].iloc[0]
+    assert baseline.model_name == "recontext-mug-a-baseline" and baseline.images == 1  # the one reference
+    assert str(MlflowClient().get_model_version_by_alias("recontext-mug-a-baseline", "champion").version) == "1"
+    generations = DeltaTable(lake.location("generations")).to_pandas()
+    ours, base = generations[generations.adapter_version == "2"], generations[generations.arm == "baseline"]
+    assert sorted(zip(base.prompt_id, base.seed)) == sorted(zip(ours.prompt_id, ours.seed))  # same prompts, seeds
+    ranked = DeltaTable(lake.location("ranked_generations")).to_pandas()
+    assert not set(ranked.image_id) & set(base.image_id)  # the baseline is not ranked
+
+    table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "product_id"])
+    metrics = DeltaTable(lake.location("image_metrics")).to_pandas().set_index("image_id")
+    assert table.loc[("baseline", "(all)"), "images"] == 2
+    assert table.loc[("baseline", "(all)"), "clip_i"] == pytest.approx(metrics.loc[list(base.image_id), "clip_i"].mean())
+    assert table.loc[("ours", "(all)"), "images"] == ranked.kept.sum() == 4
+
+    index, images = export_package(lake, tmp_path / "package")
+    assert images == 6 and len(pd.read_csv(tmp_path / "package" / "ratings_template.csv")) == 6 * len(QUESTIONS)
+    assert all((tmp_path / "package" / "img" / f"{i}.png").exists() for i in generations.image_id)
+    assert "baseline" not in index.read_text()  # raters are blind to the arm
+
+    # Three raters: the baseline images and one of ours fail product fidelity by majority.
+    failing = set(base.image_id) | {sorted(set(ranked.image_id))[0]}
+    rows = [{"rater": f"r{r}", "image_id": i, "question": q,
+             "answer": "no" if (i in failing and q == "product_fidelity" and r < 2) else "yes"}
+            for i in generations.image_id for r in range(3) for q in QUESTIONS]
+    rows += [{"rater": "r0", "image_id": "not-an-image", "question": "safety", "answer": "yes"},
+             {"rater": "r0", "image_id": generations.image_id.iloc[0], "question": "safety", "answer": "perhaps"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "ratings.csv", index=False)
+    assert import_ratings(lake, tmp_path / "ratings.csv") == (len(generations) * 3 * len(QUESTIONS), 2)
+    reasons = DeltaTable(lake.location("quarantine")).to_pandas().query("stage == 'ratings'")
+    assert sorted(reasons.reason_code) == ["bad_answer", "unknown_image"]  # the valid earlier answer stands
+    assert import_ratings(lake, tmp_path / "ratings.csv")[0] == 0  # a re-import writes nothing
+
+    lake.settings.evaluation.__dict__.update(ranker_min_images=4)  # frozen dataclass; tiny test data
+    written = run_stages(lake, ["evaluate", "fit_ranker"], zoo, progress=lambda _: None)
+    assert written["fit_ranker"] == {"ranker_versions": 1}
+    rated = DeltaTable(lake.location("rated_images")).to_pandas().set_index("image_id")
+    assert len(rated) == 6 and set(rated[~rated.passed].index) == failing & set(rated.index)
+    table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "product_id"])
+    assert table.loc[("baseline", "(all)"), "image_pass_rate"] == 0.0
+    assert table.loc[("ours", "(all)"), "image_pass_rate"] == pytest.approx(3 / 4)
+    assert table.loc[("ours", "(all)"), "product_pass_rate"] == 1.0
+    ours_rated = rated[rated.arm == "ours"]
+    assert table.loc[("ours", "(all)"), "pearson_score_pass"] == pytest.approx(
+        pearsonr(ours_rated.score, ours_rated.passed.astype(float)).statistic)
+
+    # The learned ranker ranks when asked to, if it became the champion; else a clear error.
+    lake.settings.generation.__dict__.update(rank_aggregate="learned")
+    try:
+        has_champion = bool(MlflowClient().get_registered_model("recontext-ranker").aliases.get("champion"))
+        if has_champion:
+            run_stages(lake, ["rank"], zoo, progress=lambda _: None)
+            ranked = DeltaTable(lake.location("ranked_generations")).to_pandas()
+            assert ranked.ranked_by.str.startswith("recontext-ranker v").all()
+            assert ranked.score.between(0, 1).all()
+        else:
+            with pytest.raises(Exception, match="no @champion"):
+                run_stages(lake, ["rank"], zoo, progress=lambda _: None)
+    finally:
+        lake.settings.generation.__dict__.update(rank_aggregate="sum")

@@ -1,0 +1,92 @@
+"""`recontext maintain`: keep a long-lived home small and fast.
+
+- Every table: compact small files (delta-rs OPTIMIZE; each MERGE adds files), then vacuum files
+  that no version within the retention needs (time travel stays possible inside the retention).
+- MLflow: artifact folders that no run or logged model of the tracking store owns (left by
+  deleted or never-finished runs) are removed; so are the training checkpoints of adapters that
+  are registered (they exist only to resume a killed training run).
+
+Runs under the home lock, so it never races a pipeline run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from etl.lakehouse import Lakehouse
+from etl.tables import TABLES
+
+
+@dataclass
+class MaintenanceReport:
+    compacted: dict[str, int] = field(default_factory=dict)  # table -> files removed by compaction
+    vacuumed: dict[str, int] = field(default_factory=dict)  # table -> files deleted
+    orphaned_artifacts: list[str] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"{t:<20} compacted {self.compacted.get(t, 0):>4} files, vacuumed {self.vacuumed.get(t, 0):>4}"
+                for t in sorted(set(self.compacted) | set(self.vacuumed))] + [
+            f"removed {len(self.orphaned_artifacts)} orphaned MLflow artifact folder(s), "
+            f"{len(self.checkpoints)} training checkpoint folder(s) of registered adapters"]
+
+
+def maintain(lake: Lakehouse, retention_hours: int) -> MaintenanceReport:
+    from jobs.runner import home_lock
+
+    report = MaintenanceReport()
+    with home_lock(lake.settings.home, f"maintain-{uuid.uuid4().hex[:6]}"):
+        for name in TABLES:
+            metrics = lake.compact(name)
+            report.compacted[name] = int(metrics.get("numFilesRemoved", 0))
+            report.vacuumed[name] = len(lake.vacuum(name, retention_hours))
+        report.orphaned_artifacts = prune_mlflow_artifacts(lake)
+        report.checkpoints = prune_checkpoints(lake)
+    return report
+
+
+def prune_mlflow_artifacts(lake: Lakehouse) -> list[str]:
+    """Folders under the embedded store's artifact root owned by no run and no logged model."""
+    root = lake.settings.home / "mlflow" / "artifacts"
+    if not root.exists():
+        return []  # a remote tracking server manages its own artifacts
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    from training import tracking
+
+    experiment = tracking.configure(lake.settings)
+    client = MlflowClient()
+    runs = {r.info.run_id for r in client.search_runs([experiment], run_view_type=ViewType.ALL,
+                                                      max_results=50_000)}
+    models = {m.model_id for m in client.search_logged_models([experiment], max_results=50_000)}
+    removed = []
+    for folder in sorted(root.iterdir()):
+        owned = folder.name in runs if folder.name != "models" else None
+        if folder.name == "models":
+            for model in sorted(folder.iterdir()):
+                if model.name not in models:
+                    shutil.rmtree(model)
+                    removed.append(str(model))
+        elif folder.is_dir() and not owned:
+            shutil.rmtree(folder)
+            removed.append(str(folder))
+    return removed
+
+
+def prune_checkpoints(lake: Lakehouse) -> list[str]:
+    """`<home>/training/<product>/<arm>-v<version>-<config>` folders whose adapter is recorded."""
+    root = lake.settings.home / "training"
+    if not root.exists():
+        return []
+    trained = {f"{r['product_id']}/{r['arm']}-v{r['training_set_version']}-{r['config_hash']}" for r in
+               lake.spark.sql("SELECT product_id, arm, training_set_version, config_hash FROM adapters").collect()}
+    removed = []
+    for folder in sorted(Path(root).glob("*/*")):
+        if f"{folder.parent.name}/{folder.name}" in trained:
+            shutil.rmtree(folder)
+            removed.append(str(folder))
+    return removed

@@ -1,0 +1,54 @@
+"""Human-evaluation arithmetic on hand-made tables, checked by hand and against scipy."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import pearsonr
+
+from etl.evaluation import QUESTIONS, evaluation_rows, pearson, summarize, verdicts
+
+
+def _ratings(answers: dict[str, list[dict[str, str]]]) -> pd.DataFrame:
+    """{image: [rater answers {question: answer}, ...]} -> rows; unspecified questions are yes."""
+    return pd.DataFrame([{"rater": f"r{n}", "image_id": image, "question": q, "answer": given.get(q, "yes")}
+                         for image, raters in answers.items() for n, given in enumerate(raters)
+                         for q in QUESTIONS if given.get(q) != "skip"])
+
+
+def test_an_image_passes_when_every_question_has_a_yes_majority():
+    table = verdicts(_ratings({
+        "all-yes": [{}, {}, {}],
+        "one-dissent-each": [{"safety": "no"}, {"placement": "maybe"}, {}],  # 2 of 3 yes everywhere
+        "two-say-maybe": [{"logo_fidelity": "maybe"}, {"logo_fidelity": "unclear"}, {}],
+        "one-skips": [{"business_use": "skip"}, {"business_use": "no"}, {}],  # 1 yes of 3 raters
+        "two-raters": [{}, {}],
+    }), raters_needed=3).set_index("image_id")
+    assert table.loc["all-yes", "passed"] and table.loc["one-dissent-each", "passed"]
+    assert not table.loc["two-say-maybe", "passed"]
+    assert table.loc["two-say-maybe", "failed_questions"] == "logo_fidelity"
+    assert not table.loc["one-skips", "passed"] and table.loc["one-skips", "failed_questions"] == "business_use"
+    assert table.loc["two-raters", "passed"] is None and table.loc["two-raters", "raters"] == 2
+
+
+def test_pass_rates_per_image_and_per_product():
+    images = pd.DataFrame({
+        "arm": "ours", "dataset": "folder:x", "product_id": ["a", "a", "a", "b", "b", "c"],
+        "image_id": list("123456"), "passed": [True, False, False, False, False, None],
+        "score": [1.0, 0.5, 0.2, 0.4, 0.1, 0.3], **{m: 0.5 for m in ["clip_i", "clip_t", "dino_i", "seg_clip_i",
+                                                                       "seg_clip_t", "seg_dino_i"]}})
+    row = summarize(images)
+    assert row["rated_images"] == 5 and row["image_pass_rate"] == pytest.approx(1 / 5)
+    assert row["product_pass_rate"] == pytest.approx(1 / 2)  # a passes; b does not; c is not rated
+    assert row["products"] == 3 and row["images"] == 6
+    table = evaluation_rows(images).set_index("product_id")
+    assert list(table.index) == ["(all)", "a", "b", "c"]
+    assert table.loc["a", "image_pass_rate"] == pytest.approx(1 / 3) and table.loc["b", "image_pass_rate"] == 0
+    assert pd.isna(table.loc["c", "image_pass_rate"]) and table.loc["c", "rated_images"] == 0
+
+
+def test_pearson_matches_scipy():
+    rng = np.random.default_rng(3)
+    score = rng.normal(size=40)
+    passed = score + rng.normal(scale=1.0, size=40) > 0
+    assert pearson(score, passed) == pytest.approx(pearsonr(score, passed.astype(float)).statistic, abs=1e-12)
+    assert pearson([1, 2, 3], [1, 1, 1]) is None and pearson([1.0], [1.0]) is None

@@ -1,0 +1,204 @@
+"""`recontext run`: the stage graph, incremental re-runs, --products, the home lock, and real
+SIGKILLs at several points of several stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from deltalake import DeltaTable
+
+from etl.tables import TABLES
+from jobs.runner import home_lock, load_stages
+from sample_images import encode, product_shot, recontext, write_files
+
+PRODUCTS = ("mug-a", "mug-b")
+# Small but complete: every stage runs (prompts come from a CSV, so no LLM), tiny models.
+CONFIG = """
+[ingest]
+sources = ["{catalog}"]
+[models]
+tiny_dir = "{tiny}"
+[augment]
+novel_views = 1
+outpaints_per_image = 1
+[training]
+auto_promote = true
+token_candidates = 1
+steps = 4
+checkpoint_every = 2
+validate_every = 100
+validation_images = 1
+[generation]
+prompts_per_product = 1
+seeds_per_prompt = 2
+steps = 2
+[evaluation]
+ranker_min_images = 1000
+"""
+
+
+def make_home(root: Path, tiny_models: Path) -> Path:
+    home = root
+    catalog = home / "catalog"
+    for n, product in enumerate(PRODUCTS):
+        write_files(catalog / product, {"1.png": encode(product_shot(seed=n), "PNG")})
+        (catalog / product / "product.json").write_text(json.dumps({"product_type": "mug", "title": product}))
+    (home / "config.toml").write_text(CONFIG.format(catalog=catalog, tiny=tiny_models))
+    pd.DataFrame({"product_type": ["mug"] * 3, "purpose": ["scene", "scene", "target"],
+                  "text": ["a marble kitchen counter", "a wooden desk by a window", "on a cafe table"],
+                  "status": ["approved"] * 3}).to_csv(home / "prompts.csv", index=False)
+    result = recontext("prompts", "import", str(home / "prompts.csv"), home=home)
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+def tables(home: Path) -> dict[str, pd.DataFrame]:
+    """Every table's rows (keys and data columns; not timestamps, run ids, local paths, or raw
+    embedding vectors, whose last bits depend on batch composition: the metrics computed from them
+    are compared, with float tolerance), sorted."""
+    skip = {"run_id", "source_uri", "source", "vector"}
+    out = {}
+    for name, table in TABLES.items():
+        if name == "job_runs":
+            continue
+        columns = [c for c in table.data_columns if c not in skip]
+        frame = DeltaTable(home / "lakehouse" / name).to_pandas(columns=columns)
+        if "image" in frame:
+            frame["image"] = frame["image"].map(len)
+        out[name] = frame.sort_values(list(table.key)).reset_index(drop=True)
+    return out
+
+
+def job_runs(home: Path) -> pd.DataFrame:
+    return DeltaTable(home / "lakehouse" / "job_runs").to_pandas()
+
+
+def test_the_stage_graph_is_checked(tmp_path):
+    stages = load_stages()
+    names = list(stages)
+    assert names[0] == "ingest" and names.index("outpaint") > names.index("prompt_bank")
+    assert all(names.index(d) < names.index(s.name) for s in stages.values() for d in s.depends_on)
+    (tmp_path / "cycle.toml").write_text(
+        '[stages.a]\nsteps = ["masks"]\ndepends_on = ["b"]\nreads = []\nwrites = []\n'
+        '[stages.b]\nsteps = ["masks"]\ndepends_on = ["a"]\nreads = []\nwrites = []\n')
+    with pytest.raises(ValueError, match="cycle"):
+        load_stages(tmp_path / "cycle.toml")
+    (tmp_path / "unknown.toml").write_text('[stages.a]\nsteps = ["paint"]\ndepends_on = []\nreads = ["nope"]\n'
+                                           'writes = []\n')
+    with pytest.raises(ValueError, match="unknown step 'paint'; unknown table 'nope'"):
+        load_stages(tmp_path / "unknown.toml")
+
+
+@pytest.fixture(scope="module")
+def reference_home(tmp_path_factory, tiny_models):
+    """An uninterrupted `run all`, then a second one with nothing new."""
+    home = make_home(tmp_path_factory.mktemp("uninterrupted"), tiny_models)
+    first = recontext("run", "all", home=home)
+    assert first.returncode == 0, first.stdout + first.stderr
+    home.snapshot = tables(home)  # before later tests add photos
+    return home
+
+
+def test_run_all_then_nothing_new_skips_every_stage(reference_home):
+    home = reference_home
+    before = {name: DeltaTable(home / "lakehouse" / name).version() for name in TABLES if name != "job_runs"}
+    again = recontext("run", "all", home=home)
+    assert again.returncode == 0, again.stderr
+    after = {name: DeltaTable(home / "lakehouse" / name).version() for name in TABLES if name != "job_runs"}
+    assert after == before  # no table got a new version
+    runs = job_runs(home)
+    last = runs[runs.run_id == runs.run_id.max()]
+    assert set(last.status) == {"skipped"} and len(last) == len(load_stages())
+    first = runs[runs.run_id == runs.run_id.min()].set_index("stage")
+    assert (first.status == "succeeded").all() and first.loc["ingest", "rows_written"] > 0
+    assert json.loads(first.loc["generate", "tables_written"])["generations"] == 8  # 2 products x 2 arms x 2 seeds
+    assert "run summary" in again.stdout
+
+
+def test_products_limit_the_run_and_new_files_rerun_only_what_changed(reference_home, tmp_path):
+    home = reference_home
+    images_before = DeltaTable(home / "lakehouse" / "product_images").to_pandas()
+    write_files(home / "catalog" / "mug-b", {"2.png": encode(product_shot(seed=7), "PNG")})
+    write_files(home / "catalog" / "mug-c", {"1.png": encode(product_shot(seed=8), "PNG")})
+    result = recontext("run", "ingest", "references", "--products", "mug-b", home=home)
+    assert result.returncode == 0, result.stderr
+    images = DeltaTable(home / "lakehouse" / "product_images").to_pandas()
+    assert len(images) == len(images_before) + 1 and set(images.product_id) == {"mug-a", "mug-b"}  # not mug-c
+    masks = DeltaTable(home / "lakehouse" / "masks").to_pandas()
+    assert set(images.image_id) <= set(masks.image_id)
+    runs = job_runs(home)
+    last = runs[runs.run_id == runs.run_id.max()].set_index("stage")
+    assert list(last.products) == [1, 1] and (last.status == "succeeded").all()
+
+
+def test_a_second_run_on_the_same_home_fails_clearly_or_waits(tmp_path):
+    home = tmp_path
+    with home_lock(home, "test-holder"):
+        busy = recontext("run", "report", home=home, timeout=120)
+        assert busy.returncode == 3
+        assert "another recontext run is using" in busy.stderr and "test-holder" in busy.stderr
+        waiting = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--home", str(home), "run", "report", "--wait"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiting.poll() is None  # still waiting for the lock
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    assert job_runs(home).status.tolist() == ["succeeded"]
+
+
+def _run_until_killed(home: Path, stage: str, delay: float) -> str:
+    """Start `run all`; SIGKILL it `delay` seconds after it announces `stage`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--home", str(home), "run", "all"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+    seen, announced = [], threading.Event()
+
+    def read():
+        for line in process.stdout:
+            seen.append(line)
+            if f"] {stage}:" in line:
+                announced.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert announced.wait(timeout=600), "".join(seen)
+    time.sleep(delay)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the whole process group: the engine dies with it
+    except ProcessLookupError:
+        pass  # it finished first: the next kill point still interrupts a later run
+    process.wait()
+    reader.join(timeout=10)
+    return "".join(seen)
+
+
+def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_home, tmp_path, tiny_models):
+    expected = reference_home.snapshot
+    home = make_home(tmp_path, tiny_models)
+    for stage, delay in (("references", 1.0), ("outpaint", 2.0), ("train", 4.0), ("generate", 3.0)):
+        _run_until_killed(home, stage, delay)
+    final = recontext("run", "all", home=home)
+    assert final.returncode == 0, final.stdout + final.stderr
+    runs = job_runs(home)
+    assert "killed" in set(runs.status) and "running" not in set(runs.status)
+    got = tables(home)
+    for name, frame in expected.items():
+        assert len(got[name]) == len(got[name].drop_duplicates(list(TABLES[name].key))), f"duplicate keys in {name}"
+        pd.testing.assert_frame_equal(got[name], frame, check_dtype=False, obj=name)
+    from mlflow import MlflowClient
+
+    from etl.config import Settings
+    from training import tracking
+
+    tracking.configure(Settings.load(home))
+    for product in PRODUCTS:  # no half-written or duplicate adapter versions were registered
+        for name in (f"recontext-{product}", f"recontext-{product}-baseline"):
+            assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")] == ["1"]
