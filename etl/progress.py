@@ -11,6 +11,12 @@ class Progress:
         self.total, self.unit, self.out = total, unit, out
         self.done, self.started = 0, time.perf_counter()
 
+    def track(self, items, label=str):
+        """Yield each item; count it done when the loop body moves on to the next one."""
+        for item in items:
+            yield item
+            self.advance(label(item))
+
     def advance(self, what: str = "", n: int = 1) -> None:
         self.done += n
         elapsed = time.perf_counter() - self.started

@@ -26,14 +26,12 @@ import pandas as pd
 from PIL import Image
 
 from etl.errors import UserError
-from etl.tables import sql_literal
+from etl.tables import TABLES, sql_literal
 
 SYNTHETIC_KINDS = ("novel_view", "outpaint", "negative", "counterfactual")
 IMAGE_METRICS = ("clip_i", "dino_i", "clip_t", "seg_clip_i", "seg_dino_i", "seg_clip_t", "mask_iou")
 GENERATION_METRICS = ("clip_t", "clip_i", "dino_i")
-EVALUATION_COLUMNS = ("arm", "dataset", "products", "images", "clip_i", "clip_t", "dino_i", "seg_clip_i",
-                      "seg_clip_t", "seg_dino_i", "score", "rated_images", "image_pass_rate",
-                      "product_pass_rate", "pearson_score_pass")
+EVALUATION_COLUMNS = tuple(c for c in TABLES["evaluation_metrics"].data_columns if c != "product_id")
 WHOLE = {"products", "images", "rated_images", "rank", "raters", "n_references", "seed", "references compared"}
 MISSING = "—"
 

@@ -67,9 +67,8 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
     pipeline, rows, failures = None, [], []
     pairs = [(p, a) for p, a in sorted(set(zip(adapters.product_id, adapters.arm)))
              if lake.products is None or p in lake.products]
-    done = Progress(len(pairs), "adapters", progress)
-    for product_id, arm in pairs:
-        done.advance(f"{product_id} ({arm})")
+    meter = Progress(len(pairs), "adapters", progress)
+    for product_id, arm in meter.track(pairs, lambda pair: f"{pair[0]} ({pair[1]})"):
         found = champion(product_id, arm)
         if found is None:
             continue  # only products with a champion adapter are generated

@@ -48,18 +48,31 @@ def config_hash(lake: Lakehouse, zoo: ModelZoo) -> str:
 
 def run_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = None,
                  progress=print) -> dict[str, int]:
+    """Train the products whose selected training rows or training settings changed since their
+    last adapter (the digest covers both), on a pinned version of `training_images`."""
     zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("training_images")).version()
     pinned = lake.spark.read.format("delta").option("versionAsOf", version).load(lake.location("training_images"))
     pinned.where("selected").createOrReplaceTempView("_training_set")
-    digest = config_hash(lake, zoo)
-    done = {r["product_id"] for r in lake.spark.sql(
-        f"SELECT product_id FROM adapters WHERE arm = '{tracking.OURS}' AND training_set_version = {version} "
-        f"AND config_hash = {sql_literal(digest)}").collect()}
-    todo = sorted({r["product_id"] for r in lake.spark.sql("SELECT DISTINCT product_id FROM _training_set").collect()}
-                  - done)
-    return _train_products(lake, zoo, _only(todo, products or lake.products), lambda p: (*_examples(lake, p), version, digest),
-                           tracking.OURS, progress)
+    selected = lake.spark.sql("SELECT product_id, image_id, is_positive, caption FROM _training_set").toPandas()
+    digests = _digests(config_hash(lake, zoo), selected)
+    done = _trained(lake, tracking.OURS)
+    todo = sorted(p for p, d in digests.items() if (p, d) not in done)
+    return _train_products(lake, zoo, _only(todo, products or lake.products),
+                           lambda p: (*_examples(lake, p), version, digests[p]), tracking.OURS, progress)
+
+
+def _digests(base_digest: str, rows: pd.DataFrame) -> dict[str, str]:
+    """Per product: hash of the training settings and the product's training rows, so a change
+    to one product retrains that product only."""
+    rows = rows.astype(str).sort_values(list(rows.columns))
+    return {p: hashlib.sha256((base_digest + group.to_csv(index=False)).encode()).hexdigest()[:16]
+            for p, group in rows.groupby("product_id")}
+
+
+def _trained(lake: Lakehouse, arm: str) -> set[tuple[str, str]]:
+    return {(r["product_id"], r["config_hash"]) for r in lake.spark.sql(
+        f"SELECT product_id, config_hash FROM adapters WHERE arm = '{arm}'").collect()}
 
 
 def run_baseline_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = None,
@@ -67,15 +80,11 @@ def run_baseline_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | 
     """The baseline arm for every product that has an adapter of ours: references only."""
     zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("product_images")).version()
-    base_digest = config_hash(lake, zoo)
     references = lake.spark.sql(
         f"""SELECT i.product_id, i.image_id FROM product_images i
             WHERE i.product_id IN (SELECT product_id FROM adapters WHERE arm = '{tracking.OURS}')""").toPandas()
-    # The digest covers the product's reference set, so new photos retrain the baseline.
-    digests = {p: hashlib.sha256((base_digest + ",".join(sorted(g.image_id))).encode()).hexdigest()[:16]
-               for p, g in references.groupby("product_id")}
-    done = {(r["product_id"], r["config_hash"]) for r in lake.spark.sql(
-        f"SELECT product_id, config_hash FROM adapters WHERE arm = '{tracking.BASELINE}'").collect()}
+    digests = _digests(config_hash(lake, zoo), references)  # new photos retrain the baseline
+    done = _trained(lake, tracking.BASELINE)
     todo = sorted(p for p, d in digests.items() if (p, d) not in done)
     return _train_products(lake, zoo, _only(todo, products or lake.products),
                            lambda p: (*_reference_examples(lake, p), version, digests[p]), tracking.BASELINE,
@@ -89,14 +98,12 @@ def _only(todo: list[str], products) -> list[str]:
 def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], inputs, arm: str, progress) -> dict[str, int]:
     experiment = tracking.configure(lake.settings)
     written, failures = 0, []
-    done = Progress(len(todo), f"products ({arm})", progress)
-    for product_id in todo:
+    for product_id in Progress(len(todo), f"products ({arm})", progress).track(todo):
         try:
             rows, references, version, digest = inputs(product_id)
             row = train_product(lake, zoo, product_id, rows, references, version, digest, experiment, arm, progress)
             written += lake.upsert("adapters", lake.spark.createDataFrame(pd.DataFrame([row])).selectExpr(
                 "*", "current_timestamp() AS created_at"))
-            done.advance(product_id)
         except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
             log.exception("training %s (%s) failed", product_id, arm)
             failures.append((product_id, f"{arm}:training", "training_failed",
