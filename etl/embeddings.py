@@ -44,7 +44,9 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                 "current_timestamp() AS created_at", "product_id", "r.error AS error")
             for table, n in write_model_outputs(lake, STAGE, "embeddings", pending, rows).items():
                 written[table] += n
-    texts = lake.spark.sql("SELECT caption AS text FROM captions UNION SELECT prompt AS text FROM synthetic_images")
+    # Every text CLIP-T may compare with: captions, and the prompts of synthetic and generated images.
+    texts = lake.spark.sql("SELECT caption AS text FROM captions UNION SELECT prompt AS text FROM synthetic_images "
+                           "UNION SELECT prompt AS text FROM generations")
     written["text_embeddings"] = embed_texts(lake, zoo, texts)
     return written
 

@@ -90,7 +90,8 @@ def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
                    m.seg_clip_t, m.mask_iou, c.caption
             FROM image_metrics m
             LEFT JOIN captions c ON c.image_id = m.image_id AND c.model = {sql_literal(zoo.name('captioner'))}
-                                 AND c.prompt = {sql_literal(zoo.models.caption_prompt)}""")
+                                 AND c.prompt = {sql_literal(zoo.models.caption_prompt)}
+            WHERE m.kind <> 'generated'""")  # the adapter's own outputs never train it
     schema = TABLES["training_images"].data_schema()
     selected = candidates.groupBy("product_id").applyInPandas(
         lambda rows: select_training_images(rows, config, ratio, config_hash), schema)

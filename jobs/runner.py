@@ -308,6 +308,9 @@ def _write_runs(lake: Lakehouse, rows: pd.DataFrame) -> None:
 
 def summary_table(results: list[StageResult]) -> str:
     frame = pd.DataFrame([{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 1),
-                           "rows_written": r.rows_written} for r in results])
+                           "rows_written": r.rows_written, "quarantined": r.tables_written.get("quarantine", 0)}
+                          for r in results])
     total = sum(r.seconds for r in results)
-    return f"\nrun summary ({total:.1f}s):\n" + (frame.to_string(index=False) if len(frame) else "(no stages)")
+    hint = ("\nquarantined rows say why: recontext sql \"SELECT stage, product_id, reason FROM quarantine\""
+            if frame.get("quarantined", pd.Series(dtype=int)).sum() else "")
+    return f"\nrun summary ({total:.1f}s):\n" + (frame.to_string(index=False) if len(frame) else "(no stages)") + hint

@@ -44,6 +44,6 @@ def demo_home(tmp_path_factory):
                                       "max_new_tokens = 120\n")
     result = recontext("demo", home=home)
     assert result.returncode == 0, result.stderr
-    assert "4 products, 5 images" in result.stdout
+    assert "products=4, product_images=5" in result.stdout
     assert "images and mean scores per product and kind" in result.stdout
     return home

@@ -76,6 +76,7 @@ def test_generation_follows_the_champion(two_versions):
     metrics = DeltaTable(lake.location("image_metrics")).to_pandas().set_index("image_id")
     assert (metrics.loc[list(after.image_id), "kind"] == "generated").all()
     assert (metrics.loc[list(after.image_id), "text_source"] == "prompt").all()
+    assert metrics.loc[list(after.image_id), "clip_t"].notna().all()  # the prompts were embedded
     assert run_stages(lake, steps_for("generate"), zoo, progress=lambda _: None)["generate"] == {"generations": 0,
                                                                                     "quarantine": 0}
 
