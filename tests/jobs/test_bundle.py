@@ -199,7 +199,10 @@ def test_spark_submit_remote_sets_spark_remote_and_passes_the_rest(monkeypatch):
     import jobs.cli
     from jobs import spark_submit
 
-    monkeypatch.delenv("SPARK_REMOTE", raising=False)
+    # Recorded by monkeypatch (set, then deleted), so the variable spark_submit sets is removed
+    # again afterwards: a leaked SPARK_REMOTE would point every later test at this fake server.
+    monkeypatch.setenv("SPARK_REMOTE", "")
+    monkeypatch.delenv("SPARK_REMOTE")
     seen = {}
     monkeypatch.setattr(jobs.cli, "main", lambda argv: seen.update(argv=argv, remote=os.environ.get("SPARK_REMOTE"))
                         or 0)

@@ -63,7 +63,7 @@ def tables(home: Path) -> dict[str, pd.DataFrame]:
     """Every table's rows (keys and data columns; not timestamps, run ids, local paths, or raw
     embedding vectors, whose last bits depend on batch composition: the metrics computed from them
     are compared, with float tolerance), sorted."""
-    skip = {"run_id", "source_uri", "source", "vector"}
+    skip = {"run_id", "source_uri", "source", "dataset", "vector"}
     out = {}
     for name, table in TABLES.items():
         if name == "job_runs":
@@ -201,10 +201,13 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
     final = recontext("run", "all", home=home)
     assert final.returncode == 0, final.stdout + final.stderr
     runs = job_runs(home)
-    assert "killed" in set(runs.status) and "running" not in set(runs.status)
+    assert "running" not in set(runs.status)
+    killed = set(runs[runs.status == "killed"].stage)
+    assert len(killed) >= 3, f"the kills landed in too few stages: {killed}"
     got = tables(home)
     for name, frame in expected.items():
-        assert len(got[name]) == len(got[name].drop_duplicates(list(TABLES[name].key))), f"duplicate keys in {name}"
+        key = [k for k in TABLES[name].key if k in frame]
+        assert len(got[name]) == len(got[name].drop_duplicates(key)), f"duplicate keys in {name}"
         pd.testing.assert_frame_equal(got[name], frame, check_dtype=False, obj=name)
     from mlflow import MlflowClient
 
