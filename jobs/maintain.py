@@ -50,16 +50,16 @@ def maintain(lake: Lakehouse, retention_hours: int) -> MaintenanceReport:
 
 def prune_mlflow_artifacts(lake: Lakehouse) -> list[str]:
     """Folders under the embedded store's artifact root owned by no run and no logged model."""
-    root = lake.settings.home / "mlflow" / "artifacts"
-    if not root.exists():
-        return []  # a remote tracking server manages its own artifacts
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
     from training import tracking
 
+    root = lake.settings.home / "mlflow" / "artifacts"
     experiment = tracking.configure(lake.settings)
     client = MlflowClient()
+    if not root.exists() or client.get_experiment(experiment).artifact_location != root.as_uri():
+        return []  # another store (MLFLOW_TRACKING_URI) owns its artifacts: never judge this folder by it
     runs = {r.info.run_id for r in client.search_runs([experiment], run_view_type=ViewType.ALL,
                                                       max_results=50_000)}
     models = {m.model_id for m in client.search_logged_models([experiment], max_results=50_000)}

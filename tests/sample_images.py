@@ -90,5 +90,6 @@ def recontext(*args, home, timeout=1200):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("SPARK_REMOTE", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process writes it
     return subprocess.run([sys.executable, "-m", "jobs.cli", "--home", str(home), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)

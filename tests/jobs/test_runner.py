@@ -218,3 +218,32 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
     for product in PRODUCTS:  # no half-written or duplicate adapter versions were registered
         for name in (f"recontext-{product}", f"recontext-{product}-baseline"):
             assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")] == ["1"]
+
+
+def test_maintain_compacts_vacuums_and_prunes_only_orphans(reference_home):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from etl.config import Settings
+    from training import tracking
+
+    home, _ = reference_home
+    counts = {name: len(DeltaTable(home / "lakehouse" / name).to_pandas()) for name in TABLES}
+    orphan = home / "mlflow" / "artifacts" / "0123456789abcdef0123456789abcdef"
+    (orphan / "artifacts").mkdir(parents=True)
+    (orphan / "artifacts" / "leftover.bin").write_bytes(b"x" * 100)
+    assert any((home / "training").glob("*/*"))  # checkpoints of the trained adapters
+    result = recontext("maintain", "--retention-hours", "0", home=home)
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 orphaned MLflow artifact folder(s)" in result.stdout
+    assert not orphan.exists() and not any((home / "training").glob("*/*"))
+    assert {name: len(DeltaTable(home / "lakehouse" / name).to_pandas()) for name in TABLES} == counts
+    files = DeltaTable(home / "lakehouse" / "masks").file_uris()
+    on_disk = [p for p in (home / "lakehouse" / "masks").glob("**/*.parquet")]
+    assert len(on_disk) == len(files)  # vacuum left only the live files
+    tracking.configure(Settings.load(home))
+    client = MlflowClient()
+    for product in PRODUCTS:  # every registered adapter's files are still there
+        for version in client.search_model_versions(f"name = 'recontext-{product}'"):
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))
+            assert any(local.rglob("*.safetensors")), local
