@@ -29,6 +29,10 @@ def embedded_url() -> str:
     with _lock:
         if _embedded_server is None:
             os.environ.setdefault("RUST_LOG", "error")  # Sail logs sessions and shutdown otherwise
+            # Sail stops a session that has been idle for a few minutes ("session ... is not
+            # running"): a notebook left open, or a long test elsewhere in the process, then fails
+            # on its next query. The embedded server's sessions live as long as the process.
+            os.environ.setdefault("SAIL_SPARK__SESSION_TIMEOUT_SECS", str(7 * 24 * 3600))
             from pysail.spark import SparkConnectServer
 
             server = SparkConnectServer("127.0.0.1", 0)

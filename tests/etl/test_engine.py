@@ -52,3 +52,13 @@ def test_compact_and_vacuum_keep_rows(lake):
     removed = lake.vacuum("products", retention_hours=0)
     assert len(removed) >= 3
     assert sorted(r.product_id for r in lake.table("products").collect()) == ["p0", "p1", "p2"]
+
+
+def test_embedded_sessions_survive_idling():
+    """Sail's own default stops sessions idle for minutes; the embedded engine must not."""
+    import os
+
+    from etl.engine import embedded_url
+
+    embedded_url()
+    assert int(os.environ["SAIL_SPARK__SESSION_TIMEOUT_SECS"]) >= 24 * 3600
