@@ -21,7 +21,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 # Appended to the executed copy only: which python the kernel runs and where it imports the project from.
-PROBE = 'import sys, etl; print("KERNEL-PROBE", sys.executable, "|", etl.__file__)'
+PROBE = 'import sys, etl; sys.stdout.write(f"KERNEL-PROBE {sys.executable} | {etl.__file__}\\n")'
 
 
 def execute(name: str, home: Path, monkeypatch, **parameters) -> nbformat.NotebookNode:
@@ -48,7 +48,8 @@ def execute(name: str, home: Path, monkeypatch, **parameters) -> nbformat.Notebo
 
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"
-    probe = re.search(r"KERNEL-PROBE (.+) \| (.+)", text(nb.cells[-1]))
+    # One write, but a busy kernel may still deliver it in pieces that text() joins with newlines.
+    probe = re.search(r"KERNEL-PROBE\s+(\S+)\s+\|\s+(\S+)", text(nb.cells[-1]))
     assert probe, text(nb.cells[-1])
     # The kernel is this venv's python (jupyter_client runs the "python3" spec with sys.executable)
     # and imports the project from this checkout.
