@@ -125,17 +125,10 @@ def run_evaluation(lake: Lakehouse, zoo=None) -> dict[str, int]:
     written = {}
     rated = images[images.raters.notna()]
     if not rated.empty:
-        rows = rated[TABLES["rated_images"].data_columns].astype({"raters": "int32"})
-        rows = rows.astype(object).where(rows.notna(), None)
-        written["rated_images"] = lake.upsert("rated_images", lake.spark.createDataFrame(
-            rows, TABLES["rated_images"].data_schema()).selectExpr("*", "current_timestamp() AS computed_at"))
+        written["rated_images"] = lake.upsert_rows("rated_images", rated.astype({"raters": "int32"}))
     if not images.empty:
-        table = evaluation_rows(images)
-        table = table.astype({"products": "int32", "images": "int32", "rated_images": "int32"})
-        frame = lake.spark.createDataFrame(table.astype(object).where(table.notna(), None),
-                                           TABLES["evaluation_metrics"].data_schema())
-        written["evaluation_metrics"] = lake.upsert("evaluation_metrics",
-                                                    frame.selectExpr("*", "current_timestamp() AS computed_at"))
+        table = evaluation_rows(images).astype({"products": "int32", "images": "int32", "rated_images": "int32"})
+        written["evaluation_metrics"] = lake.upsert_rows("evaluation_metrics", table)
     return written or {"evaluation_metrics": 0}
 
 
@@ -260,11 +253,7 @@ def import_ratings(lake: Lakehouse, path: str | Path) -> tuple[int, int]:
     bad += [(r.product_id, r.source_uri, "duplicate", "the same rater, image and question appear again later in "
              "the file; the later answer is used") for r in valid[repeated].itertuples()]
     good = valid[~repeated]
-    written = 0
-    if len(good):
-        table = TABLES["human_ratings"]
-        frame = lake.spark.createDataFrame(good, table.data_schema())
-        written = lake.upsert("human_ratings", frame.selectExpr("*", "current_timestamp() AS imported_at"))
+    written = lake.upsert_rows("human_ratings", good) if len(good) else 0
     return written, lake.quarantine(STAGE, bad, str(path))
 
 

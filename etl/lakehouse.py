@@ -117,6 +117,14 @@ class Lakehouse:
                 )
         return count
 
+    def upsert_rows(self, name: str, rows: pd.DataFrame) -> int:
+        """upsert() a pandas frame holding `name`'s data columns (NaN becomes NULL), with the
+        table's audit timestamps stamped now."""
+        table = _declared(name)
+        rows = rows[table.data_columns]
+        frame = self.spark.createDataFrame(rows.astype(object).where(rows.notna(), None), table.data_schema())
+        return self.upsert(name, frame.selectExpr("*", *(f"current_timestamp() AS {c}" for c in table.audit)))
+
     def quarantine(self, stage: str, rows: list[tuple], source: str | None = None) -> int:
         """Record rejected inputs: (product_id, source_uri, reason_code, reason) tuples."""
         if not rows:

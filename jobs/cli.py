@@ -160,15 +160,15 @@ def cmd_run(settings: Settings, args) -> int:
     """`recontext run` and the commands that run a group of stages (augment, train, ...)."""
     from jobs.runner import load_groups, run
 
-    names = load_groups()[args.group] if getattr(args, "group", None) else args.stages
+    names = load_groups()[args.group] if args.group else args.stages
     products = [p.strip() for p in args.products.split(",") if p.strip()] if args.products else None
     lake = _lake(settings)
     results = run(lake, names, products, wait=args.wait)
-    if getattr(args, "group", None) in ("train",):
+    if args.group == "train":
         _print_adapters(lake)
-    if getattr(args, "group", None) in ("generate", "evaluate"):
+    if args.group in ("generate", "evaluate"):
         _print_ranking(lake)
-    if getattr(args, "group", None) == "evaluate":
+    if args.group == "evaluate":
         _print_evaluation(lake)
     return 1 if any(r.status == "failed" for r in results) else 0
 

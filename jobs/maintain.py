@@ -63,17 +63,13 @@ def prune_mlflow_artifacts(lake: Lakehouse) -> list[str]:
     runs = {r.info.run_id for r in client.search_runs([experiment], run_view_type=ViewType.ALL,
                                                       max_results=50_000)}
     models = {m.model_id for m in client.search_logged_models([experiment], max_results=50_000)}
-    removed = []
-    for folder in sorted(root.iterdir()):
-        owned = folder.name in runs if folder.name != "models" else None
-        if folder.name == "models":
-            for model in sorted(folder.iterdir()):
-                if model.name not in models:
-                    shutil.rmtree(model)
-                    removed.append(str(model))
-        elif folder.is_dir() and not owned:
-            shutil.rmtree(folder)
-            removed.append(str(folder))
+    # Layout: <root>/<run_id>/artifacts and <root>/models/<model_id>/artifacts.
+    folders = [(f, runs) for f in root.iterdir() if f.name != "models"]
+    if (root / "models").is_dir():
+        folders += [(f, models) for f in (root / "models").iterdir()]
+    removed = sorted(str(f) for f, owners in folders if f.is_dir() and f.name not in owners)
+    for folder in removed:
+        shutil.rmtree(folder)
     return removed
 
 

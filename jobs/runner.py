@@ -140,15 +140,17 @@ def registry_aliases(lake: Lakehouse) -> dict[str, dict[str, str]]:
             if m.name.startswith("recontext-")}
 
 
-def fingerprint(lake: Lakehouse, stage: Stage) -> dict:
+def fingerprint(lake: Lakehouse, stage: Stage, before: dict | None = None) -> dict:
+    """The stage's inputs. After a run (`before` given) only the table versions are read again:
+    the stage may have written tables it reads, while the settings, the catalog listing and the
+    registry are taken as they were when it started (a change during the run reruns it)."""
     from deltalake import DeltaTable
 
-    inputs: dict = {"settings": settings_hash(lake)}
+    inputs: dict = dict(before) if before else {"settings": settings_hash(lake)}
     for name in stage.reads:
-        if name == "source:catalog":
-            inputs[name] = source_listing_hash(lake)
-        elif name == "registry:champions":
-            inputs[name] = registry_aliases(lake)
+        if name in SPECIAL_INPUTS:
+            if before is None:
+                inputs[name] = source_listing_hash(lake) if name == "source:catalog" else registry_aliases(lake)
         else:
             inputs[name] = DeltaTable(lake.location(name)).version()
     return inputs
@@ -278,7 +280,7 @@ def _run_stage(lake: Lakehouse, zoo, stage: Stage, run_id: str, scope: int, incr
     seconds = time.perf_counter() - clock
     row.update(status=status, error=error, finished_at=datetime.now(timezone.utc), seconds=seconds,
                rows_written=sum(tables.values()), tables_written=json.dumps(tables, sort_keys=True),
-               inputs=json.dumps(fingerprint(lake, stage)) if status == "succeeded" else None)
+               inputs=json.dumps(fingerprint(lake, stage, before)) if status == "succeeded" else None)
     _write_runs(lake, pd.DataFrame([row]))
     log.info("stage %s", status, extra={"run_id": run_id, "stage": stage.name, "seconds": round(seconds, 3),
                                         "rows_written": row["rows_written"]})
@@ -300,10 +302,7 @@ def _last_durations(lake: Lakehouse) -> dict[str, float]:
 
 
 def _write_runs(lake: Lakehouse, rows: pd.DataFrame) -> None:
-    table = TABLES["job_runs"]
-    rows = rows[table.column_names].astype({"products": "int32", "rows_written": "int64", "pid": "int32"})
-    lake.upsert("job_runs", lake.spark.createDataFrame(rows.astype(object).where(rows.notna(), None),
-                                                       table.data_schema()))
+    lake.upsert_rows("job_runs", rows.astype({"products": "int32", "rows_written": "int64", "pid": "int32"}))
 
 
 def summary_table(results: list[StageResult]) -> str:

@@ -107,10 +107,7 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
                              f"generation failed ({type(err).__name__}: {err}); it is retried on the next run"))
     written = 0
     if rows:
-        table = TABLES["generations"]
-        frame = lake.spark.createDataFrame(
-            pd.DataFrame(rows)[table.data_columns].astype({"seed": "int32", "steps": "int32"}), table.data_schema())
-        written = lake.upsert("generations", frame.selectExpr("*", "current_timestamp() AS created_at"))
+        written = lake.upsert_rows("generations", pd.DataFrame(rows).astype({"seed": "int32", "steps": "int32"}))
     return {"generations": written, "quarantine": lake.quarantine(STAGE, failures)}
 
 
@@ -166,8 +163,4 @@ def run_ranking(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     ).toPandas()
     if scores.empty:
         return {"ranked_generations": 0}
-    ranked = rank_generations(scores, settings, ranker)
-    frame = lake.spark.createDataFrame(ranked.astype(object).where(ranked.notna(), None),
-                                       TABLES["ranked_generations"].data_schema())
-    return {"ranked_generations": lake.upsert("ranked_generations",
-                                              frame.selectExpr("*", "current_timestamp() AS created_at"))}
+    return {"ranked_generations": lake.upsert_rows("ranked_generations", rank_generations(scores, settings, ranker))}

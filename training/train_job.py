@@ -102,8 +102,7 @@ def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], inputs, arm
         try:
             rows, references, version, digest = inputs(product_id)
             row = train_product(lake, zoo, product_id, rows, references, version, digest, experiment, arm, progress)
-            written += lake.upsert("adapters", lake.spark.createDataFrame(pd.DataFrame([row])).selectExpr(
-                "*", "current_timestamp() AS created_at"))
+            written += lake.upsert_rows("adapters", pd.DataFrame([row]).astype({"images": "int32"}))
         except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
             log.exception("training %s (%s) failed", product_id, arm)
             failures.append((product_id, f"{arm}:training", "training_failed",
