@@ -29,9 +29,9 @@ def tiny_run() -> dict:
     from etl.config import Settings
     from etl.ingest import ingest
     from etl.lakehouse import Lakehouse
-    from etl.pipeline import run_stages
+    from jobs.steps import run_steps
     from etl.sample_catalog import write_sample_catalog
-    from jobs.runner import steps_for
+    from jobs.graph import steps_for
 
     AUGMENTATION = steps_for("augment")
 
@@ -49,10 +49,10 @@ def tiny_run() -> dict:
         last[0] = now
 
     started = time.perf_counter()
-    run_stages(lake, AUGMENTATION, progress=progress)
+    run_steps(lake, AUGMENTATION, progress=progress)
     total = time.perf_counter() - started
     again = time.perf_counter()
-    run_stages(lake, AUGMENTATION, progress=lambda _: None)
+    run_steps(lake, AUGMENTATION, progress=lambda _: None)
     rerun = time.perf_counter() - again
     images = lake.spark.sql("SELECT kind, count(*) AS n FROM synthetic_images GROUP BY kind").toPandas()
     return {"products": products, "seconds_per_product": {k: round(v / products, 2) for k, v in timings.items()},

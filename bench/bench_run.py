@@ -47,7 +47,7 @@ def full_run() -> dict:
 
 
 def scaled(products: int) -> dict:
-    from etl.pipeline import run_stages
+    from jobs.steps import run_steps
     from sample_images import encode, product_shot, write_files
 
     home = Path(tempfile.mkdtemp(prefix=f"recontext-bench-scale{products}-"))
@@ -57,7 +57,7 @@ def scaled(products: int) -> dict:
     seconds = {}
     for step in ("ingest", "masks", "embeddings", "metrics"):
         started = time.perf_counter()
-        run_stages(lake, [step], progress=lambda _: None)
+        run_steps(lake, [step], progress=lambda _: None)
         seconds[step] = time.perf_counter() - started
     total = sum(seconds.values())
     return {"products": products, **{f"{k}_s": round(v, 2) for k, v in seconds.items()},

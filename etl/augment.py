@@ -18,15 +18,16 @@ import random
 import pandas as pd
 
 from etl.config import AugmentSettings
+from etl.image_sets import IMAGE_BYTES
 from etl.lakehouse import Lakehouse
-from etl.prompt_bank import approved_prompts, resolved_types
+from etl.prompt_bank import approved_prompts, class_noun, resolved_types
+from etl.step import Step
 from etl.tables import TABLES, sql_literal
-from udfs.generation import OUTPUT_COLUMNS, ROLE_OF_KIND, generate_batches
+from etl.vocabulary import REFERENCE
+from udfs.augmentation import KINDS, OUTPUT_COLUMNS, POSITIVE_KINDS, REJECTED, generate_batches
 from udfs.zoo import ModelZoo
 
 STAGE = "augment"
-POSITIVE_KINDS = ("novel_view", "outpaint")
-NEGATIVE_KINDS = ("negative", "counterfactual")
 TASK_SCHEMA = ("task_key string, product_id string, kind string, parent_image_id string, prompt_id string, "
                "prompt string, model string, seed int, parameters string")
 
@@ -48,7 +49,12 @@ def _common(settings: AugmentSettings) -> dict:
     return {"resolution": settings.resolution, "steps": settings.steps, "guidance_scale": settings.guidance_scale}
 
 
-def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> dict[str, int]:
+def _in(kinds) -> str:
+    return ", ".join(sql_literal(k) for k in kinds)
+
+
+def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None) -> dict[str, int]:
+    settings = settings or lake.settings.augment
     zoo.check("image2video")
     model = zoo.name("image2video")
     frames = settings.novel_view_frames
@@ -63,8 +69,10 @@ def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -
     return _run_tasks(lake, zoo, tasks)
 
 
-def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings, mask_method: str) -> dict[str, int]:
+def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None,
+                 mask_method: str | None = None) -> dict[str, int]:
     """Approved scenes painted around each reference and novel view, product pixels kept."""
+    settings, mask_method = settings or lake.settings.augment, mask_method or zoo.models.segmenter
     zoo.check("inpaint")
     model = zoo.name("inpaint")
     scenes = approved_prompts(lake, "scene")
@@ -87,7 +95,7 @@ def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings, mask
         chosen = random.Random(task_seed(settings.seed, "scenes", parent.image_id)).sample(
             list(options.itertuples(index=False)), min(settings.outpaints_per_image, len(options)))
         for scene in chosen:
-            prompt = f"a photo of a {product_type}, {scene.text}"
+            prompt = f"a photo of a {class_noun(product_type)}, {scene.text}"
             tasks.append(_task("outpaint", parent.product_id, parent.image_id, scene.prompt_id, prompt, model,
                                task_seed(settings.seed, "outpaint", parent.image_id, scene.prompt_id),
                                _common(settings)))
@@ -96,31 +104,36 @@ def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings, mask
     return written
 
 
-def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings, mask_method: str,
-                  caption_model: str, caption_prompt: str) -> dict[str, int]:
+def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None) -> dict[str, int]:
     """Negatives to reach positives / negatives = settings.positives_per_negative per product.
 
     Positives are the references, novel views and outpaints. Negatives alternate between
-    counterfactuals (another object of the class inpainted where the product was, in an
-    outpainted scene) and in-class negatives (text-to-image from a positive's caption with the
-    product replaced by its class noun); without outpaints, all are in-class negatives.
+    counterfactuals (another object of the class inpainted where the product was, in a reference
+    photo or an outpainted scene; one that leaves the product region unchanged is rejected) and
+    in-class negatives (text-to-image from a positive's caption with the product replaced by its
+    class noun); without a masked parent, all are in-class negatives.
     """
+    settings = settings or lake.settings.augment
+    mask_method, caption_model, caption_prompt = zoo.models.segmenter, zoo.name("captioner"), zoo.models.caption_prompt
     zoo.check("inpaint", "text2img")
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
     positives = lake.spark.sql(
         f"""SELECT i.product_id, i.image_id, i.kind, m.image_id IS NOT NULL AS has_mask, c.caption FROM (
-              SELECT product_id, image_id, 'reference' AS kind FROM product_images
+              SELECT product_id, image_id, {sql_literal(REFERENCE)} AS kind FROM product_images
               UNION ALL SELECT product_id, image_id, kind FROM synthetic_images
-              WHERE kind IN ('novel_view', 'outpaint')) i
+              WHERE kind IN ({_in(POSITIVE_KINDS)})) i
             LEFT JOIN masks m ON m.image_id = i.image_id AND m.method = {sql_literal(mask_method)}
+                              AND m.area_fraction > 0
             LEFT JOIN captions c ON c.image_id = i.image_id AND c.model = {sql_literal(caption_model)}
                                  AND c.prompt = {sql_literal(caption_prompt)}
             ORDER BY i.product_id, i.image_id""").toPandas()
     tasks = []
     for product_id, group in positives.groupby("product_id", sort=True):
-        product_type = types.get(product_id) or "product"
+        product_type = class_noun(types.get(product_id))
         wanted = math.ceil(len(group) / settings.positives_per_negative)
-        scenes = group[(group.kind == "outpaint") & group.has_mask.astype(bool)]
+        # Counterfactual parents: the references (their own background, as the paper asks) and the
+        # outpainted scenes, wherever a product mask says what to replace.
+        scenes = group[group.kind.isin([REFERENCE, "outpaint"]) & group.has_mask.astype(bool)]
         captioned = group[group.caption.notna()]
         for i in range(wanted):
             if i % 2 == 0 and len(scenes):
@@ -151,7 +164,11 @@ def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: s
     if not tasks:
         return {"synthetic_images": 0, "quarantine": 0}
     planned = spark.createDataFrame(pd.DataFrame(tasks), TASK_SCHEMA)
-    done = lake.table("synthetic_images").select("task_key").distinct()
+    # Done: stored, or rejected for good (a rejected output comes out the same on a re-run).
+    done = lake.spark.sql(
+        f"""SELECT task_key FROM synthetic_images UNION SELECT substr(source_uri, 6) AS task_key FROM quarantine
+            WHERE stage = {sql_literal(STAGE)} AND reason_code <> 'generation_failed'
+              AND source_uri LIKE 'task:%'""")
     pending = planned.join(done, "task_key", "left_anti")
     if pending.isEmpty():
         return {"synthetic_images": 0, "quarantine": 0}
@@ -160,28 +177,50 @@ def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: s
     # Parents come with their bytes and product mask; text-to-image tasks have neither.
     inputs = spark.sql(
         f"""SELECT t.*, p.image, m.mask FROM _pending_tasks t
-            LEFT JOIN (SELECT image_id, first(image) AS image FROM (
-                         SELECT image_id, image FROM product_images
-                         UNION ALL SELECT image_id, image FROM synthetic_images) GROUP BY image_id) p
-                   ON p.image_id = t.parent_image_id
+            LEFT JOIN ({IMAGE_BYTES}) p ON p.image_id = t.parent_image_id
             LEFT JOIN masks m ON m.image_id = t.parent_image_id AND m.method = {sql_literal(method)}""")
-    zoo.check(*sorted({ROLE_OF_KIND[t["kind"]] for t in tasks}))
+    zoo.check(*sorted({KINDS[t["kind"]].role for t in tasks}))
     schema = ", ".join(f"{name} {_type(name)}" for name in OUTPUT_COLUMNS)
     generated = inputs.mapInPandas(generate_batches(zoo), schema)
     with lake.staged(generated) as staged:
         staged.createOrReplaceTempView("_generated")
         images = lake.spark.sql(  # identical frames of one clip are stored once
-            """SELECT *, current_timestamp() AS created_at FROM (
+            """SELECT * FROM (
                  SELECT *, row_number() OVER (PARTITION BY task_key, image_id ORDER BY parameters) AS n
                  FROM _generated WHERE error IS NULL) WHERE n = 1""")
         written = lake.upsert("synthetic_images", images)
-        failures = [(r["product_id"], f"task:{r['task_key']}", "generation_failed",
-                     f"{r['kind']} generation failed ({r['error']}); it is retried on the next run")
-                    for r in staged.where("error IS NOT NULL").collect()]
+        failures = [_failure(r) for r in staged.where("error IS NOT NULL").collect()]
     return {"synthetic_images": written, "quarantine": lake.quarantine(STAGE, failures)}
+
+
+def _failure(row) -> tuple:
+    """A quarantine row for a failed task: a rejected output (its code; not retried), else a
+    generation error (retried on the next run)."""
+    if row["error"].startswith(REJECTED):
+        code, reason = row["error"][len(REJECTED):].split(": ", 1)
+        return row["product_id"], f"task:{row['task_key']}", code, f"{row['kind']} rejected: {reason}"
+    return (row["product_id"], f"task:{row['task_key']}", "generation_failed",
+            f"{row['kind']} generation failed ({row['error']}); it is retried on the next run")
 
 
 def _type(column: str) -> str:
     if column == "error":
         return "string"
     return next(c.type for c in TABLES["synthetic_images"].columns if c.name == column)
+
+
+NOVEL_VIEWS = Step(
+    "novel_views", run_novel_views, reads=("product_images",),
+    writes=("synthetic_images", "quarantine"), roles=(KINDS["novel_view"].role,),
+    description="novel views of every reference from the image-to-video model")
+OUTPAINT = Step(
+    "outpaint", run_outpaint,
+    reads=("product_images", "products", "product_classes", "synthetic_images", "masks", "prompt_bank"),
+    writes=("synthetic_images", "quarantine"), roles=(KINDS["outpaint"].role,),
+    description="approved scenes painted around each reference and novel view (positives)")
+NEGATIVES = Step(
+    "negatives", run_negatives,
+    reads=("product_images", "products", "product_classes", "synthetic_images", "masks", "captions"),
+    writes=("synthetic_images", "quarantine"),
+    roles=tuple(sorted({KINDS["negative"].role, KINDS["counterfactual"].role})),
+    description="in-class negatives and counterfactuals at the positive:negative ratio")

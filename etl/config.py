@@ -71,7 +71,21 @@ class PromptBankSettings:
     duplicate_similarity: float = 0.9  # MiniLM cosine at or above which a prompt is a near-duplicate
     min_type_similarity: float = 0.15  # MiniLM cosine to the product type below which a scene is implausible
     auto_approve: bool = True  # prompts passing every check start approved; False = pending review
-    known_types: tuple[str, ...] = ()  # extra product types for zero-shot classification
+    known_types: tuple[str, ...] = ()  # zero-shot vocabulary beyond the seed bank's and the catalog's types
+    # An unattended run guarantees these many approved prompts per type: the seed bank first, then
+    # the LLM asked again (new seeds) up to llm_rounds times, then the generic seed prompts.
+    min_scenes: int = 8
+    min_targets: int = 4
+    llm_rounds: int = 3
+    # Degenerate text: a content word used more often than this, or for texts of 8+ words fewer
+    # distinct words than this share, or adjectives making up more than this share of the words.
+    max_word_repeats: int = 2
+    min_type_token_ratio: float = 0.5
+    max_adjective_share: float = 0.6
+    # Zero-shot classification says `unknown` below this mean CLIP cosine, or when the best type
+    # leads the second by less than the margin (random or poor weights give low, flat scores).
+    min_zero_shot_score: float = 0.2
+    min_zero_shot_margin: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -96,8 +110,14 @@ class TrainingSettings:
 
     # filter
     iou_threshold: float = 0.5  # outpaints whose product mask IoU with the source is below: dropped
-    min_score: float = -3.0  # positives whose aggregate score is below: dropped
-    positives_per_product: int = 24  # top K synthetic positives kept (references always kept)
+    # Synthetic positives scoring below min_score_vs_references x the mean score of the product's
+    # references are dropped (a scale-free bar: it rejects on tiny and real models alike), and
+    # below min_score when that is set.
+    min_score_vs_references: float = 0.75
+    min_score: float | None = None
+    # Top K synthetic positives kept per kind, each kind ranked among its own (references always
+    # kept): novel views score CLIP-T against their caption, outpaints against their scene prompt.
+    positives_per_kind: dict = field(default_factory=lambda: {"novel_view": 12, "outpaint": 12})
     score_weights: dict = field(default_factory=lambda: {"clip_i": 1.0, "seg_clip_i": 1.0, "clip_t": 1.0})
     # rare-token sweep
     token_candidates: int = 3  # tokens tried per product in the sweep (1 = no sweep)
@@ -124,6 +144,23 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class BaselineSettings:
+    """The baseline arm, the paper's "DreamBooth + LoRA (Rank=64)": standard DreamBooth on the
+    reference photos with the prior-preservation loss (class images the base model makes from
+    "a photo of a <class>"). Its own rank, steps and learning rate; the rest (resolution, batch,
+    precision, checkpoints) follows [training]. Defaults suit the tiny models; with real SD 1.5
+    weights DreamBooth uses ~100-200 class images, ~400-1,000 steps and lr 1e-4."""
+
+    rank: int = 64
+    alpha: int = 64
+    steps: int = 30
+    learning_rate: float = 1e-3
+    prior_preservation: bool = True
+    class_images: int = 4
+    prior_loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """Generation with the champion adapters, and post-finetuning ranking (paper 2.5)."""
 
@@ -147,7 +184,11 @@ class EvaluationSettings:
     """Automatic and human evaluation, ours against the baseline arm (paper 3, appendix A.3)."""
 
     baseline: bool = True  # train and generate the plain DreamBooth + LoRA baseline arm
-    raters_per_image: int = 3  # an image's verdict needs this many raters; pass = yes by majority
+    raters_per_image: int = 3  # an image's verdict needs this many raters
+    # "all_questions" (the paper: a rater passes an image when all 8 answers are yes; the image
+    # passes when a majority of its raters pass it) or "per_question" (every question has a yes
+    # from a majority of raters).
+    pass_rule: str = "all_questions"
     ranker_min_images: int = 20  # rated images needed before the learned ranker is fit
     ranker_folds: int = 5  # held-out evaluation: folds grouped by product
 
@@ -163,6 +204,7 @@ class Settings:
     prompt_bank: PromptBankSettings = field(default_factory=PromptBankSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 

@@ -10,16 +10,29 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 
 from etl.lakehouse import Lakehouse
+from etl.vocabulary import GENERATED, REFERENCE
+from udfs.augmentation import NEGATIVE_KINDS, POSITIVE_KINDS
 
-_UNION = """
+KIND_ORDER = (REFERENCE, *POSITIVE_KINDS, *NEGATIVE_KINDS, GENERATED)
+
+_UNION = f"""
     SELECT image_id, product_id, role AS kind, NULL AS parent_image_id, NULL AS prompt, image, has_alpha
     FROM product_images
     UNION ALL
     SELECT image_id, product_id, kind, parent_image_id, prompt, image, false AS has_alpha
     FROM synthetic_images
     UNION ALL
-    SELECT image_id, product_id, 'generated' AS kind, NULL AS parent_image_id, prompt, image, false AS has_alpha
+    SELECT image_id, product_id, '{GENERATED}' AS kind, NULL AS parent_image_id, prompt, image, false AS has_alpha
     FROM generations
+"""
+
+
+# The bytes of every stored image by id (an image shared by products, or stored as a reference
+# and as a synthetic image, appears once): augmentation parents and training examples read it.
+IMAGE_BYTES = """
+    SELECT image_id, first(image) AS image FROM (
+        SELECT image_id, image FROM product_images UNION ALL SELECT image_id, image FROM synthetic_images)
+    GROUP BY image_id
 """
 
 
@@ -35,10 +48,18 @@ def all_images(lake: Lakehouse) -> DataFrame:
 
 
 def scored_images(lake: Lakehouse) -> DataFrame:
-    """image_id, product_id, kind, is_reference, parent_image_id, prompt: every scored pair."""
+    """image_id, product_id, kind, is_reference, parent_image_id, prompt: one row per scored
+    (image, product) pair. The same pixels can come from two lineages (a counterfactual that came
+    out as its parent, two frames alike): the first by kind wins (reference, positives, negatives,
+    generated; then parent and prompt), and the training-set filter excludes such twins."""
+    order = " ".join(f"WHEN '{kind}' THEN {n}" for n, kind in enumerate(KIND_ORDER))
     return lake.spark.sql(
         f"""
-        SELECT DISTINCT image_id, product_id, kind, kind = 'reference' AS is_reference, parent_image_id, prompt
-        FROM ({_UNION})
+        SELECT image_id, product_id, kind, kind = '{REFERENCE}' AS is_reference, parent_image_id, prompt FROM (
+          SELECT *, row_number() OVER (PARTITION BY image_id, product_id
+                                       ORDER BY CASE kind {order} ELSE {len(KIND_ORDER)} END,
+                                                parent_image_id NULLS FIRST, prompt NULLS FIRST) AS n
+          FROM (SELECT DISTINCT image_id, product_id, kind, parent_image_id, prompt FROM ({_UNION})))
+        WHERE n = 1
         """
     )

@@ -17,6 +17,8 @@ import pandas as pd
 from etl.config import IngestSettings
 from etl.lakehouse import Lakehouse
 from etl.sources import Listing, list_source
+from etl.step import CATALOG_FILES, Step
+from etl.tables import TABLES
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def ingest(lake: Lakehouse, source: str | Path, fmt: str | None = None,
         # The same picture twice under one product is stored once (first file name wins).
         images = spark.sql(
             """
-            SELECT *, 'reference' AS role, current_timestamp() AS ingested_at FROM (
+            SELECT *, 'reference' AS role FROM (
               SELECT *, row_number() OVER (PARTITION BY product_id, image_id ORDER BY source_uri) AS n
               FROM _ingest_decoded WHERE reason_code IS NULL) WHERE n = 1
             """
@@ -92,11 +94,9 @@ def _products_frame(lake: Lakehouse, listing: Listing):
              json.dumps(p.attributes, sort_keys=True, ensure_ascii=False, default=str), listing.source)
             for p in listing.products.values()
         ],
-        columns=["product_id", "title", "product_type", "attributes", "source"],
+        columns=TABLES["products"].data_columns,
     )
-    frame = lake.spark.createDataFrame(
-        rows, "product_id string, title string, product_type string, attributes string, source string")
-    return frame.selectExpr("*", "current_timestamp() AS ingested_at")
+    return lake.spark.createDataFrame(rows, TABLES["products"].data_schema())
 
 
 def decode_batches(limits: IngestSettings):
@@ -142,3 +142,17 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
     path = Path(uri.removeprefix("file://"))
     with path.open("rb") as fh:
         return fh.read(max_bytes + 1)  # one byte over the limit is enough to reject it
+
+
+def run_ingest(lake: Lakehouse, zoo=None) -> dict[str, int]:
+    """Every configured source (ingest.sources), limited to lake.products when set."""
+    written: dict[str, int] = {}
+    with lake.unscoped():
+        for source in lake.settings.ingest.sources:
+            for table, n in ingest(lake, source, products=lake.products).rows_written.items():
+                written[table] = written.get(table, 0) + n
+    return written
+
+
+INGEST = Step("ingest", run_ingest, reads=(CATALOG_FILES,), writes=("products", "product_images", "quarantine"),
+              description="catalog sources (ingest.sources) -> normalized, deduplicated product photos")

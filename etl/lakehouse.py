@@ -100,6 +100,9 @@ class Lakehouse:
         cheap DataFrame, not one that runs a model.
         """
         table = _declared(name)
+        # The audit timestamps are stamped here, now, unless the rows carry them.
+        stamped = [c for c in table.audit if c not in rows.columns]
+        rows = rows.selectExpr("*", *(f"current_timestamp() AS {c}" for c in stamped)) if stamped else rows
         # Cast to the declared types: an untyped NULL literal cannot be written to Delta.
         source = _view(rows.selectExpr(*(f"CAST({c.name} AS {c.type}) AS {c.name}" for c in table.columns)))
         on_key = " AND ".join(f"t.{k} = s.{k}" for k in table.key)
@@ -111,6 +114,7 @@ class Lakehouse:
         with self.staged(changed) as staged:
             count = staged.count()
             if count:
+                _refuse_duplicate_keys(table, staged)
                 self.spark.sql(
                     f"MERGE INTO {table.name} t USING {_view(staged)} s ON {on_key} "
                     "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
@@ -118,24 +122,19 @@ class Lakehouse:
         return count
 
     def upsert_rows(self, name: str, rows: pd.DataFrame) -> int:
-        """upsert() a pandas frame holding `name`'s data columns (NaN becomes NULL), with the
-        table's audit timestamps stamped now."""
+        """upsert() a pandas frame holding `name`'s data columns (NaN becomes NULL)."""
         table = _declared(name)
         rows = rows[table.data_columns]
         frame = self.spark.createDataFrame(rows.astype(object).where(rows.notna(), None), table.data_schema())
-        return self.upsert(name, frame.selectExpr("*", *(f"current_timestamp() AS {c}" for c in table.audit)))
+        return self.upsert(name, frame)
 
     def quarantine(self, stage: str, rows: list[tuple], source: str | None = None) -> int:
         """Record rejected inputs: (product_id, source_uri, reason_code, reason) tuples."""
         if not rows:
             return 0
         unique = list({(r[0], r[1]): r for r in rows}.values())  # one row per key, as MERGE needs
-        frame = self.spark.createDataFrame(
-            pd.DataFrame(unique, columns=["product_id", "source_uri", "reason_code", "reason"]),
-            "product_id string, source_uri string, reason_code string, reason string")
-        return self.upsert("quarantine", frame.selectExpr(
-            f"{sql_literal(stage)} AS stage", "*", f"{sql_literal(source or stage)} AS source",
-            "current_timestamp() AS created_at"))
+        frame = pd.DataFrame(unique, columns=["product_id", "source_uri", "reason_code", "reason"])
+        return self.upsert_rows("quarantine", frame.assign(stage=stage, source=source or stage))
 
     def staged(self, rows: DataFrame) -> "_Staged":
         """Materialize `rows` once into a scratch Delta folder (removed on exit).
@@ -156,6 +155,13 @@ class Lakehouse:
         """Delete files no longer referenced by versions newer than the retention."""
         return DeltaTable(self.location(_declared(name).name)).vacuum(
             retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+
+    def key_violations(self, name: str, limit: int = 5) -> list[dict]:
+        """Key values that more than one row of table `name` holds (at most `limit`), with counts."""
+        key = ", ".join(_declared(name).key)
+        return [r.asDict() for r in self.spark.sql(
+            f"SELECT {key}, count(*) AS rows FROM {name} GROUP BY {key} HAVING count(*) > 1 "
+            f"ORDER BY {key} LIMIT {int(limit)}").collect()]
 
     def stats(self) -> list[TableStats]:
         out = []
@@ -178,6 +184,19 @@ class _Staged:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class DuplicateKeyError(ValueError):
+    """A batch holds two rows for one declared key: MERGE would insert both."""
+
+
+def _refuse_duplicate_keys(table: Table, rows: DataFrame) -> None:
+    key = ", ".join(table.key)
+    found = rows.groupBy(*table.key).count().where("count > 1").limit(3).collect()
+    if found:
+        examples = "; ".join(", ".join(f"{k}={r[k]}" for k in table.key) + f" ({r['count']} rows)" for r in found)
+        raise DuplicateKeyError(f"refusing to write {table.name}: rows share its key ({key}): {examples}. "
+                                "A job must produce one row per key; this is a bug in the job that wrote it")
 
 
 def _declared(name: str) -> Table:

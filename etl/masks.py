@@ -6,8 +6,10 @@ from __future__ import annotations
 from etl.image_sets import all_images
 from etl.lakehouse import Lakehouse
 from etl.model_outputs import write_model_outputs
+from etl.step import Step
+from etl.tables import sql_literal
 from udfs.inference import mask_udf
-from udfs.zoo import ModelZoo
+from udfs.zoo import SEGMENTER, ModelZoo
 
 STAGE = "masks"
 
@@ -17,16 +19,23 @@ def run_masks(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     zoo.check(method)
     images = all_images(lake)
     written = {"masks": 0, "quarantine": 0}
-    for method, model_name, todo in [
-        (method, zoo.name(method), images),
-        ("alpha", "alpha", images.where("has_alpha")),
+    for method, model_name, fingerprint, todo in [
+        (method, zoo.name(method), zoo.fingerprint(method), images),
+        ("alpha", "alpha", "alpha", images.where("has_alpha")),
     ]:
-        done = lake.table("masks").where(f"method = '{method}'").select("image_id")
+        # Done: masked with these very weights (new weights under the same name re-mask).
+        done = lake.table("masks").where(f"method = '{method}' AND model_fingerprint = {sql_literal(fingerprint)}"
+                                         ).select("image_id")
         pending = todo.join(done, "image_id", "left_anti")
         rows = pending.select("image_id", "product_id", mask_udf(zoo, method)("image").alias("r")).selectExpr(
             "image_id", f"'{method}' AS method", f"'{model_name}' AS model", "r.mask AS mask",
             "r.area_fraction AS area_fraction", "r.bbox AS bbox", "r.score AS score",
-            "current_timestamp() AS created_at", "product_id", "r.error AS error")
+            f"{sql_literal(fingerprint)} AS model_fingerprint", "product_id", "r.error AS error")
         for table, n in write_model_outputs(lake, STAGE, "masks", pending, rows).items():
             written[table] += n
     return written
+
+
+MASKS = Step("masks", run_masks, reads=("product_images", "synthetic_images", "generations"),
+             writes=("masks", "quarantine"), roles=(SEGMENTER,),
+             description="product masks of every image not masked yet (and alpha-channel masks)")

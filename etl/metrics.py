@@ -12,7 +12,8 @@ Definitions (raw cosine; backbones recorded next to the values; see NOTES.md sec
 - mask_iou: |A and B| / |A or B| of the image's product mask and its source mask: the parent
   image's mask for derived images, the image's own alpha channel for a reference photo that has
   one (how well the segmenter recovers a known outline), else NULL.
-No model runs here; a product is recomputed only when its set of images or references changed.
+No model runs here; a product is recomputed only when its set of images or references changed,
+or when the weights behind its scores did (the `models` fingerprints).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from PIL import Image
 
 from etl.image_sets import scored_images
 from etl.lakehouse import Lakehouse
+from etl.step import Step
 from etl.tables import TABLES, sql_literal
 from udfs.imaging import decode_mask
 from udfs.zoo import ModelZoo
 
 STAGE = "metrics"
-METRICS = ("clip_i", "dino_i", "clip_t", "seg_clip_i", "seg_dino_i", "seg_clip_t", "mask_iou")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -50,8 +51,9 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     spark = lake.spark
     clip, dino, method = zoo.name("clip"), zoo.name("dino"), zoo.models.segmenter
+    models = ";".join(zoo.fingerprint(role) for role in ("clip", "dino", method, "captioner"))
     scored_images(lake).createOrReplaceTempView("_scored")
-    todo = _products_to_score(lake)
+    todo = _products_to_score(lake, models)
     if not todo:
         return {"image_metrics": 0}
     spark.createDataFrame(pd.DataFrame({"product_id": todo}), "product_id string").createOrReplaceTempView("_todo")
@@ -89,25 +91,27 @@ def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                ON pm.image_id = s.parent_image_id
         """
     )
-    constants = {"clip_backbone": clip, "dino_backbone": dino, "mask_method": method}
+    constants = {"clip_backbone": clip, "dino_backbone": dino, "mask_method": method, "models": models}
     schema = TABLES["image_metrics"].data_schema()
     metrics = wide.groupBy("product_id").applyInPandas(
-        lambda rows: score_product(rows, constants), schema).selectExpr("*", "current_timestamp() AS computed_at")
+        lambda rows: score_product(rows, constants), schema)
     with lake.staged(metrics) as staged:
         return {"image_metrics": lake.upsert("image_metrics", staged)}
 
 
-def _products_to_score(lake: Lakehouse) -> list[str]:
-    """Products with an image lacking metrics, or whose number of references changed."""
+def _products_to_score(lake: Lakehouse, models: str) -> list[str]:
+    """Products with an image lacking metrics, whose number of references changed, or whose
+    metrics came from other weights (`models`: a swapped CLIP, DINO, segmenter or captioner)."""
     rows = lake.spark.sql(
-        """
+        f"""
         SELECT s.product_id FROM (
             SELECT product_id, count(*) AS images, sum(CAST(is_reference AS INT)) AS refs
             FROM _scored GROUP BY product_id) s
         LEFT JOIN (
-            SELECT product_id, count(*) AS images, max(n_references) AS refs
+            SELECT product_id, count(*) AS images, max(n_references) AS refs,
+                   sum(CASE WHEN models <=> {sql_literal(models)} THEN 0 ELSE 1 END) AS stale
             FROM image_metrics GROUP BY product_id) m ON m.product_id = s.product_id
-        WHERE m.product_id IS NULL OR m.images <> s.images OR NOT (m.refs <=> s.refs)
+        WHERE m.product_id IS NULL OR m.images <> s.images OR NOT (m.refs <=> s.refs) OR m.stale > 0
         """
     ).collect()
     return sorted(r["product_id"] for r in rows)
@@ -156,3 +160,8 @@ def _pair_cosine(a, b) -> float | None:
     return float(cosine(np.asarray(a, dtype=np.float64)[None], np.asarray(b, dtype=np.float64)[None])[0, 0])
 
 
+METRICS_STEP = Step("metrics", run_metrics,
+                    reads=("product_images", "synthetic_images", "generations", "embeddings", "text_embeddings",
+                           "captions", "masks"),
+                    writes=("image_metrics",),
+                    description="CLIP-I, CLIP-T, DINO, segmented variants and mask IoU from stored vectors")

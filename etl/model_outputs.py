@@ -19,12 +19,12 @@ def write_model_outputs(lake: Lakehouse, stage: str, table: str, pending: DataFr
     if pending.isEmpty():
         return {table: 0, "quarantine": 0}
     with lake.staged(rows) as staged:
-        written = lake.upsert(table, staged.where("error IS NULL").select(*TABLES[table].column_names))
+        written = lake.upsert(table, staged.where("error IS NULL").select(*TABLES[table].data_columns))
         failures = staged.where("error IS NOT NULL").selectExpr(
             f"'{stage}' AS stage", "product_id", "concat('image:', image_id) AS source_uri",
             "'model_error' AS reason_code",
             "concat('the model could not process this image (', error, '); check the image or the model')"
             " AS reason",
-            f"'{stage}' AS source", "current_timestamp() AS created_at")
+            f"'{stage}' AS source")
         quarantined = lake.upsert("quarantine", failures)
     return {table: written, "quarantine": quarantined}

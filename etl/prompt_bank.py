@@ -1,14 +1,19 @@
-"""Prompt bank job: per product type, an LLM writes scene and target prompts once; curation marks
-each approved or rejected with a reason; people review through SQL-backed commands or a CSV
-round trip. Also classifies products that have no type (metadata first, else zero-shot CLIP).
+"""Prompt bank job: per product type, the curated seed bank shipped with recontext
+(etl/data/seed_prompts.toml) and an LLM's prompts, written once; curation marks each approved
+or rejected with a reason; people review through SQL-backed commands or a CSV round trip. An
+unattended run guarantees `min_scenes` approved scenes per type (seeds, more LLM rounds, then
+the generic seed scenes). Also classifies products that have no type (metadata first, else
+zero-shot CLIP, else `unknown`).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ import pandas as pd
 from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
+from etl.step import Step
 from etl.tables import TABLES, sql_literal
 from udfs.zoo import ModelZoo
 
@@ -33,10 +39,46 @@ ASK = {
 }
 TYPE_KEYS = ("product_type", "category", "type", "item_type")  # attribute keys that name a type
 CAPITALIZED_RUN = re.compile(r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)+")
+UNKNOWN = "unknown"  # the type of a product nothing could classify with confidence
+SEED_FILE = Path(__file__).with_name("data") / "seed_prompts.toml"
+SOURCES = ("seed", "llm", "human")
+# Words that carry no content, for the repetition and adjective checks.
+STOPWORDS = frozenset("a an the of on in with and by at to for from into onto near under over beside next its "
+                      "is are be as it this that or while".split())
+# Words that name a setting (a place, surface, backdrop or light): a scene must name one.
+SETTING_WORDS = frozenset("""
+    room kitchen bathroom bedroom nursery hallway hall entryway porch patio balcony terrace deck garage attic
+    basement studio office workshop workbench bench garden backyard yard lawn park street sidewalk road alley
+    city beach sand shore sea ocean lake river pool poolside forest woods trail mountain hill field meadow
+    desert snow camp campsite cafe restaurant bar bakery shop store boutique market showroom gallery museum
+    library classroom school gym court track arena stadium pitch rink stage counter countertop table tabletop
+    desk shelf shelves bookshelf cabinet dresser nightstand sideboard mantel mantelpiece windowsill window
+    sill floor rug carpet mat blanket wall backdrop background surface plinth pedestal podium stand display
+    case tray board slab marble granite concrete wood wooden oak walnut stone brick tile tiles linen cloth
+    tablecloth fabric sheet bed sofa couch chair stool armchair seat car vehicle dashboard trunk boat dock
+    pier platform launchpad pad runway hangar airfield sky skyline sunset sunrise dusk dawn night light
+    lighting daylight sunlight moonlight lamp candlelight shade shadow corner nook alcove loft apartment
+    house home cabin cottage barn farmhouse interior exterior outdoors outside indoors inside vanity mirror
+    sink bathtub tub shower closet wardrobe rack hanger locker lobby reception plaza square fountain
+    rooftop roof terrace greenhouse orchard vineyard kitchenette pantry dining diner canteen picnic
+    grass moss leaves paper cardboard box crate pallet shelving glass acrylic velvet silk leather
+    """.split())
+# Adjectives marketing text piles up; with the suffix rule below, the "mostly adjectives" check.
+ADJECTIVES = frozenset("""
+    luxury luxurious premium elegant beautiful stunning gorgeous perfect amazing high-end expensive cheap
+    modern classic stylish chic sleek trendy fancy exquisite exclusive fine nice great good best top quality
+    high low new old vintage unique special sophisticated glamorous opulent lavish humble simple pretty
+    """.split())
+ADJECTIVE_SUFFIX = re.compile(r".{3,}(ous|ful|ive|ible|able|ish|less|esque)$")
 
 
 def prompt_id(product_type: str, purpose: str, text: str) -> str:
     return hashlib.sha256(f"{product_type}|{purpose}|{text}".encode()).hexdigest()[:16]
+
+
+def class_noun(product_type: str | None) -> str:
+    """The noun prompts use for a product type: "product" when the type is unknown."""
+    return "product" if product_type in (None, UNKNOWN) else product_type
 
 
 def resolved_types(lake: Lakehouse):
@@ -52,7 +94,8 @@ def resolved_types(lake: Lakehouse):
 # --- classification -----------------------------------------------------------------------
 
 
-def run_classify(lake: Lakehouse, zoo: ModelZoo, known_types: tuple[str, ...] = ()) -> dict[str, int]:
+def run_classify(lake: Lakehouse, zoo: ModelZoo, known_types: tuple[str, ...] | None = None) -> dict[str, int]:
+    known_types = lake.settings.prompt_bank.known_types if known_types is None else known_types
     spark = lake.spark
     untyped = spark.sql(
         """SELECT p.product_id, p.title, p.attributes FROM products p
@@ -62,25 +105,19 @@ def run_classify(lake: Lakehouse, zoo: ModelZoo, known_types: tuple[str, ...] = 
     if untyped.empty:
         return {"product_classes": 0, "quarantine": 0}
     known = sorted({r["product_type"] for r in spark.sql(
-        "SELECT DISTINCT product_type FROM products WHERE product_type IS NOT NULL").collect()} | set(known_types))
+        "SELECT DISTINCT product_type FROM products WHERE product_type IS NOT NULL").collect()}
+        | set(seed_types()) | set(known_types))
     rows, failures = [], []
     for product in untyped.itertuples(index=False):
         found = _type_from_metadata(product.title, product.attributes, known)
         if found:
             rows.append((product.product_id, found, "metadata", 1.0, ""))
     zero_shot = untyped[~untyped.product_id.isin([r[0] for r in rows])]
-    if len(zero_shot) and known:
+    if len(zero_shot):
         rows += _zero_shot(lake, zoo, list(zero_shot.product_id), known, failures)
-    elif len(zero_shot):
-        failures += [(pid, "no known product types to choose from; set prompt_bank.known_types or give the "
-                            "catalog's products a product_type") for pid in zero_shot.product_id]
-    classes = spark.createDataFrame(pd.DataFrame(rows, columns=["product_id", "product_type", "source", "score",
-                                                                "backbone"]),
-                                    "product_id string, product_type string, source string, score double, "
-                                    "backbone string").selectExpr("*", "current_timestamp() AS created_at")
-    return {"product_classes": lake.upsert("product_classes", classes),
-            "quarantine": lake.quarantine("classify", [(pid, "type:?", "unclassified", why)
-                                                       for pid, why in failures])}
+    classes = pd.DataFrame(rows, columns=TABLES["product_classes"].data_columns)
+    return {"product_classes": lake.upsert_rows("product_classes", classes) if len(classes) else 0,
+            "quarantine": lake.quarantine("classify", [(pid, "type:?", code, why) for pid, code, why in failures])}
 
 
 def _type_from_metadata(title: str | None, attributes: str | None, known: list[str]) -> str | None:
@@ -88,13 +125,16 @@ def _type_from_metadata(title: str | None, attributes: str | None, known: list[s
     for key in TYPE_KEYS:
         if isinstance(values.get(key), str) and values[key].strip():
             return values[key].strip()
-    lowered = f" {(title or '').lower()} "
+    lowered = f" {re.sub(r'[-_]+', ' ', (title or '').lower())} "  # "coffee-cup" names "coffee cup"
     matches = [t for t in known if re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)]
     return max(matches, key=len) if matches else None  # "coffee cup" wins over "cup"
 
 
 def _zero_shot(lake: Lakehouse, zoo: ModelZoo, product_ids: list[str], known: list[str], failures: list) -> list:
-    """Mean cosine of each product's reference CLIP embeddings to "a photo of a <type>"."""
+    """Mean cosine of each product's reference CLIP embeddings to "a photo of a <type>". Below
+    `min_zero_shot_score`, or within `min_zero_shot_margin` of the runner-up, the type is UNKNOWN
+    (generic scenes follow) and a review row in quarantine names the product."""
+    settings = lake.settings.prompt_bank
     backbone = zoo.name("clip")
     lake.spark.createDataFrame(pd.DataFrame({"product_id": product_ids}), "product_id string") \
         .createOrReplaceTempView("_untyped")
@@ -108,19 +148,49 @@ def _zero_shot(lake: Lakehouse, zoo: ModelZoo, product_ids: list[str], known: li
     for product_id in product_ids:
         mine = vectors[vectors.product_id == product_id].vector
         if mine.empty:
-            failures.append((product_id, "no image embeddings to classify from; run `recontext score` first"))
+            failures.append((product_id, "unclassified",
+                             "no image embeddings to classify from; run `recontext score` first"))
             continue
         scores = (np.stack([np.asarray(v, dtype=np.float64) for v in mine]) @ texts.T).mean(axis=0)
-        best = int(np.argmax(scores))
-        rows.append((product_id, known[best], "clip_zero_shot", float(scores[best]), backbone))
+        order = np.argsort(-scores)
+        best, margin = float(scores[order[0]]), float(scores[order[0]] - scores[order[1]]) if len(order) > 1 else 1.0
+        if best < settings.min_zero_shot_score or margin < settings.min_zero_shot_margin:
+            failures.append((product_id, "unknown_type",
+                             f"zero-shot CLIP is not sure: best type '{known[order[0]]}' scored {best:.3f} "
+                             f"(minimum {settings.min_zero_shot_score}), {margin:.3f} ahead of the next (minimum "
+                             f"{settings.min_zero_shot_margin}); it gets generic scenes. Assign its type with "
+                             f"`recontext prompts set-type {product_id} TYPE`"))
+            rows.append((product_id, UNKNOWN, "clip_zero_shot", best, backbone))
+        else:
+            rows.append((product_id, known[order[0]], "clip_zero_shot", best, backbone))
     return rows
+
+
+def set_type(lake: Lakehouse, product_id: str, product_type: str) -> int:
+    """A person's type for a product (`recontext prompts set-type`): it wins over classification,
+    and the product's unknown-type review row is cleared."""
+    found = lake.spark.sql(f"SELECT product_id FROM products WHERE product_id = {sql_literal(product_id)}").collect()
+    if not found:
+        raise UserError(f"unknown product {product_id!r}")
+    if not product_type.strip():
+        raise UserError("the product type must not be empty")
+    row = pd.DataFrame([(product_id, product_type.strip(), "human", 1.0, "")],
+                       columns=TABLES["product_classes"].data_columns)
+    written = lake.upsert_rows("product_classes", row)
+    lake.spark.sql(f"DELETE FROM quarantine WHERE stage = 'classify' AND product_id = {sql_literal(product_id)}")
+    return written
 
 
 # --- prompt generation and curation -------------------------------------------------------
 
 
-def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings, seed: int = 0) -> dict[str, int]:
-    """Fill the bank for every product type that has no prompts of a purpose yet (cached)."""
+def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings | None = None,
+                    seed: int | None = None) -> dict[str, int]:
+    """Fill the bank for every product type that has no prompts of a purpose yet (cached): the
+    seed prompts of the type, the LLM's, more LLM rounds while fewer than the minimum are
+    approved, then the generic seed prompts. All go through the same curation."""
+    settings = settings or lake.settings.prompt_bank
+    seed = lake.settings.augment.seed if seed is None else seed
     spark = lake.spark
     types = sorted({r["product_type"] for r in resolved_types(lake).collect() if r["product_type"]})
     have = {(r["product_type"], r["purpose"]) for r in spark.sql(
@@ -128,31 +198,82 @@ def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings
     todo = [(t, p) for t in types for p in PURPOSES if (t, p) not in have]
     if not todo:
         return {"prompt_bank": 0}
-    llm = _llm(zoo, settings)
     encoder = zoo.load("sentence")
     brands = {json.loads(r["attributes"] or "{}").get("brand", "") for r in
               spark.sql("SELECT attributes FROM products").collect()} - {""}
-    rows = []
+    llm, rows = None, []
     for product_type, purpose in todo:
         wanted = settings.scenes_per_type if purpose == "scene" else settings.targets_per_type
-        messages = [{"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": ASK[purpose].format(n=wanted, type=product_type)}]
-        candidates, answer = [], ""
-        for attempt in range(2):  # small LLMs sometimes answer without a list: ask once more
+        minimum = settings.min_scenes if purpose == "scene" else settings.min_targets
+        others = [t for t in set(types) | set(seed_types()) if t != product_type and t != UNKNOWN]
+        bank = _TypeBank(product_type, purpose, others, brands, encoder, settings)
+        bank.add(seed_prompts(product_type, purpose), "seed", None, seed)
+        # An unknown type gets no LLM prompts: "a photo of a unknown" is no request to make.
+        rounds = 0 if product_type == UNKNOWN else max(1, settings.llm_rounds)
+        for attempt in range(rounds):
+            if attempt and bank.approved >= minimum:
+                break  # the first round always runs: the LLM extends the bank
+            llm = llm or _llm(zoo, settings)
+            messages = [{"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": ASK[purpose].format(n=wanted, type=product_type)}]
             answer = llm.complete(messages, settings.max_new_tokens, settings.temperature, seed + attempt)
             candidates = _parse(answer)
             if candidates:
-                break
-        others = [t for t in types if t != product_type]
-        curated = curate(candidates, product_type, others, brands, encoder, settings)
-        if not curated:  # keep the answer, so the type counts as done and a person can see why
-            curated = [(answer.strip()[:500] or "(empty answer)", "rejected", "the LLM answer held no list items")]
-        for text, status, reason in curated:
-            rows.append((prompt_id(product_type, purpose, text), product_type, purpose, text, status, reason,
-                         "auto", llm.name, seed))
+                bank.add(candidates, "llm", llm.name, seed + attempt)
+            else:
+                bank.keep_answer(answer, llm.name, seed + attempt)
+        if bank.approved < minimum:
+            bank.add(seed_prompts(None, purpose), "seed", None, seed)  # the generic seed prompts
+        rows += bank.rows
     frame = pd.DataFrame(rows, columns=TABLES["prompt_bank"].data_columns).drop_duplicates("prompt_id")
-    return {"prompt_bank": lake.upsert("prompt_bank", spark.createDataFrame(frame, TABLES["prompt_bank"].data_schema())
-                                       .selectExpr("*", "current_timestamp() AS created_at"))}
+    return {"prompt_bank": lake.upsert_rows("prompt_bank", frame)}
+
+
+class _TypeBank:
+    """The prompts of one type and purpose as they are curated, in the order they came."""
+
+    def __init__(self, product_type, purpose, others, brands, encoder, settings: PromptBankSettings):
+        self.product_type, self.purpose, self.others, self.brands = product_type, purpose, others, brands
+        self.encoder, self.settings = encoder, settings
+        self.rows: list[tuple] = []
+
+    @property
+    def approved(self) -> int:
+        return sum(r[4] != "rejected" for r in self.rows)  # approved, or pending review
+
+    def add(self, candidates: list[str], source: str, llm: str | None, seed: int) -> int:
+        """Curate candidates against everything kept so far; returns how many were new."""
+        seen = {r[3] for r in self.rows}
+        kept = [r[3] for r in self.rows if r[4] != "rejected"]
+        curated = curate(candidates, self.product_type, self.others, self.brands, self.encoder, self.settings,
+                         self.purpose, kept)
+        new = [(t, st, why) for t, st, why in curated if t not in seen]
+        self.rows += [(prompt_id(self.product_type, self.purpose, text), self.product_type, self.purpose, text, status,
+                       reason, "auto", llm, source, seed) for text, status, reason in new]
+        return len(new)
+
+    def keep_answer(self, answer: str, llm: str, seed: int) -> None:
+        """An answer without list items, kept rejected so a person can see why."""
+        text = answer.strip()[:500] or "(empty answer)"
+        self.rows.append((prompt_id(self.product_type, self.purpose, text), self.product_type, self.purpose, text,
+                          "rejected", "the LLM answer held no list items", "auto", llm, "llm", seed))
+
+
+@functools.cache
+def _seed_bank() -> dict:
+    return tomllib.loads(SEED_FILE.read_text())
+
+
+def seed_types() -> list[str]:
+    """The product types the seed bank covers: the default zero-shot vocabulary."""
+    return sorted(_seed_bank()["types"])
+
+
+def seed_prompts(product_type: str | None, purpose: str) -> list[str]:
+    """The seed bank's prompts of a type and purpose (`None`: the generic ones for any type)."""
+    key = {"scene": "scenes", "target": "targets"}[purpose]
+    entry = _seed_bank()["generic"] if product_type is None else _seed_bank()["types"].get(product_type, {})
+    return list(entry.get(key, []))
 
 
 def _llm(zoo: ModelZoo, settings: PromptBankSettings):
@@ -171,20 +292,24 @@ def _parse(answer: str) -> list[str]:
 
 
 def curate(candidates: list[str], product_type: str, other_types: list[str], brands: set[str], encoder,
-           settings: PromptBankSettings) -> list[tuple[str, str, str | None]]:
+           settings: PromptBankSettings, purpose: str = "scene",
+           already_kept: list[str] = ()) -> list[tuple[str, str, str | None]]:
     """(text, status, reason) per candidate, in order. Checks, first failing one wins:
-    length; names another product type, a brand or a proper noun (a person or a brand the
-    catalog does not know); near-duplicate of an earlier kept prompt (MiniLM cosine); implausible
-    for the product type (MiniLM cosine to "a photo of a <type>" below the threshold)."""
+    length; degenerate text (degenerate()); names another product type, a brand or a proper
+    noun (a person or a brand the catalog does not know); near-duplicate of an earlier kept
+    prompt or of `already_kept` (MiniLM cosine); implausible for the product type (MiniLM cosine
+    to "a photo of a <type>" below the threshold; not checked for the UNKNOWN type); a scene that
+    names no setting."""
     texts = [" ".join(c.replace("*", " ").replace("#", " ").split()).strip(" .,;\"'") for c in candidates]
-    texts = [t for t in texts if t]
-    vectors = encoder.embed(texts) if texts else np.zeros((0, 1))
+    texts = list(dict.fromkeys(t for t in texts if t))
+    previous = list(already_kept)
+    vectors = encoder.embed(previous + texts) if texts else np.zeros((0, 1))
     anchor = encoder.embed([f"a photo of a {product_type}"])[0]
     own_words = set(product_type.lower().split())
     passing = "approved" if settings.auto_approve else "pending"
-    kept: list[int] = []
+    kept: list[int] = list(range(len(previous)))
     out = []
-    for i, text in enumerate(texts):
+    for i, text in enumerate(texts, start=len(previous)):
         words = text.split()
         lowered = f" {text.lower()} "
         reason = None
@@ -192,6 +317,8 @@ def curate(candidates: list[str], product_type: str, other_types: list[str], bra
             reason = f"too short ({len(words)} words, minimum {settings.min_words})"
         elif len(words) > settings.max_words:
             reason = f"too long ({len(words)} words, maximum {settings.max_words})"
+        elif degenerate_reason := degenerate(text, settings):
+            reason = degenerate_reason
         elif other := next((t for t in other_types if set(t.lower().split()) - own_words
                             and re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)), None):
             reason = f"names another product type ({other})"
@@ -200,14 +327,50 @@ def curate(candidates: list[str], product_type: str, other_types: list[str], bra
         elif name := _proper_noun(text):
             reason = f"names a person or brand ({name})"
         elif kept and (similarity := float((vectors[kept] @ vectors[i]).max())) >= settings.duplicate_similarity:
-            twin = texts[kept[int(np.argmax(vectors[kept] @ vectors[i]))]]
+            twin = (previous + texts)[kept[int(np.argmax(vectors[kept] @ vectors[i]))]]
             reason = f"near-duplicate (cosine {similarity:.2f}) of: {twin}"
-        elif (plausibility := float(vectors[i] @ anchor)) < settings.min_type_similarity:
+        elif product_type != UNKNOWN and (plausibility := float(vectors[i] @ anchor)) < settings.min_type_similarity:
             reason = f"implausible for a {product_type} (similarity {plausibility:.2f})"
+        elif purpose == "scene" and not names_setting(text):
+            reason = "names no setting (a room, surface, outdoor place or light); a scene says where"
         if reason is None:
             kept.append(i)
         out.append((text, passing if reason is None else "rejected", reason))
     return out
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z][a-z'-]*", text.lower())
+
+
+def degenerate(text: str, settings: PromptBankSettings) -> str | None:
+    """Why a text is degenerate (what small LLMs write when they loop or pile up adjectives), or
+    None: a word three times in a row; a content word (or its stem: "luxury", "luxurious") used
+    more than `max_word_repeats` times; for 8+ words, a type-token ratio below
+    `min_type_token_ratio`; more than `max_adjective_share` of the content words adjectives."""
+    words = _words(text)
+    for a, b, c in zip(words, words[1:], words[2:]):
+        if a == b == c:
+            return f"degenerate: repeats '{a}' three times in a row"
+    content = [w for w in words if w not in STOPWORDS]
+    stems: dict[str, list[str]] = {}
+    for word in content:
+        stems.setdefault(word[:5] if len(word) > 5 else word, []).append(word)
+    stem, uses = max(stems.items(), key=lambda item: len(item[1]), default=("", []))
+    if len(uses) > settings.max_word_repeats:
+        return f"degenerate: repeats '{uses[0]}' {len(uses)} times (maximum {settings.max_word_repeats})"
+    if len(words) >= 8 and len(set(words)) / len(words) < settings.min_type_token_ratio:
+        return (f"degenerate: only {len(set(words))} distinct words of {len(words)} (type-token ratio below "
+                f"{settings.min_type_token_ratio})")
+    adjectives = [w for w in content if w in ADJECTIVES or ADJECTIVE_SUFFIX.match(w)]
+    if len(content) >= 2 and len(adjectives) / len(content) > settings.max_adjective_share:
+        return f"degenerate: mostly adjectives ({', '.join(adjectives[:4])}), no description"
+    return None
+
+
+def names_setting(text: str) -> bool:
+    """Whether a text names a place, surface, backdrop or light (SETTING_WORDS, plurals too)."""
+    return any(w in SETTING_WORDS or w.rstrip("s") in SETTING_WORDS for w in _words(text))
 
 
 def _proper_noun(text: str) -> str | None:
@@ -265,13 +428,12 @@ def import_csv(lake: Lakehouse, path: str | Path) -> int:
     frame["prompt_id"] = [pid or prompt_id(t, p, x) for pid, t, p, x in
                           zip(frame.prompt_id, frame.product_type, frame.purpose, frame.text)]
     frame["reason"] = frame.reason.where(frame.reason != "", None)
-    stored = lake.spark.sql("SELECT prompt_id, llm, seed FROM prompt_bank").toPandas()
+    stored = lake.spark.sql("SELECT prompt_id, llm, seed, source FROM prompt_bank").toPandas()
     frame = frame.merge(stored, on="prompt_id", how="left")
     frame["llm"] = frame.llm.fillna("human")
+    frame["source"] = frame.source.fillna("human")
     frame["reviewed_by"] = "human"
-    rows = lake.spark.createDataFrame(frame[TABLES["prompt_bank"].data_columns]
-                                      .astype(object).where(frame.notna(), None), TABLES["prompt_bank"].data_schema())
-    return lake.upsert("prompt_bank", rows.selectExpr("*", "current_timestamp() AS created_at"))
+    return lake.upsert_rows("prompt_bank", frame)
 
 
 def approved_prompts(lake: Lakehouse, purpose: str) -> pd.DataFrame:
@@ -280,3 +442,10 @@ def approved_prompts(lake: Lakehouse, purpose: str) -> pd.DataFrame:
         f"SELECT prompt_id, product_type, text FROM prompt_bank WHERE status = 'approved' "
         f"AND purpose = {sql_literal(purpose)} ORDER BY product_type, prompt_id").toPandas()
 
+
+CLASSIFY = Step("classify", run_classify, reads=("products", "product_images", "embeddings"),
+                writes=("product_classes", "quarantine"), roles=("clip",),
+                description="product type of each product: metadata, else zero-shot CLIP")
+PROMPT_BANK = Step("prompt_bank", run_prompt_bank, reads=("products", "product_classes"),
+                   writes=("prompt_bank",), roles=("sentence", "llm"),
+                   description="LLM-written, curated scene and target prompts per product type (cached per type)")

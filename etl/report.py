@@ -26,11 +26,11 @@ import pandas as pd
 from PIL import Image
 
 from etl.errors import UserError
+from etl.step import REPORT_FILES, Step
 from etl.tables import TABLES, sql_literal
+from etl.vocabulary import METRIC_COLUMNS, RANKING_METRICS
+from udfs.augmentation import KINDS
 
-SYNTHETIC_KINDS = ("novel_view", "outpaint", "negative", "counterfactual")
-IMAGE_METRICS = ("clip_i", "dino_i", "clip_t", "seg_clip_i", "seg_dino_i", "seg_clip_t", "mask_iou")
-GENERATION_METRICS = ("clip_t", "clip_i", "dino_i")
 EVALUATION_COLUMNS = tuple(c for c in TABLES["evaluation_metrics"].data_columns if c != "product_id")
 WHOLE = {"products", "images", "rated_images", "rank", "raters", "n_references", "seed", "references compared"}
 MISSING = "—"
@@ -49,6 +49,7 @@ img { max-width: 160px; max-height: 160px; display: block; background: #eee; }
 .kept { border-color: #2a7; background: #f2fbf6; } .dropped { border-color: #d66; background: #fdf3f3; }
 .reason { color: #a22; } .pass { color: #1a7a3a; font-weight: bold; } .fail { color: #a22; font-weight: bold; }
 .muted { color: #777; }
+.notice { border: 2px solid #c80; background: #fff6e0; padding: 6px 10px; font-weight: bold; }
 """
 
 
@@ -60,12 +61,32 @@ def write_report(lake, out_dir: Path, products: list[str] | None = None) -> Path
     images = _ImageFiles(out_dir / "img")
     (out_dir / "products").mkdir(parents=True, exist_ok=True)
     written_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    notice = honesty_notice(lake)
     for product_id in ids:
-        page = _product_page(data.product(product_id), images, written_at)
+        page = _product_page(data.product(product_id), images, written_at, notice)
         (out_dir / "products" / f"{product_id}.html").write_text(page, encoding="utf-8")
     index = out_dir / "index.html"
-    index.write_text(_index_page(data, ids, written_at), encoding="utf-8")
+    index.write_text(_index_page(data, ids, written_at, notice), encoding="utf-8")
     return index
+
+
+def honesty_notice(lake) -> str:
+    """What a reader must know before taking any figure for evidence: synthetic ratings, tiny
+    random-weight models. Shown as a banner on every page; empty when neither applies."""
+    from udfs.zoo import ModelZoo
+
+    zoo = ModelZoo.from_settings(lake.settings)
+    tiny = [role for role in ("clip", "dino", "text2img", "inpaint") if zoo.is_tiny(role)]
+    synthetic = lake.spark.sql("SELECT count(*) AS n FROM human_ratings WHERE source <> 'human'").first()["n"]
+    lines = []
+    if synthetic:
+        lines.append("The ratings on these pages are SYNTHETIC (made-up raters standing in for people): pass rates, "
+                     "verdicts, Pearson correlations and the ranking gain computed from them say nothing about "
+                     "image quality.")
+    if tiny:
+        lines.append(f"Models {', '.join(tiny)} are tiny random-weight stand-ins: their images and scores "
+                     "(CLIP-I, CLIP-T, DINO) say nothing about fidelity.")
+    return " ".join(lines)
 
 
 # ---------------------------------------------------------------- reading the lakehouse
@@ -122,7 +143,7 @@ def _load(lake, ids: list[str]) -> _Data:
         masks=sql(f"""SELECT image_id, method, mask, area_fraction, score FROM masks WHERE image_id IN
                       (SELECT image_id FROM product_images WHERE role = 'reference' AND product_id {chosen})
                       ORDER BY image_id, method"""),
-        metrics=sql(f"""SELECT image_id, product_id, n_references, {', '.join(IMAGE_METRICS)}
+        metrics=sql(f"""SELECT image_id, product_id, n_references, {', '.join(METRIC_COLUMNS)}
                         FROM image_metrics WHERE product_id {chosen}"""),
         # synthetic_images is keyed by task: one image can come from two tasks, keep one row.
         augmentations=sql(f"""SELECT t.product_id, t.image_id, t.kind, t.is_positive, t.score, t.rank,
@@ -133,7 +154,7 @@ def _load(lake, ids: list[str]) -> _Data:
                                 FROM synthetic_images) s
                                 ON s.product_id = t.product_id AND s.image_id = t.image_id AND s.n = 1
                               WHERE t.product_id {chosen}
-                                AND t.kind IN ({', '.join(sql_literal(k) for k in SYNTHETIC_KINDS)})
+                                AND t.kind IN ({', '.join(sql_literal(k) for k in KINDS)})
                               ORDER BY t.product_id, t.selected DESC, t.kind, t.rank, t.image_id"""),
         # Baseline generations are not ranked: the left join leaves their ranking NULL.
         generations=sql(f"""SELECT g.product_id, g.image_id, g.arm, g.prompt, g.seed, g.adapter_version,
@@ -145,11 +166,11 @@ def _load(lake, ids: list[str]) -> _Data:
                               ON r.product_id = g.product_id AND r.image_id = g.image_id AND g.arm <> 'baseline'
                             WHERE g.n = 1 AND g.product_id {chosen}
                             ORDER BY g.product_id, r.kept DESC NULLS LAST, r.rank NULLS LAST, g.seed, g.image_id"""),
-        ratings=sql(f"""SELECT image_id, product_id, raters, passed, failed_questions FROM rated_images
+        ratings=sql(f"""SELECT image_id, product_id, raters, passed, failed_questions, ratings_source FROM rated_images
                         WHERE product_id {chosen}"""),
         evaluation=sql(f"""SELECT product_id, {', '.join(EVALUATION_COLUMNS)} FROM evaluation_metrics
                            WHERE product_id = '(all)' OR product_id {chosen}
-                           ORDER BY dataset, arm, product_id"""),
+                           ORDER BY dataset, arm, selection, product_id"""),
     )
 
 
@@ -197,9 +218,10 @@ def _e(value, whole: bool = False) -> str:
     return html.escape(str(value))
 
 
-def _page(title: str, body: str, written_at: str) -> str:
+def _page(title: str, body: str, written_at: str, notice: str = "") -> str:
+    banner = f'<p class="notice" role="alert">{html.escape(notice)}</p>\n' if notice else ""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n{banner}{body}\n"
             f'<p class="muted">Written {html.escape(written_at)} by recontext.</p>\n</body></html>\n')
 
 
@@ -226,11 +248,12 @@ def _facts(pairs: list[tuple[str, object]]) -> str:
 # ---------------------------------------------------------------- index
 
 
-def _index_page(data: _Data, ids: list[str], written_at: str) -> str:
+def _index_page(data: _Data, ids: list[str], written_at: str, notice: str = "") -> str:
     body = ("<h1>recontext report</h1>\n<h2>Products</h2>\n" + _summary_table(data, ids)
-            + "\n<h2>Evaluation</h2>\n<p>Per arm and dataset, over all of the dataset's products.</p>\n"
+            + "\n<h2>Evaluation</h2>\n<p>Per arm, selection and dataset, over all of the dataset's products "
+              "(selection all: every generation of the champion version; ranked: the kept top N).</p>\n"
             + _evaluation_table(data.evaluation[data.evaluation.product_id == "(all)"]))
-    return _page("recontext report", body, written_at)
+    return _page("recontext report", body, written_at, notice)
 
 
 def _summary_table(data: _Data, ids: list[str]) -> str:
@@ -264,7 +287,7 @@ def _evaluation_table(rows: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- product page
 
 
-def _product_page(data: _Data, images: _ImageFiles, written_at: str) -> str:
+def _product_page(data: _Data, images: _ImageFiles, written_at: str, notice: str = "") -> str:
     product = data.products.iloc[0]
     body = (f'<p><a href="../index.html">&larr; all products</a></p>\n'
             f"<h1>{_e(product.product_id)}: {_e(product.title)}</h1>\n"
@@ -272,7 +295,7 @@ def _product_page(data: _Data, images: _ImageFiles, written_at: str) -> str:
             + _references_section(data, images) + _augmentations_section(data, images)
             + _generations_section(data, images) + _baseline_section(data, images)
             + "<h2>Evaluation</h2>\n" + _evaluation_table(data.evaluation))
-    return _page(f"{product.product_id} — recontext report", body, written_at)
+    return _page(f"{product.product_id} — recontext report", body, written_at, notice)
 
 
 def _references_section(data: _Data, images: _ImageFiles) -> str:
@@ -288,7 +311,7 @@ def _references_section(data: _Data, images: _ImageFiles) -> str:
         facts = [("image", ref.image_id[:12]), ("size", f"{ref.width}×{ref.height}")]
         if ref.image_id in metrics.index:
             row = metrics.loc[ref.image_id]
-            facts += [("references compared", row.n_references), *((m, row[m]) for m in IMAGE_METRICS)]
+            facts += [("references compared", row.n_references), *((m, row[m]) for m in METRIC_COLUMNS)]
         figures.append(f'<figure class="pair">{"".join(pictures)}<figcaption>masks: {masks or MISSING}<br>'
                        f"{_facts(facts)}</figcaption></figure>")
     return _section("Reference images", "No reference images.", figures)
@@ -328,7 +351,7 @@ def _generation(r, data: _Data, images: _ImageFiles, ranked: bool) -> str:
     """One generated image with its lineage, metrics, ranking and human verdict."""
     metrics = data.metrics[data.metrics.image_id == r.image_id]
     facts = [("seed", r.seed), ("adapter", r.adapter_version)]
-    facts += [(m, metrics.iloc[0][m] if len(metrics) else None) for m in GENERATION_METRICS]
+    facts += [(m, metrics.iloc[0][m] if len(metrics) else None) for m in RANKING_METRICS]
     status, css = "", ""
     if ranked:
         facts += [("score", r.score), ("rank", r.rank)]
@@ -349,12 +372,24 @@ def _verdict(ratings: pd.DataFrame, image_id: str) -> str:
     if rows.empty:
         return ""
     r = rows.iloc[0]
+    who = "human" if r.ratings_source == "human" else f"{r.ratings_source} raters"
     if r.passed:
-        return f'<br><span class="pass">human: passed</span> ({_e(r.raters)} raters)'
-    return (f'<br><span class="fail">human: failed</span> ({_e(r.raters)} raters): '
+        return f'<br><span class="pass">{_e(who)}: passed</span> ({_e(r.raters)} raters)'
+    return (f'<br><span class="fail">{_e(who)}: failed</span> ({_e(r.raters)} raters): '
             f"{_e(r.failed_questions)}")
 
 
 def _section(title: str, empty: str, figures: list[str]) -> str:
     content = f'<div class="grid">\n{"".join(figures)}\n</div>' if figures else f'<p class="muted">{empty}</p>'
     return f"<h2>{html.escape(title)}</h2>\n{content}\n"
+
+
+def run_report(lake, zoo=None) -> dict[str, int]:
+    write_report(lake, lake.settings.home / "report", sorted(lake.products) if lake.products else None)
+    return {}
+
+
+REPORT = Step("report", run_report,
+              reads=("products", "product_images", "masks", "synthetic_images", "training_images", "image_metrics",
+                     "generations", "ranked_generations", "evaluation_metrics", "human_ratings"),
+              writes=(REPORT_FILES,), description="the static HTML report under <home>/report")

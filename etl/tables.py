@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from etl.vocabulary import EVALUATED, LABELS, METRICS
+
 
 @dataclass(frozen=True)
 class Column:
@@ -112,11 +114,12 @@ TABLES: dict[str, Table] = {
         ),
         _table(
             "product_classes",
-            "Product types for products whose catalog gave none, with how they were found.",
+            "Product types for products whose catalog gave none, with how they were found ('unknown' "
+            "when zero-shot scores were too low to trust).",
             [
                 ("product_id", "STRING", "products.product_id"),
                 ("product_type", "STRING", "the assigned type"),
-                ("source", "STRING", "metadata (attributes or title) or clip_zero_shot"),
+                ("source", "STRING", "metadata (attributes or title), clip_zero_shot or human"),
                 ("score", "DOUBLE", "1.0 for metadata; mean CLIP cosine of the references to the type's text"),
                 ("backbone", "STRING", "CLIP model used for zero-shot; '' for metadata"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
@@ -135,7 +138,8 @@ TABLES: dict[str, Table] = {
                 ("status", "STRING", "approved, rejected or pending"),
                 ("reason", "STRING", "why it was rejected (or the reviewer's note)"),
                 ("reviewed_by", "STRING", "auto (curation checks) or human"),
-                ("llm", "STRING", "the model that wrote it (or 'human' for imported prompts)"),
+                ("llm", "STRING", "the model that wrote it (or 'human' for imported prompts; NULL for seeds)"),
+                ("source", "STRING", "seed (the curated seed bank shipped with recontext), llm or human"),
                 ("seed", "INT", "generation seed"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
@@ -265,6 +269,7 @@ TABLES: dict[str, Table] = {
                 ("area_fraction", "DOUBLE", "product pixels / all pixels"),
                 ("bbox", "ARRAY<INT>", "[x0, y0, x1, y1] of the product pixels, end-exclusive"),
                 ("score", "DOUBLE", "the model's confidence in the mask, 0..1"),
+                ("model_fingerprint", "STRING", "name@digest of the weights it was computed with (a change recomputes it)"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["image_id", "method"],
@@ -278,6 +283,7 @@ TABLES: dict[str, Table] = {
                 ("model", "STRING", "captioner name"),
                 ("prompt", "STRING", "instruction prompt given to the captioner"),
                 ("caption", "STRING", "the caption"),
+                ("model_fingerprint", "STRING", "name@digest of the weights it was computed with (a change recomputes it)"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["image_id", "model", "prompt"],
@@ -293,6 +299,7 @@ TABLES: dict[str, Table] = {
                 ("variant", "STRING", "full (whole image) or segmented (product only, on white)"),
                 ("mask_method", "STRING", "masks.method used for the segmented variant; '' for full"),
                 ("vector", "ARRAY<FLOAT>", "unit-norm embedding"),
+                ("model_fingerprint", "STRING", "name@digest of the weights it was computed with (a change recomputes it)"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["image_id", "backbone", "variant", "mask_method"],
@@ -306,6 +313,7 @@ TABLES: dict[str, Table] = {
                 ("backbone", "STRING", "CLIP model name"),
                 ("text", "STRING", "the embedded text"),
                 ("vector", "ARRAY<FLOAT>", "unit-norm embedding"),
+                ("model_fingerprint", "STRING", "name@digest of the weights it was computed with (a change recomputes it)"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["text_id", "backbone"],
@@ -318,13 +326,7 @@ TABLES: dict[str, Table] = {
                 ("image_id", "STRING", "the scored image"),
                 ("product_id", "STRING", "its product"),
                 ("kind", "STRING", "reference, or the synthetic/generated kind"),
-                ("clip_i", "DOUBLE", "mean CLIP cosine to the product's reference images (DreamBooth CLIP-I)"),
-                ("dino_i", "DOUBLE", "mean DINO cosine to the product's reference images (DreamBooth DINO)"),
-                ("clip_t", "DOUBLE", "CLIP cosine between the image and its text (DreamBooth CLIP-T)"),
-                ("seg_clip_i", "DOUBLE", "clip_i on segmented products (MultiBooth)"),
-                ("seg_dino_i", "DOUBLE", "dino_i on segmented products (MultiBooth)"),
-                ("seg_clip_t", "DOUBLE", "clip_t with the image segmented (MultiBooth)"),
-                ("mask_iou", "DOUBLE", "IoU of the image's mask with its source mask"),
+                *((m.name, "DOUBLE", m.comment) for m in METRICS),
                 ("n_references", "INT", "reference images compared against"),
                 ("text", "STRING", "the caption or prompt used for clip_t"),
                 ("text_source", "STRING", "caption or prompt"),
@@ -332,6 +334,8 @@ TABLES: dict[str, Table] = {
                 ("dino_backbone", "STRING", "DINO model name"),
                 ("mask_method", "STRING", "mask method for the segmented metrics and mask_iou"),
                 ("iou_against", "STRING", "what mask_iou compares with: alpha, or parent:<image_id>"),
+                ("models", "STRING", "fingerprints (name@digest) of the CLIP, DINO, segmenter and captioner weights "
+                                     "the scores come from; a change recomputes the product's rows"),
                 ("computed_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["image_id", "product_id"],
@@ -343,10 +347,11 @@ TABLES: dict[str, Table] = {
             [
                 ("rater", "STRING", "rater id as given in the ratings file"),
                 ("image_id", "STRING", "generations.image_id"),
-                ("question", "STRING", "question id (etl.evaluation.QUESTIONS)"),
+                ("question", "STRING", "question id (etl.ratings.QUESTIONS)"),
                 ("answer", "STRING", "yes, maybe, no or unclear"),
                 ("product_id", "STRING", "the image's product"),
                 ("source_uri", "STRING", "ratings file and line it came from"),
+                ("source", "STRING", "human (people's answers) or synthetic (made-up raters: demo and tests)"),
                 ("imported_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["rater", "image_id", "question"],
@@ -354,15 +359,18 @@ TABLES: dict[str, Table] = {
         ),
         _table(
             "rated_images",
-            "Human verdict per rated image: passes when every question's majority answer is yes.",
+            "Verdict per rated image (evaluation.pass_rule): by default a rater passes an image when all "
+            "eight answers are yes, and the image passes when a majority of its raters pass it.",
             [
                 ("image_id", "STRING", "generations.image_id"),
                 ("product_id", "STRING", "its product"),
                 ("arm", "STRING", "ours or baseline"),
                 ("raters", "INT", "distinct raters of the image"),
-                ("passed", "BOOLEAN", "all eight questions answered yes by a majority of raters"),
+                ("passed", "BOOLEAN", "the verdict under evaluation.pass_rule"),
                 ("failed_questions", "STRING", "questions without a yes majority, comma separated"),
                 ("score", "DOUBLE", "automatic aggregate (generation.rank_weights) of the image"),
+                ("kept", "BOOLEAN", "kept by the ranking (ours); false for the baseline, which is not ranked"),
+                ("ratings_source", "STRING", "human, synthetic or mixed: who answered"),
                 ("computed_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["image_id", "product_id"],
@@ -370,28 +378,29 @@ TABLES: dict[str, Table] = {
         ),
         _table(
             "evaluation_metrics",
-            "The paper's Table 2 per arm, dataset and product: mean metrics of the evaluated generations "
-            "(ours: the kept top N; baseline: all), with human pass rates where ratings exist.",
+            "The paper's Table 2 per arm, selection, dataset and product: mean metrics of the generations "
+            "of each arm's champion adapter version (selection 'all': every generation, the same prompts and "
+            "seeds in both arms; 'ranked': ours, the kept top N), with pass rates where ratings exist.",
             [
                 ("arm", "STRING", "ours or baseline"),
+                ("selection", "STRING", "all (every generation of the champion version) or ranked (kept top N)"),
                 ("dataset", "STRING", "products.source the products came from"),
                 ("product_id", "STRING", "the product, or '(all)' for the dataset row"),
                 ("products", "INT", "products evaluated"),
                 ("images", "INT", "generated images evaluated"),
-                ("clip_i", "DOUBLE", "mean CLIP-I"),
-                ("clip_t", "DOUBLE", "mean CLIP-T"),
-                ("dino_i", "DOUBLE", "mean DINO-I"),
-                ("seg_clip_i", "DOUBLE", "mean Seg CLIP-I"),
-                ("seg_clip_t", "DOUBLE", "mean Seg CLIP-T"),
-                ("seg_dino_i", "DOUBLE", "mean Seg DINO-I"),
+                *((name, "DOUBLE", f"mean {LABELS[name]}") for name in EVALUATED),
                 ("score", "DOUBLE", "mean automatic aggregate (generation.rank_weights)"),
                 ("rated_images", "INT", "images with at least evaluation.raters_per_image raters"),
                 ("image_pass_rate", "DOUBLE", "fraction of rated images that pass"),
                 ("product_pass_rate", "DOUBLE", "fraction of rated products with at least one passing image"),
                 ("pearson_score_pass", "DOUBLE", "Pearson correlation of the aggregate with human pass (0/1)"),
+                ("ranking_gain", "DOUBLE", "ranked rows: image pass rate of the kept images / of all images - 1 "
+                                           "(the paper's +30.9%)"),
+                ("ratings_source", "STRING", "human, synthetic or mixed: who rated; figures from synthetic "
+                                             "ratings say nothing about quality"),
                 ("computed_at", "TIMESTAMP", "when this row was last written"),
             ],
-            key=["arm", "dataset", "product_id"],
+            key=["arm", "selection", "dataset", "product_id"],
             audit=("computed_at",),
         ),
         _table(

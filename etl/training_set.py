@@ -1,11 +1,14 @@
 """Filter job: scored images -> `training_images`, the audited training set (paper 2.3).
 
 Per product: references are always kept; outpainted positives whose product mask IoU with the
-source is below `iou_threshold` are dropped (the model hallucinated or lost the product);
-positives scoring below `min_score` are dropped; the rest are ranked by the weighted score and
-the top `positives_per_product` kept; then negatives and counterfactuals are added to reach
-`augment.positives_per_negative`. Every image considered gets a row, with its reason when it was
-not selected:
+source is below `iou_threshold` are dropped (the model hallucinated or lost the product); a
+synthetic positive that is also a negative of the product (the same pixels from two lineages)
+is dropped; positives scoring below `min_score_vs_references` x the references' mean score (or
+`min_score`) are dropped; the rest are ranked by the weighted score within their kind and the top
+`positives_per_kind[kind]` kept. Each kind has one CLIP-T definition: novel views against their
+caption, outpaints against their scene prompt, so the two never compete on different texts.
+Then negatives and counterfactuals are added to reach `augment.positives_per_negative`. Every
+image considered gets a row, with its reason when it was not selected:
 
     SELECT kind, reason, count(*) FROM training_images WHERE product_id = 'x' GROUP BY 1, 2
 """
@@ -21,9 +24,13 @@ import pandas as pd
 
 from etl.config import TrainingSettings
 from etl.lakehouse import Lakehouse
+from etl.step import Step
 from etl.tables import TABLES, sql_literal
+from etl.vocabulary import GENERATED, METRIC_COLUMNS, REFERENCE, aggregate_score
+from udfs.augmentation import NEGATIVE_KINDS
+from udfs.augmentation import POSITIVE_KINDS as AUGMENTED_POSITIVES
 
-POSITIVE_KINDS = ("reference", "novel_view", "outpaint")
+POSITIVE_KINDS = (REFERENCE, *AUGMENTED_POSITIVES)
 COLUMNS = TABLES["training_images"].data_columns
 
 
@@ -40,22 +47,25 @@ def keep_first(rows: pd.DataFrame, ordered: list, keep: int, flag: str, reason) 
 
 def filter_hash(config: TrainingSettings, positives_per_negative: float) -> str:
     fields = {"iou_threshold": config.iou_threshold, "min_score": config.min_score,
-              "positives_per_product": config.positives_per_product, "score_weights": config.score_weights,
+              "min_score_vs_references": config.min_score_vs_references,
+              "positives_per_kind": config.positives_per_kind, "score_weights": config.score_weights,
               "positives_per_negative": positives_per_negative}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positives_per_negative: float,
                            config_hash: str = "") -> pd.DataFrame:
-    """One product's candidates (image_id, product_id, kind, metric columns, caption) -> COLUMNS."""
+    """One product's candidates (image_id, product_id, kind, metric columns, caption[, twin])
+    -> COLUMNS. `twin`: the image is also a negative of the product (the same pixels from two
+    lineages); such an image never trains as a positive."""
     rows = rows.copy()
-    weights = config.score_weights
-    rows["score"] = sum(w * rows[m].astype(float).fillna(0.0) for m, w in weights.items())
+    twin = rows.twin.fillna(False).astype(bool) if "twin" in rows else pd.Series(False, index=rows.index)
+    rows["score"] = aggregate_score(rows, config.score_weights)
     rows["is_positive"] = rows.kind.isin(POSITIVE_KINDS)
     rows["selected"], rows["reason"], rows["rank"] = False, None, None
     rows["config_hash"] = config_hash
 
-    references = rows.kind == "reference"
+    references = rows.kind == REFERENCE
     rows.loc[references, "selected"] = True
     synthetic = rows.is_positive & ~references
     iou = rows.mask_iou.astype(float)
@@ -63,11 +73,16 @@ def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positiv
     rows.loc[low_iou, "reason"] = [
         "no mask IoU (no product mask found)" if np.isnan(v) else
         f"mask IoU {v:.2f} below {config.iou_threshold} (product lost or hallucinated)" for v in iou[low_iou]]
-    low_score = synthetic & ~low_iou & (rows.score < config.min_score)
-    rows.loc[low_score, "reason"] = [f"score {v:.3f} below {config.min_score}" for v in rows.score[low_score]]
-    eligible = rows[synthetic & ~low_iou & ~low_score].sort_values(["score", "image_id"], ascending=[False, True])
-    keep_first(rows, list(eligible.index), config.positives_per_product, "selected",
-               lambda rank: f"over quota (rank {rank}, keeping {config.positives_per_product})")
+    twins = synthetic & ~low_iou & twin
+    rows.loc[twins, "reason"] = "also a negative of this product (the same pixels from two lineages)"
+    bar, why = _score_bar(rows.score[references], config)
+    low_score = synthetic & ~low_iou & ~twins & (rows.score < bar)
+    rows.loc[low_score, "reason"] = [f"score {v:.3f} below {bar:.3f} ({why})" for v in rows.score[low_score]]
+    for kind, group in rows[synthetic & ~low_iou & ~twins & ~low_score].groupby("kind"):
+        quota = int(config.positives_per_kind.get(kind, 0))
+        eligible = group.sort_values(["score", "image_id"], ascending=[False, True])
+        keep_first(rows, list(eligible.index), quota, "selected",
+                   lambda rank, kind=kind, quota=quota: f"over the {kind} quota (rank {rank}, keeping {quota})")
 
     wanted = math.ceil(int(rows.selected.sum()) / positives_per_negative)
     negatives = rows[~rows.is_positive]
@@ -81,19 +96,39 @@ def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positiv
     return rows[COLUMNS]
 
 
+def _score_bar(reference_scores: pd.Series, config: TrainingSettings) -> tuple[float, str]:
+    """The score a synthetic positive needs, and why: a share of the references' mean score
+    (when positive) and the absolute minimum (when set), whichever is higher."""
+    bars = [(-math.inf, "no minimum")]
+    mean = float(reference_scores.mean()) if len(reference_scores) else math.nan
+    if config.min_score_vs_references and mean > 0:
+        bars.append((config.min_score_vs_references * mean,
+                     f"{config.min_score_vs_references} x the references' mean {mean:.3f}"))
+    if config.min_score is not None:
+        bars.append((config.min_score, "training.min_score"))
+    return max(bars)
+
+
 def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
     settings = lake.settings
     config, ratio = settings.training, settings.augment.positives_per_negative
     config_hash = filter_hash(config, ratio)
     candidates = lake.spark.sql(
-        f"""SELECT m.image_id, m.product_id, m.kind, m.clip_i, m.dino_i, m.clip_t, m.seg_clip_i, m.seg_dino_i,
-                   m.seg_clip_t, m.mask_iou, c.caption
+        f"""SELECT m.image_id, m.product_id, m.kind, {', '.join(f'm.{c}' for c in METRIC_COLUMNS)}, c.caption,
+                   t.image_id IS NOT NULL AS twin
             FROM image_metrics m
             LEFT JOIN captions c ON c.image_id = m.image_id AND c.model = {sql_literal(zoo.name('captioner'))}
                                  AND c.prompt = {sql_literal(zoo.models.caption_prompt)}
-            WHERE m.kind <> 'generated'""")  # the adapter's own outputs never train it
+            LEFT JOIN (SELECT DISTINCT product_id, image_id FROM synthetic_images
+                       WHERE kind IN ({', '.join(sql_literal(k) for k in NEGATIVE_KINDS)})) t
+                   ON t.product_id = m.product_id AND t.image_id = m.image_id
+            WHERE m.kind <> {sql_literal(GENERATED)}""")  # the adapter's own outputs never train it
     schema = TABLES["training_images"].data_schema()
     selected = candidates.groupBy("product_id").applyInPandas(
         lambda rows: select_training_images(rows, config, ratio, config_hash), schema)
-    with lake.staged(selected.selectExpr("*", "current_timestamp() AS created_at")) as staged:
+    with lake.staged(selected) as staged:
         return {"training_images": lake.upsert("training_images", staged)}
+
+
+TRAINING_SET = Step("training_set", run_training_set, reads=("image_metrics", "captions", "synthetic_images"),
+                    writes=("training_images",), description="the filtered, audited training set")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import sys
 import time
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--wait", action="store_true", help="wait for a run already using this home")
         command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1])
 
+    stages = commands.add_parser("stages", help="the stage graph: steps, dependencies, reads, writes, models, device")
+    stages.add_argument("--format", choices=("table", "json"), default="table")
+    stages.set_defaults(run=cmd_stages)
+
     promote = commands.add_parser("promote", help="make a registered adapter version the product's champion")
     promote.add_argument("product_id")
     promote.add_argument("version")
@@ -91,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     imported = actions.add_parser("import", help="apply a reviewed CSV (statuses, reasons, new prompts)")
     imported.add_argument("file")
     imported.set_defaults(run=cmd_prompts_import)
+    typed = actions.add_parser("set-type", help="assign a product's type (e.g. one classified 'unknown')")
+    typed.add_argument("product_id")
+    typed.add_argument("product_type")
+    typed.set_defaults(run=cmd_prompts_set_type)
     for status, verb in (("approved", "approve"), ("rejected", "reject")):
         action = actions.add_parser(verb, help=f"mark prompts {status}")
         action.add_argument("prompt_ids", nargs="+")
@@ -116,9 +125,27 @@ def _parser() -> argparse.ArgumentParser:
                           help="keep files that versions this recent need (default: settings retention_hours)")
     maintain.set_defaults(run=cmd_maintain)
 
+    check = commands.add_parser("check", help="verify that every table's declared key is unique (exit 1 if not)")
+    check.set_defaults(run=cmd_check)
+
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
     demo.set_defaults(run=cmd_demo)
     return parser
+
+
+def cmd_stages(settings: Settings, args) -> int:
+    from jobs.graph import load_stages
+
+    described = [stage.describe(settings) for stage in load_stages().values()]
+    if args.format == "json":
+        print(json.dumps(described, indent=2))
+        return 0
+    for stage in described:
+        print(f"{stage['stage']} [{stage['device']}] <- {', '.join(stage['depends_on']) or '(none)'}: "
+              f"{stage['description']}")
+        for key in ("steps", "reads", "writes", "roles"):
+            print(f"    {key:<7} {', '.join(stage[key]) or '-'}")
+    return 0
 
 
 def _lake(settings: Settings):
@@ -146,8 +173,9 @@ def cmd_sql(settings: Settings, args) -> int:
     query = check_read_only(args.query)  # refuse before starting anything
     frame = _lake(settings).spark.sql(query).toPandas()
     if args.format == "json":
-        records = frame.map(_json_value).to_dict(orient="records") if len(frame) else []
-        json.dump(records, sys.stdout, default=str, ensure_ascii=False)
+        # Per value after to_dict: mapping the frame would turn None back into NaN in float columns.
+        records = [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+        json.dump(records, sys.stdout, default=str, ensure_ascii=False, allow_nan=False)
         print()
     elif args.format == "csv":
         frame.map(_display_value).to_csv(sys.stdout, index=False)
@@ -158,7 +186,8 @@ def cmd_sql(settings: Settings, args) -> int:
 
 def cmd_run(settings: Settings, args) -> int:
     """`recontext run` and the commands that run a group of stages (augment, train, ...)."""
-    from jobs.runner import load_groups, run
+    from jobs.graph import load_groups
+    from jobs.runner import run
 
     names = load_groups()[args.group] if args.group else args.stages
     products = [p.strip() for p in args.products.split(",") if p.strip()] if args.products else None
@@ -189,13 +218,18 @@ def _print_ranking(lake) -> None:
 def _print_evaluation(lake) -> None:
     from etl.evaluation import comparison
 
-    print("\nours vs baseline (means over evaluated generations; evaluation_metrics has per-product rows):")
+    print("\nours vs baseline (means over the champion versions' generations; selection 'all' = every generation, "
+          "'ranked' = the kept top N; evaluation_metrics has per-product rows):")
     table = comparison(lake)
     print(table.to_string(index=False) if len(table) else "(nothing evaluated yet: no generations)")
+    if len(table) and (table.ratings_source.isin(["synthetic", "mixed"])).any():
+        print("NOTE: pass rates, Pearson and ranking gain above come from SYNTHETIC ratings (made-up raters), and "
+              "the metrics from tiny random-weight models unless real weights are configured: they say nothing "
+              "about fidelity or quality.")
 
 
 def cmd_ratings_export(settings: Settings, args) -> int:
-    from etl.evaluation import export_package
+    from etl.rating_package import export_package
 
     index, images = export_package(_lake(settings), args.folder)
     print(f"rating package: {images} images in {index}; raters open it in a browser, answer, and send back the "
@@ -204,7 +238,7 @@ def cmd_ratings_export(settings: Settings, args) -> int:
 
 
 def cmd_ratings_import(settings: Settings, args) -> int:
-    from etl.evaluation import import_ratings
+    from etl.ratings import import_ratings
     from jobs.runner import run
 
     lake = _lake(settings)
@@ -235,11 +269,19 @@ def cmd_maintain(settings: Settings, args) -> int:
     report = maintain(_lake(settings), hours)
     print(f"maintenance of {settings.home} (retention {hours} h):")
     print("\n".join(report.lines()))
-    return 0
+    return 1 if report.key_violations else 0
+
+
+def cmd_check(settings: Settings, args) -> int:
+    from jobs.maintain import check_lines, key_violations
+
+    violations = key_violations(_lake(settings))
+    print("\n".join(check_lines(violations)))
+    return 1 if violations else 0
 
 
 def cmd_promote(settings: Settings, args) -> int:
-    from training.tracking import promote, registered_model_name
+    from etl.tracking import promote, registered_model_name
 
     promote(settings, args.product_id, args.version)
     print(f"{registered_model_name(args.product_id)} version {args.version} is now @champion")
@@ -252,6 +294,15 @@ def cmd_prompts_export(settings: Settings, args) -> int:
     count = export_csv(_lake(settings), args.file, args.type)
     print(f"wrote {count} prompts to {args.file}; edit status (approved/rejected/pending) and reason, add rows "
           f"without prompt_id for new prompts, then: recontext prompts import {args.file}")
+    return 0
+
+
+def cmd_prompts_set_type(settings: Settings, args) -> int:
+    from etl.prompt_bank import set_type
+
+    set_type(_lake(settings), args.product_id, args.product_type)
+    print(f"{args.product_id} is a {args.product_type.strip()}; the next `recontext run` writes its prompts and "
+          "scenes")
     return 0
 
 
@@ -286,10 +337,12 @@ def cmd_demo(settings: Settings, args) -> int:
     """The whole pipeline on the bundled sample catalog, through the same runner as `recontext run`."""
     import dataclasses
 
-    from etl.evaluation import export_package, import_ratings, synthetic_ratings
+    from etl.rating_package import export_package, synthetic_ratings
+    from etl.ratings import import_ratings
     from etl.sample_catalog import write_sample_catalog
-    from jobs.runner import load_groups, run
-    from training.tracking import promote
+    from jobs.graph import load_groups
+    from jobs.runner import run
+    from etl.tracking import promote
 
     print(f"recontext demo, home {settings.home}")
     catalog = write_sample_catalog(settings.home / "samples" / "catalog")
@@ -326,8 +379,9 @@ def cmd_demo(settings: Settings, args) -> int:
     _print_evaluation(lake)
     index, images = export_package(lake, settings.home / "ratings" / "package")
     print(f"\nrating package for people: {index} ({images} images); the demo rates them with three made-up raters "
-          "whose answers follow the metrics:")
-    imported, _ = import_ratings(lake, synthetic_ratings(lake, settings.home / "ratings" / "synthetic.csv"))
+          "(random answers, independent of the metrics; every figure from them is labelled synthetic):")
+    imported, _ = import_ratings(lake, synthetic_ratings(lake, settings.home / "ratings" / "synthetic.csv"),
+                                 source="synthetic")
     print(f"  {imported} synthetic ratings imported")
     run(lake, ["evaluate", "report"])
     _print_evaluation(lake)
@@ -339,7 +393,16 @@ def cmd_demo(settings: Settings, args) -> int:
 
 
 def _json_value(value):
-    return base64.b64encode(value).decode() if isinstance(value, (bytes, bytearray)) else value
+    """A JSON value: bytes as base64; SQL NULL (NaN/NaT in pandas) as null, never NaN."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # numpy scalars (array elements) as Python numbers
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return [_json_value(v) for v in value]
+    if value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NaTType":
+        return None
+    return value
 
 
 def _display_value(value):

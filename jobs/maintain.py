@@ -26,16 +26,18 @@ class MaintenanceReport:
     vacuumed: dict[str, int] = field(default_factory=dict)  # table -> files deleted
     orphaned_artifacts: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
+    key_violations: dict[str, list[dict]] = field(default_factory=dict)  # table -> duplicated keys
 
     def lines(self) -> list[str]:
         return [f"{t:<20} compacted {self.compacted.get(t, 0):>4} files, vacuumed {self.vacuumed.get(t, 0):>4}"
                 for t in sorted(set(self.compacted) | set(self.vacuumed))] + [
             f"removed {len(self.orphaned_artifacts)} orphaned MLflow artifact folder(s), "
-            f"{len(self.checkpoints)} training checkpoint folder(s) of registered adapters"]
+            f"{len(self.checkpoints)} training checkpoint folder(s) of registered adapters"] + check_lines(
+            self.key_violations)
 
 
 def maintain(lake: Lakehouse, retention_hours: int) -> MaintenanceReport:
-    from jobs.runner import home_lock
+    from jobs.recovery import home_lock
 
     report = MaintenanceReport()
     with home_lock(lake.settings.home, f"maintain-{uuid.uuid4().hex[:6]}"):
@@ -45,7 +47,21 @@ def maintain(lake: Lakehouse, retention_hours: int) -> MaintenanceReport:
             report.vacuumed[name] = len(lake.vacuum(name, retention_hours))
         report.orphaned_artifacts = prune_mlflow_artifacts(lake)
         report.checkpoints = prune_checkpoints(lake)
+        report.key_violations = key_violations(lake)
     return report
+
+
+def key_violations(lake: Lakehouse) -> dict[str, list[dict]]:
+    """Per table, the declared keys that more than one row holds (none in a healthy home)."""
+    return {name: found for name in TABLES if (found := lake.key_violations(name))}
+
+
+def check_lines(violations: dict[str, list[dict]]) -> list[str]:
+    if not violations:
+        return [f"keys: every declared key of the {len(TABLES)} tables is unique"]
+    return [f"KEY VIOLATION in {table}: " + "; ".join(
+        ", ".join(f"{k}={v}" for k, v in row.items() if k != "rows") + f" ({row['rows']} rows)" for row in rows)
+        for table, rows in violations.items()]
 
 
 def prune_mlflow_artifacts(lake: Lakehouse) -> list[str]:
@@ -53,7 +69,7 @@ def prune_mlflow_artifacts(lake: Lakehouse) -> list[str]:
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from training import tracking
+    from etl import tracking
 
     root = lake.settings.home / "mlflow" / "artifacts"
     experiment = tracking.configure(lake.settings)

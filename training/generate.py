@@ -1,16 +1,11 @@
-"""Generation with the champion adapters -> `generations`; post-finetuning ranking ->
-`ranked_generations` (paper 2.5).
+"""Generation with the champion adapters -> `generations` (paper 2.5; the ranking that follows
+is training/ranking.py).
 
 Generation is a driver loop over products and arms (each loads its adapter from the MLflow
 registry by the `champion` alias onto one base pipeline; the baseline arm, when trained, gets the
 same prompts and seeds): approved target prompts of the product's type
 x seeds. A task key hashes adapter version, prompt, seed and parameters, so a re-run generates
 nothing twice and promoting another version makes the next run generate with it.
-
-Ranking (our arm only: the baseline has none) scores every generation with the metrics job's
-columns, aggregates them (sum of CLIP-T + CLIP-I + DINO by default, `generation.rank_weights`;
-or the learned ranker's pass probability with `generation.rank_aggregate = "learned"`), drops
-those below the threshold and keeps the top `generation.keep_top` per product.
 """
 
 from __future__ import annotations
@@ -23,33 +18,16 @@ import pandas as pd
 import torch
 
 from etl.config import GenerationSettings
-from etl.errors import UserError
-from etl.evaluation import METRICS, aggregate_score
 from etl.lakehouse import Lakehouse
 from etl.progress import Progress
-from etl.prompt_bank import approved_prompts, resolved_types
-from etl.tables import TABLES
-from etl.training_set import keep_first
-from training import tracking
-from training.ranker import MODEL_NAME, features
+from etl.prompt_bank import approved_prompts, class_noun, resolved_types
+from etl.step import CHAMPIONS, Step
+from etl import tracking
 from udfs.imaging import encode_png, pixel_hash
 from udfs.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
-
-
-def champion(product_id: str, arm: str = tracking.OURS) -> tuple[str, str, str] | None:
-    """(model name, version, run id) of the product's champion adapter in `arm`, or None."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    name = tracking.registered_model_name(product_id, arm)
-    try:
-        version = MlflowClient().get_model_version_by_alias(name, tracking.CHAMPION)
-    except MlflowException:
-        return None
-    return name, str(version.version), version.run_id
 
 
 def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, int]:
@@ -69,18 +47,18 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
              if lake.products is None or p in lake.products]
     meter = Progress(len(pairs), "adapters", progress)
     for product_id, arm in meter.track(pairs, lambda pair: f"{pair[0]} ({pair[1]})"):
-        found = champion(product_id, arm)
+        found = tracking.champion(product_id, arm)
         if found is None:
             continue  # only products with a champion adapter are generated
         name, version, run_id = found
-        token, class_noun = tokens.get((product_id, arm, version)), types.get(product_id) or "product"
-        prompts = targets[targets.product_type == class_noun].head(settings.prompts_per_product)
+        token, product_type = tokens.get((product_id, arm, version)), types.get(product_id)
+        prompts = targets[targets.product_type == product_type].head(settings.prompts_per_product)
         if prompts.empty:
-            failures.append((product_id, f"type:{class_noun}", "no_approved_targets",
-                             f"no approved target prompts for product type '{class_noun}'; approve some "
+            failures.append((product_id, f"type:{product_type}", "no_approved_targets",
+                             f"no approved target prompts for product type '{product_type}'; approve some "
                              "(recontext prompts ...) or import them from a CSV"))
             continue
-        tasks = [_task(product_id, arm, name, version, run_id, token, class_noun, p, seed, settings)
+        tasks = [_task(product_id, arm, name, version, run_id, token, class_noun(product_type), p, seed, settings)
                  for p in prompts.itertuples() for seed in range(settings.seed, settings.seed + settings.seeds_per_prompt)]
         tasks = [t for t in tasks if t["task_key"] not in done]
         if not tasks:
@@ -122,45 +100,7 @@ def _task(product_id, arm, name, version, run_id, token, class_noun, prompt, see
             "steps": settings.steps, "guidance": float(settings.guidance_scale)}
 
 
-def rank_generations(scores: pd.DataFrame, settings: GenerationSettings, ranker=None) -> pd.DataFrame:
-    """Per product: aggregate, threshold, rank, keep the top N. `scores` has product_id,
-    image_id, adapter_version and the metric columns. The aggregate is the weighted sum, or with
-    a learned `ranker` (model, version) its pass probability (threshold `min_pass_probability`)."""
-    scores = scores.copy()
-    if ranker is None:
-        scores["score"], threshold = aggregate_score(scores, settings.rank_weights), settings.min_score
-        scores["ranked_by"] = "sum"
-    else:
-        model, version = ranker
-        scores["score"], threshold = model.predict_proba(features(scores))[:, 1], settings.min_pass_probability
-        scores["ranked_by"] = f"{MODEL_NAME} v{version}"
-    scores["rank"], scores["kept"], scores["reason"] = None, False, None
-    below = scores.score < threshold
-    scores.loc[below, "reason"] = [f"score {s:.3f} below {threshold}" for s in scores.score[below]]
-    for _, group in scores[~below].groupby("product_id"):
-        ordered = group.sort_values(["score", "image_id"], ascending=[False, True])
-        keep_first(scores, list(ordered.index), settings.keep_top, "kept",
-                   lambda rank: f"over the top {settings.keep_top} (rank {rank})")
-    scores["rank"] = scores["rank"].astype("Int32")
-    return scores[TABLES["ranked_generations"].data_columns]
-
-
-def run_ranking(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
-    settings = lake.settings.generation
-    if settings.rank_aggregate not in ("sum", "learned"):
-        raise UserError(f"generation.rank_aggregate must be 'sum' or 'learned', not {settings.rank_aggregate!r}")
-    ranker = None
-    if settings.rank_aggregate == "learned":
-        from training.ranker import load_champion
-
-        tracking.configure(lake.settings)
-        ranker = load_champion()
-    metrics = ", ".join(f"m.{c}" for c in METRICS)
-    scores = lake.spark.sql(
-        f"""SELECT g.product_id, g.image_id, g.adapter_version, {metrics}
-           FROM generations g JOIN image_metrics m ON m.image_id = g.image_id AND m.product_id = g.product_id
-           WHERE g.arm = 'ours'"""
-    ).toPandas()
-    if scores.empty:
-        return {"ranked_generations": 0}
-    return {"ranked_generations": lake.upsert_rows("ranked_generations", rank_generations(scores, settings, ranker))}
+GENERATE = Step("generate", run_generation,
+                reads=("adapters", "prompt_bank", "products", "product_classes", CHAMPIONS),
+                writes=("generations", "quarantine"), roles=("text2img",),
+                description="images from each product's champion adapter (and the baseline's)")

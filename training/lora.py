@@ -1,7 +1,10 @@
 """DreamBooth-style LoRA fine-tuning of a Stable Diffusion UNet (paper 2.4, appendix A.5).
 
-No prior-preservation loss: negatives and counterfactuals are ordinary examples with their own
-captions (without the rare token), so the adapter learns what the product is *not*. Latents
+Our arm has no prior-preservation loss: negatives and counterfactuals are ordinary examples with
+their own captions (without the rare token), so the adapter learns what the product is *not*.
+The baseline arm, standard DreamBooth, passes `prior` examples (class images the base model
+made from "a photo of a <class>"): each step then adds a batch of them, and their loss, times
+`prior_loss_weight`, to the instance loss, as diffusers' reference trainer does. Latents
 and (frozen) text states are computed once. Every `checkpoint_every` steps the LoRA weights,
 optimizer state, data/noise generator state and loss history are written atomically; a run
 that finds a checkpoint resumes from it and ends with exactly the weights of an uninterrupted
@@ -51,7 +54,8 @@ def instance_prompt(token: str, class_noun: str, caption: str | None = None) -> 
 
 def train_lora(base_path: str | Path, examples: list[Example], config: TrainingSettings, out_dir: str | Path,
                steps: int | None = None, on_step: Callable[[int, float], None] | None = None,
-               validate: Callable[[object, int], dict] | None = None, device: str = "auto") -> TrainResult:
+               validate: Callable[[object, int], dict] | None = None, device: str = "auto",
+               prior: list[Example] = (), prior_loss_weight: float = 1.0) -> TrainResult:
     """Train (or resume) a LoRA adapter; returns where `pytorch_lora_weights.safetensors` lies.
 
     `validate(pipeline, step)` is called every `validate_every` steps with the pipeline that holds
@@ -90,8 +94,9 @@ def train_lora(base_path: str | Path, examples: list[Example], config: TrainingS
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
-    latents = _cached_latents(vae, [e.image for e in examples], config.resolution, target)
-    captions = [e.caption for e in examples]
+    # Instance examples first, then the prior (class) examples: one tensor, two index ranges.
+    latents = _cached_latents(vae, [e.image for e in [*examples, *prior]], config.resolution, target)
+    captions = [e.caption for e in [*examples, *prior]]
     tokens = pipeline.tokenizer(captions, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt").input_ids.to(target)
     frozen_states = None if config.train_text_encoder else _encode(text_encoder, tokens).detach()
@@ -103,8 +108,11 @@ def train_lora(base_path: str | Path, examples: list[Example], config: TrainingS
     unet.train()
     for step in range(start, steps):
         index = torch.randint(len(examples), (config.batch_size,), generator=generator)
+        if prior:
+            index = torch.cat([index, len(examples) + torch.randint(len(prior), (config.batch_size,),
+                                                                    generator=generator)])
         noise = torch.randn(latents[index].shape, generator=generator).to(target)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
                                   generator=generator).to(target)
         noisy = noise_scheduler.add_noise(latents[index], noise, timesteps)
         states = frozen_states[index] if frozen_states is not None else _encode(text_encoder, tokens[index])
@@ -112,7 +120,12 @@ def train_lora(base_path: str | Path, examples: list[Example], config: TrainingS
             prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
         wanted = noise if noise_scheduler.config.prediction_type == "epsilon" \
             else noise_scheduler.get_velocity(latents[index], noise, timesteps)
-        loss = F.mse_loss(prediction.float(), wanted.float())
+        if prior:  # the instance loss plus the weighted prior-preservation loss
+            n = config.batch_size
+            loss = (F.mse_loss(prediction[:n].float(), wanted[:n].float())
+                    + prior_loss_weight * F.mse_loss(prediction[n:].float(), wanted[n:].float()))
+        else:
+            loss = F.mse_loss(prediction.float(), wanted.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

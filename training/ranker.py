@@ -16,16 +16,18 @@ import numpy as np
 import pandas as pd
 
 from etl.errors import UserError
-from etl.evaluation import METRICS, aggregate_score, pearson
+from etl.evaluation import pearson
+from etl.vocabulary import EVALUATED as METRICS, aggregate_score
 from etl.lakehouse import Lakehouse
-from training import tracking
+from etl.step import REGISTERED_MODELS, Step
+from etl import tracking
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "recontext-ranker"
 
 
 def features(frame: pd.DataFrame) -> np.ndarray:
-    return frame[METRICS].astype(float).fillna(0.0).to_numpy()
+    return frame[list(METRICS)].astype(float).fillna(0.0).to_numpy()
 
 
 def _model():
@@ -59,13 +61,14 @@ def held_out(frame: pd.DataFrame, weights: dict, folds: int) -> dict:
 def rated(lake: Lakehouse) -> pd.DataFrame:
     metrics = ", ".join(f"m.{c}" for c in METRICS)
     return lake.spark.sql(
-        f"""SELECT r.image_id, r.product_id, r.passed, {metrics} FROM rated_images r
+        f"""SELECT r.image_id, r.product_id, r.passed, r.ratings_source, {metrics} FROM rated_images r
             JOIN image_metrics m ON m.image_id = r.image_id AND m.product_id = r.product_id
             WHERE r.passed IS NOT NULL ORDER BY r.image_id""").toPandas()
 
 
 def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
-    """Fit, judge on held-out folds, register; promote when it beats the aggregate."""
+    """Fit, judge on held-out folds, register; promote when it beats the aggregate and every
+    rating came from people (a ranker fit on synthetic ratings stays @candidate)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -81,7 +84,9 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
         return {"ranker_versions": 0}  # fit on exactly these ratings already
     report = held_out(frame, settings.generation.rank_weights, settings.evaluation.ranker_folds)
     model = _model().fit(features(frame), frame.passed.astype(int).to_numpy())
-    with mlflow.start_run(experiment_id=experiment, run_name="learned ranker", tags={"ratings_digest": digest}):
+    synthetic = bool((frame.ratings_source != "human").any())
+    with mlflow.start_run(experiment_id=experiment, run_name="learned ranker",
+                          tags={"ratings_digest": digest, "ratings_source": "synthetic" if synthetic else "human"}):
         mlflow.log_params({"features": ",".join(METRICS), "model": "StandardScaler+LogisticRegression(C=1)",
                            "folds": settings.evaluation.ranker_folds})
         mlflow.log_metrics({k: v for k, v in report.items() if v is not None})
@@ -90,8 +95,10 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
     version = str(info.registered_model_version)
     learned, plain = report["heldout_pearson_learned"], report["heldout_pearson_sum"]
     better = learned is not None and (plain is None or learned > plain)
-    MlflowClient().set_registered_model_alias(MODEL_NAME, tracking.CHAMPION if better else tracking.CANDIDATE,
-                                              version)
+    if synthetic:
+        log.info("learned ranker v%s fit on synthetic ratings: @candidate only, never @champion", version)
+    MlflowClient().set_registered_model_alias(
+        MODEL_NAME, tracking.CHAMPION if better and not synthetic else tracking.CANDIDATE, version)
     log.info("learned ranker v%s: held-out r=%s vs aggregate r=%s", version, learned, plain)
     return {"ranker_versions": 1}
 
@@ -109,3 +116,7 @@ def load_champion():
         raise UserError(f"generation.rank_aggregate is 'learned' but {MODEL_NAME} has no @champion: import human "
                         "ratings (recontext ratings import) so `recontext evaluate` can fit one, or promote a "
                         "version, or set rank_aggregate = 'sum'") from None
+
+
+FIT_RANKER = Step("fit_ranker", run_fit_ranker, reads=("rated_images", "image_metrics"), writes=(REGISTERED_MODELS,),
+                  description="the learned ranker, refit when the ratings change")

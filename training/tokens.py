@@ -5,7 +5,10 @@ late: high ids), lowercase letters only, not English words (the MiniLM WordPiece
 that ships with the sentence model serves as the dictionary), and at edit distance >= 2 from
 every word of the product's title and type, so the token cannot be read as the product's name.
 The order is a hash of the product id: deterministic, and different products try different
-tokens.
+tokens. The sweep then tries the candidates with the most plausible association with the
+product first (the paper: tokens "that have plausible association with the product"):
+`by_association` ranks a shortlist by the CLIP text similarity of "a photo of <token> <class>"
+to the product's title.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def edit_distance(a: str, b: str) -> int:
 def _pool() -> tuple[str, ...]:
     from open_clip.tokenizer import SimpleTokenizer
 
-    from udfs.packaged import packaged_weights
+    from udfs.zoo import packaged_weights
 
     dictionary = {w.strip().lower() for w in (packaged_weights("sentence") / "vocab.txt").read_text().splitlines()
                   if w and not w.startswith("##") and not w.startswith("[")}
@@ -42,6 +45,17 @@ def _pool() -> tuple[str, ...]:
                 and word.isascii() and word.isalpha() and word.islower() and word not in dictionary):
             pool.append(word)
     return tuple(sorted(pool))
+
+
+def by_association(tokens: list[str], class_noun: str, title: str, embed_texts) -> list[tuple[str, float]]:
+    """(token, cosine) best first: CLIP text similarity of "a photo of <token> <class>" to the
+    product's title; `embed_texts` returns unit vectors. Ties keep the given order."""
+    if not tokens:
+        return []
+    vectors = embed_texts([f"a photo of {t} {class_noun}" for t in tokens] + [title])
+    similarity = vectors[:-1] @ vectors[-1]
+    order = sorted(range(len(tokens)), key=lambda i: (-float(similarity[i]), i))
+    return [(tokens[i], float(similarity[i])) for i in order]
 
 
 def rare_token_candidates(product_id: str, name_words: list[str], count: int) -> list[str]:

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict
+import dataclasses
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,14 +28,18 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
+from etl.image_sets import IMAGE_BYTES
+from etl.config import TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.metrics import cosine
 from etl.progress import Progress
-from etl.prompt_bank import resolved_types
+from etl.prompt_bank import approved_prompts, resolved_types
+from etl.prompt_bank import class_noun as noun_of
+from etl.step import REGISTERED_MODELS, Step
 from etl.tables import sql_literal
-from training import tracking
+from etl import tracking
 from training.lora import Example, TrainResult, instance_prompt, train_lora
-from training.tokens import rare_token_candidates
+from training.tokens import by_association, rare_token_candidates
 from udfs.imaging import decode_rgb
 from udfs.zoo import ModelZoo
 
@@ -41,8 +47,19 @@ log = logging.getLogger(__name__)
 STAGE, BASELINE_STAGE = "train", "train_baseline"
 
 
-def config_hash(lake: Lakehouse, zoo: ModelZoo) -> str:
-    fields = {**asdict(lake.settings.training), "base_model": zoo.name("text2img")}
+def arm_config(lake: Lakehouse, arm: str) -> TrainingSettings:
+    """The training settings of an arm: [training] for ours; for the baseline its own rank,
+    alpha, steps and learning rate from [baseline] (the rest follows [training])."""
+    if arm == tracking.OURS:
+        return lake.settings.training
+    baseline = lake.settings.baseline
+    return dataclasses.replace(lake.settings.training, rank=baseline.rank, alpha=baseline.alpha, steps=baseline.steps,
+                               learning_rate=baseline.learning_rate, token_candidates=1)
+
+
+def config_hash(lake: Lakehouse, zoo: ModelZoo, arm: str = tracking.OURS) -> str:
+    fields = {**asdict(arm_config(lake, arm)), "base_model": zoo.name("text2img"),
+              **({"baseline": asdict(lake.settings.baseline)} if arm == tracking.BASELINE else {})}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -78,12 +95,14 @@ def _trained(lake: Lakehouse, arm: str) -> set[tuple[str, str]]:
 def run_baseline_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = None,
                           progress=print) -> dict[str, int]:
     """The baseline arm for every product that has an adapter of ours: references only."""
+    if not lake.settings.evaluation.baseline:
+        return {"adapters": 0}
     zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("product_images")).version()
     references = lake.spark.sql(
         f"""SELECT i.product_id, i.image_id FROM product_images i
             WHERE i.product_id IN (SELECT product_id FROM adapters WHERE arm = '{tracking.OURS}')""").toPandas()
-    digests = _digests(config_hash(lake, zoo), references)  # new photos retrain the baseline
+    digests = _digests(config_hash(lake, zoo, tracking.BASELINE), references)  # new photos retrain the baseline
     done = _trained(lake, tracking.BASELINE)
     todo = sorted(p for p, d in digests.items() if (p, d) not in done)
     return _train_products(lake, zoo, _only(todo, products or lake.products),
@@ -115,9 +134,7 @@ def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], inputs, arm
 def _examples(lake: Lakehouse, product_id: str) -> tuple[pd.DataFrame, list[Image.Image]]:
     rows = lake.spark.sql(
         f"""SELECT t.image_id, t.kind, t.is_positive, t.caption, i.image FROM _training_set t
-            JOIN (SELECT image_id, first(image) AS image FROM (
-                    SELECT image_id, image FROM product_images UNION ALL SELECT image_id, image FROM synthetic_images)
-                  GROUP BY image_id) i ON i.image_id = t.image_id
+            JOIN ({IMAGE_BYTES}) i ON i.image_id = t.image_id
             WHERE t.product_id = {sql_literal(product_id)} ORDER BY t.image_id""").toPandas()
     references = [decode_rgb(b) for b in rows[rows.kind == "reference"].image]
     return rows, references
@@ -137,28 +154,112 @@ def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, rows: pd.Data
     validation, registration; returns the `adapters` row."""
     import mlflow
 
-    config = lake.settings.training
+    config = arm_config(lake, arm)
+    title, product_type = _title_and_type(lake, product_id)
+    class_noun = noun_of(product_type)
+    scenes = approved_prompts(lake, "scene").query("product_type == @product_type").text.head(
+        config.validation_images).tolist()
+    job = _ProductTraining(lake, zoo, product_id, class_noun, rows, _embed(zoo, references),
+                           lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digest}", scenes, config)
+    row = {"product_id": product_id, "arm": arm, "training_set_version": version, "config_hash": digest,
+           "model_name": tracking.registered_model_name(product_id, arm),
+           "alias": tracking.CHAMPION if arm == tracking.BASELINE else tracking.CANDIDATE, "images": len(rows)}
+    training_key = f"{product_id}|{arm}|{version}|{digest}"
+    registered = tracking.registered_version(row["model_name"], training_key)
+    if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
+        progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
+        return _recorded(row, *registered)
+    candidates = _candidate_tokens(zoo, product_id, title, class_noun, config.token_candidates if arm == tracking.OURS
+                                   else 1)
+    params = {**{k: str(v) for k, v in asdict(config).items()}, "product_id": product_id, "arm": arm,
+              "training_set_version": version, "class_noun": class_noun, "base_model": zoo.name("text2img"),
+              "examples": len(rows), "positives": int(rows.is_positive.sum()),
+              **({f"baseline.{k}": str(v) for k, v in asdict(lake.settings.baseline).items()}
+                 if arm == tracking.BASELINE else {})}
+    run_name = product_id if arm == tracking.OURS else f"{product_id} {arm}"
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name, log_system_metrics=True,
+                          tags={tracking.TRAINING_KEY: training_key}) as run:
+        mlflow.log_params(params)
+        token, token_scores = job.sweep(candidates, experiment)
+        mlflow.log_params({"token": token, "tried_tokens": ",".join(candidates)})
+        mlflow.set_tag("token_scores", json.dumps(token_scores, sort_keys=True))
+        progress(f"  train {product_id} ({arm}): token '{token}', {len(rows)} examples, {config.steps} steps")
+        prior = job.class_examples() if arm == tracking.BASELINE and lake.settings.baseline.prior_preservation else []
+        result = train_lora(job.base, job.examples_for(token), config, job.work / "final", device=zoo.models.device,
+                            prior=prior, prior_loss_weight=lake.settings.baseline.prior_loss_weight,
+                            on_step=lambda step, loss: mlflow.log_metric("loss", loss, step=step),
+                            validate=job.validator(token, log_images=True))
+        final = result.validations[-1] if result.validations else \
+            job.validator(token, log_images=True)(_pipeline_with(job.base, result, zoo), config.steps)
+        final_loss = float(np.mean(result.losses[-10:]))
+        mlflow.log_metrics({"final_loss": final_loss})
+        model_version = tracking.register_adapter(result.adapter_dir, job.base, product_id, arm, config.auto_promote)
+        shutil.rmtree(job.work / "sweep", ignore_errors=True)
+        return {**row, "token": token, "token_scores": json.dumps(token_scores, sort_keys=True),
+                "run_id": run.info.run_id, "model_version": model_version, "final_loss": final_loss,
+                "clip_i": float(final["clip_i"]), "dino_i": float(final["dino_i"])}
+
+
+SHORTLIST = 8  # candidates drawn per token tried, before ranking them by association
+
+
+def _candidate_tokens(zoo: ModelZoo, product_id: str, title: str, class_noun: str, count: int) -> list[str]:
+    """The tokens the sweep tries: rare candidates, the `count` most associated with the title."""
+    words = f"{title} {class_noun} {product_id}".replace("-", " ").split()
+    if count <= 1:
+        return rare_token_candidates(product_id, words, 1)
+    shortlist = rare_token_candidates(product_id, words, count * SHORTLIST)
+    return [t for t, _ in by_association(shortlist, class_noun, title, zoo.load("clip").embed_texts)[:count]]
+
+
+def _title_and_type(lake: Lakehouse, product_id: str) -> tuple[str, str | None]:
     product = lake.spark.sql(f"SELECT title FROM products WHERE product_id = {sql_literal(product_id)}").collect()
-    class_noun = next((r["product_type"] for r in resolved_types(lake).where(
-        f"product_id = {sql_literal(product_id)}").collect()), None) or "product"
-    title = product[0]["title"] if product else product_id
-    candidates = rare_token_candidates(product_id, f"{title} {class_noun} {product_id}".replace("-", " ").split(),
-                                       max(1, config.token_candidates) if arm == tracking.OURS else 1)
-    reference_vectors = _embed(zoo, references)
-    work = lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digest}"
+    product_type = next((r["product_type"] for r in resolved_types(lake).where(
+        f"product_id = {sql_literal(product_id)}").collect()), None)
+    return (product[0]["title"] if product else product_id), product_type
 
-    def examples_for(token: str) -> list[Example]:
-        return [Example(decode_rgb(r.image),
-                        instance_prompt(token, class_noun, r.caption) if r.is_positive else (r.caption or class_noun))
-                for r in rows.itertuples()]
 
-    def validator(token: str, log_images: bool):
+def _recorded(row: dict, model_version: str, run) -> dict:
+    """The adapters row of a version a killed run registered, from its MLflow run."""
+    return {**row, "token": run.data.params["token"], "token_scores": run.data.tags.get("token_scores", "{}"),
+            "run_id": run.info.run_id, "model_version": model_version,
+            "final_loss": run.data.metrics["final_loss"], "clip_i": run.data.metrics["val_clip_i"],
+            "dino_i": run.data.metrics["val_dino_i"]}
+
+
+@dataclass
+class _ProductTraining:
+    """What one product's sweep and training share: its examples, references and work folder."""
+
+    lake: Lakehouse
+    zoo: ModelZoo
+    product_id: str
+    class_noun: str
+    rows: pd.DataFrame
+    reference_vectors: dict
+    work: Path
+    scenes: list[str]  # approved scene prompts of the product's type: the sweep checks CLIP-T on them
+    config: TrainingSettings  # the arm's (arm_config)
+
+    @property
+    def base(self) -> str:
+        return str(self.zoo.path("text2img"))
+
+    def examples_for(self, token: str) -> list[Example]:
+        return [Example(decode_rgb(r.image), instance_prompt(token, self.class_noun, r.caption) if r.is_positive
+                        else (r.caption or self.class_noun)) for r in self.rows.itertuples()]
+
+    def validator(self, token: str, log_images: bool):
+        import mlflow
+
+        config = self.config
+
         def validate(pipeline, step: int) -> dict:
             generator = torch.Generator("cpu").manual_seed(config.seed)
-            images = pipeline([instance_prompt(token, class_noun)] * config.validation_images,
-                              num_inference_steps=lake.settings.augment.steps, height=config.resolution,
+            images = pipeline([instance_prompt(token, self.class_noun)] * config.validation_images,
+                              num_inference_steps=self.lake.settings.augment.steps, height=config.resolution,
                               width=config.resolution, generator=generator).images
-            scores = _scores(zoo, images, reference_vectors)
+            scores = _scores(self.zoo, images, self.reference_vectors)
             mlflow.log_metrics({f"val_{k}": v for k, v in scores.items()}, step=step)
             if log_images:
                 for i, image in enumerate(images):
@@ -166,55 +267,53 @@ def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, rows: pd.Data
             return scores
         return validate
 
-    base = str(zoo.path("text2img"))
-    params = {**{k: str(v) for k, v in asdict(config).items()}, "product_id": product_id, "arm": arm,
-              "training_set_version": version, "class_noun": class_noun, "base_model": zoo.name("text2img"),
-              "examples": len(rows), "positives": int(rows.is_positive.sum())}
-    row = {"product_id": product_id, "arm": arm, "training_set_version": version, "config_hash": digest,
-           "model_name": tracking.registered_model_name(product_id, arm),
-           "alias": tracking.CHAMPION if arm == tracking.BASELINE else tracking.CANDIDATE, "images": len(rows)}
-    training_key = f"{product_id}|{arm}|{version}|{digest}"
-    registered = tracking.registered_version(row["model_name"], training_key)
-    if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
-        model_version, run = registered
-        progress(f"  train {product_id} ({arm}): version {model_version} is already registered; recording it")
-        return {**row, "token": run.data.params["token"], "token_scores": run.data.tags.get("token_scores", "{}"),
-                "run_id": run.info.run_id, "model_version": model_version,
-                "final_loss": run.data.metrics["final_loss"], "clip_i": run.data.metrics["val_clip_i"],
-                "dino_i": run.data.metrics["val_dino_i"]}
-    run_name = product_id if arm == tracking.OURS else f"{product_id} {arm}"
-    with mlflow.start_run(experiment_id=experiment, run_name=run_name, log_system_metrics=True,
-                          tags={tracking.TRAINING_KEY: training_key}) as run:
-        mlflow.log_params(params)
-        token_scores = {}
-        if len(candidates) > 1:  # the rare-token sweep: short runs, best validation CLIP-I + DINO
-            for token in candidates:
-                with mlflow.start_run(experiment_id=experiment, run_name=f"{product_id} token {token}", nested=True):
-                    mlflow.log_params({"token": token, "steps": config.sweep_steps})
-                    result = train_lora(base, examples_for(token), config, work / "sweep" / token,
-                                        steps=config.sweep_steps, device=zoo.models.device)
-                    scores = validator(token, log_images=False)(_pipeline_with(base, result, zoo), config.sweep_steps)
-                    token_scores[token] = scores["clip_i"] + scores["dino_i"]
-                    mlflow.log_metric("sweep_score", token_scores[token])
-            token = max(candidates, key=lambda t: (token_scores[t], t))
-        else:
-            token = candidates[0]
-        mlflow.log_params({"token": token, "tried_tokens": ",".join(candidates)})
-        mlflow.set_tag("token_scores", json.dumps(token_scores, sort_keys=True))
-        progress(f"  train {product_id} ({arm}): token '{token}', {len(rows)} examples, {config.steps} steps")
-        result = train_lora(base, examples_for(token), config, work / "final", device=zoo.models.device,
-                            on_step=lambda step, loss: mlflow.log_metric("loss", loss, step=step),
-                            validate=validator(token, log_images=True))
-        final = result.validations[-1] if result.validations else \
-            validator(token, log_images=True)(_pipeline_with(base, result, zoo), config.steps)
-        mlflow.log_metrics({"final_loss": float(np.mean(result.losses[-10:]))})
-        model_version = tracking.register_adapter(result.adapter_dir, base, product_id, arm,
-                                                  config.auto_promote)
-        shutil.rmtree(work / "sweep", ignore_errors=True)
-        return {**row, "token": token, "token_scores": json.dumps(token_scores, sort_keys=True),
-                "run_id": run.info.run_id, "model_version": model_version,
-                "final_loss": float(np.mean(result.losses[-10:])), "clip_i": float(final["clip_i"]),
-                "dino_i": float(final["dino_i"])}
+    def class_examples(self) -> list[Example]:
+        """DreamBooth's prior-preservation images: what the base model makes of "a photo of a
+        <class>" (baseline.class_images of them, seeded), captioned with that prompt."""
+        from udfs.diffusion import load_pipeline
+
+        count, prompt = self.lake.settings.baseline.class_images, f"a photo of a {self.class_noun}"
+        pipeline = load_pipeline("text2img", self.base, self.zoo.models.device)
+        generator = torch.Generator("cpu").manual_seed(self.config.seed)
+        images = pipeline([prompt] * count, num_inference_steps=self.lake.settings.augment.steps,
+                          height=self.config.resolution, width=self.config.resolution, generator=generator).images
+        return [Example(image, prompt) for image in images]
+
+    def scene_clip_t(self, token: str, pipeline) -> float | None:
+        """Mean CLIP-T of images made from "a photo of <token> <class>, <scene>" against the
+        scene prompt without the token: does the token still follow a new scene, or has it
+        memorized the references?"""
+        if not self.scenes:
+            return None
+        config = self.config
+        generator = torch.Generator("cpu").manual_seed(config.seed)
+        images = pipeline([f"{instance_prompt(token, self.class_noun)}, {scene}" for scene in self.scenes],
+                          num_inference_steps=self.lake.settings.augment.steps, height=config.resolution,
+                          width=config.resolution, generator=generator).images
+        clip = self.zoo.load("clip")
+        texts = clip.embed_texts([f"a photo of a {self.class_noun}, {scene}" for scene in self.scenes])
+        return float(np.mean(np.sum(clip.embed_images(images) * texts, axis=1)))
+
+    def sweep(self, candidates: list[str], experiment: str) -> tuple[str, dict[str, float]]:
+        """The rare-token sweep: a short run per candidate; the best validation CLIP-I + DINO on
+        the instance prompt plus CLIP-T on scene prompts wins."""
+        import mlflow
+
+        if len(candidates) == 1:
+            return candidates[0], {}
+        config, scores_by_token = self.config, {}
+        for token in candidates:
+            with mlflow.start_run(experiment_id=experiment, run_name=f"{self.product_id} token {token}", nested=True):
+                mlflow.log_params({"token": token, "steps": config.sweep_steps})
+                result = train_lora(self.base, self.examples_for(token), config, self.work / "sweep" / token,
+                                    steps=config.sweep_steps, device=self.zoo.models.device)
+                pipeline = _pipeline_with(self.base, result, self.zoo)
+                scores = self.validator(token, log_images=False)(pipeline, config.sweep_steps)
+                scene_clip_t = self.scene_clip_t(token, pipeline)
+                scores_by_token[token] = scores["clip_i"] + scores["dino_i"] + (scene_clip_t or 0.0)
+                mlflow.log_metrics({"sweep_score": scores_by_token[token],
+                                    **({"sweep_scene_clip_t": scene_clip_t} if scene_clip_t is not None else {})})
+        return max(candidates, key=lambda t: (scores_by_token[t], t)), scores_by_token
 
 
 def _pipeline_with(base: str, result: TrainResult, zoo: ModelZoo):
@@ -234,3 +333,12 @@ def _scores(zoo: ModelZoo, images: list[Image.Image], references: dict[str, np.n
     generated = _embed(zoo, images)
     return {f"{role}_i": float(cosine(generated[role], references[role]).mean()) for role in ("clip", "dino")}
 
+
+TRAIN = Step("train", run_training,
+             reads=("training_images", "product_images", "synthetic_images", "products", "product_classes"),
+             writes=("adapters", "quarantine", REGISTERED_MODELS), roles=("text2img", "clip", "dino"),
+             description="a DreamBooth-style LoRA per product (rare-token sweep), tracked and registered in MLflow")
+TRAIN_BASELINE = Step("train_baseline", run_baseline_training,
+                      reads=("adapters", "product_images", "products", "product_classes"),
+                      writes=("adapters", "quarantine", REGISTERED_MODELS), roles=("text2img", "clip", "dino"),
+                      description="the baseline arm: plain DreamBooth + LoRA on the references only")

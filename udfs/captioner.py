@@ -15,7 +15,6 @@ from transformers.utils.logging import disable_progress_bar
 
 from udfs.device import pick_device
 
-REQUIRED_FILES = ("config.json",)
 TINY_VOCAB = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] a an the photo of on in with and product white black red green "
     "blue yellow silver gold wooden metal ceramic glass plastic leather fabric cup box bottle bag "
@@ -80,3 +79,8 @@ def build_tiny(path: Path, seed: int = 0):
                               tokenizer=tokenizer)
     processor.save_pretrained(path)
     return model
+
+
+def load(path, models):
+    """The zoo's loader (udfs/zoo.py ROLES): the captioner from a local folder."""
+    return Captioner(path, models.device)

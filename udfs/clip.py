@@ -14,7 +14,6 @@ import torch
 
 from udfs.device import autocast, pick_device
 
-REQUIRED_FILES = ("open_clip_config.json",)
 
 TINY_CONFIG = {
     "model_cfg": {
@@ -67,3 +66,8 @@ def build_tiny(path: Path, seed: int = 0):
     (path / "open_clip_config.json").write_text(json.dumps(TINY_CONFIG, indent=2))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "open_clip_model.safetensors")
     return model
+
+
+def load(path, models):
+    """The zoo's loader (udfs/zoo.py ROLES): the CLIP from a local folder."""
+    return ClipModel(path, models.device)

@@ -16,7 +16,6 @@ import torch
 
 from udfs.device import pick_device
 
-REQUIRED_FILES = ("model_index.json",)
 TINY_TEXT_DIM = 32
 
 
@@ -138,3 +137,16 @@ def build_tiny_image2video(path: Path, seed: int = 0):
     pipeline.save_pretrained(path)
     (path / "recontext_tiny.json").write_text(json.dumps({"seed": seed}))
     return pipeline
+
+
+# The zoo's loaders (udfs/zoo.py ROLES), one per pipeline role.
+def load_text2img(path, models):
+    return load_pipeline("text2img", path, models.device)
+
+
+def load_inpaint(path, models):
+    return load_pipeline("inpaint", path, models.device)
+
+
+def load_image2video(path, models):
+    return load_pipeline("image2video", path, models.device)

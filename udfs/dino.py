@@ -15,7 +15,6 @@ from transformers.utils.logging import disable_progress_bar
 
 from udfs.device import autocast, pick_device
 
-REQUIRED_FILES = ("config.json", "preprocessor_config.json")
 
 
 class DinoModel:
@@ -47,3 +46,8 @@ def build_tiny(path: Path, seed: int = 0):
     BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
     return model
+
+
+def load(path, models):
+    """The zoo's loader (udfs/zoo.py ROLES): the DINO from a local folder."""
+    return DinoModel(path, models.device)

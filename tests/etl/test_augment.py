@@ -15,12 +15,12 @@ from etl.augment import _run_tasks, _task
 from etl.config import Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
-from etl.pipeline import run_stages
+from jobs.steps import run_steps
 from etl.prompt_bank import import_csv
 from etl.tables import TABLES
-from jobs.runner import steps_for
+from jobs.graph import steps_for
 from sample_images import encode, product_shot, write_files
-from udfs.generation import resized_inputs, run_task
+from udfs.augmentation import resized_inputs, run_task
 from udfs.imaging import encode_png
 from udfs.zoo import ModelZoo
 
@@ -48,7 +48,7 @@ def augmented(tmp_path_factory, tiny_models):
                                                 "text": ["a mug of tea on a desk"], "status": ["approved"]})])
     prompts.to_csv(home / "prompts.csv", index=False)
     import_csv(lake, home / "prompts.csv")
-    first = run_stages(lake, AUGMENTATION, progress=lambda _: None)
+    first = run_steps(lake, AUGMENTATION, progress=lambda _: None)
     return lake, home, first
 
 
@@ -105,10 +105,36 @@ def test_outpaints_keep_product_pixels_and_counterfactuals_keep_the_background(a
 def test_positive_to_negative_ratio_per_product(augmented):
     synthetic = table(augmented[0], "synthetic_images")
     references = table(augmented[0], "product_images").groupby("product_id").size()
+    rejected = table(augmented[0], "quarantine").query("reason_code == 'counterfactual_unchanged'")
     for product_id, group in synthetic.groupby("product_id"):
         positives = references[product_id] + group.kind.isin(["novel_view", "outpaint"]).sum()
         negatives = group.kind.isin(["negative", "counterfactual"]).sum()
-        assert negatives == math.ceil(positives / 2), product_id
+        # planned at the ratio; a counterfactual that came out as its parent is rejected, not kept
+        assert negatives + (rejected.product_id == product_id).sum() == math.ceil(positives / 2), product_id
+
+
+def test_counterfactuals_come_from_references_too(augmented):
+    synthetic = table(augmented[0], "synthetic_images")
+    references = set(table(augmented[0], "product_images").image_id)
+    parents = set(synthetic[synthetic.kind == "counterfactual"].parent_image_id)
+    assert parents & references and parents - references  # references and outpainted scenes
+
+
+def test_a_counterfactual_that_leaves_the_product_unchanged_is_rejected(tiny_models):
+    from udfs.augmentation import Rejected
+
+    zoo = ModelZoo.from_settings(Settings.load(tiny_models / "unused", models={"tiny_dir": str(tiny_models)}))
+    zoo.check("inpaint")
+    params = {"resolution": 64, "steps": 2, "guidance_scale": 5.0}
+    image = encode(product_shot(seed=5), "PNG")
+    empty = encode_png(Image.new("L", (160, 120), 0))  # a parent whose mask found no product
+    task = {"kind": "counterfactual", "prompt": "a photo of a different mug", "seed": 1,
+            "parameters": json.dumps(params), "image": image, "mask": empty}
+    with pytest.raises(Rejected, match="counterfactual_unchanged: the parent's product mask is empty"):
+        run_task(zoo, task)
+    with pytest.raises(Rejected, match=r"changed by [\d.]+ on average \(minimum 1000.0\)"):
+        run_task(zoo, {**task, "mask": encode_png(Image.new("L", (160, 120), 255)),
+                       "parameters": json.dumps({**params, "min_change": 1000.0})})
 
 
 def test_captions_masks_and_metrics_cover_synthetic_images(augmented):
@@ -125,7 +151,7 @@ def test_captions_masks_and_metrics_cover_synthetic_images(augmented):
 def test_rerun_writes_nothing(augmented):
     lake = augmented[0]
     versions = {t: DeltaTable(lake.location(t)).version() for t in TABLES}
-    again = run_stages(lake, AUGMENTATION, progress=lambda _: None)
+    again = run_steps(lake, AUGMENTATION, progress=lambda _: None)
     assert all(n == 0 for stage in again.values() for n in stage.values()), again
     assert {t: DeltaTable(lake.location(t)).version() for t in TABLES} == versions
 
@@ -153,7 +179,7 @@ def test_new_product_is_augmented_alone(augmented):
     before = table(lake, "synthetic_images")
     _catalog(home / "catalog", {"mug-c": [9]})
     ingest(lake, home / "catalog")
-    run_stages(lake, AUGMENTATION, progress=lambda _: None)
+    run_steps(lake, AUGMENTATION, progress=lambda _: None)
     after = table(lake, "synthetic_images")
     added = after[~after.task_key.isin(before.task_key)]
     assert set(added.product_id) == {"mug-c"} and len(added) > 0

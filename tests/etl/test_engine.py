@@ -62,3 +62,17 @@ def test_embedded_sessions_survive_idling():
 
     embedded_url()
     assert int(os.environ["SAIL_SPARK__SESSION_TIMEOUT_SECS"]) >= 24 * 3600
+
+
+def test_upsert_refuses_two_rows_for_one_declared_key(lake):
+    import pandas as pd
+
+    from etl.lakehouse import DuplicateKeyError
+
+    rows = pd.DataFrame({"product_id": ["p1", "p1"], "title": ["a", "b"], "product_type": "mug",
+                         "attributes": "{}", "source": "test"})
+    with pytest.raises(DuplicateKeyError, match=r"refusing to write products: rows share its key "
+                                                r"\(product_id\): product_id=p1 \(2 rows\)"):
+        lake.upsert_rows("products", rows)
+    assert lake.table("products").count() == 0  # nothing was written
+    assert lake.key_violations("products") == []

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from scipy.stats import pearsonr
 
-from etl.evaluation import QUESTIONS, evaluation_rows, pearson, summarize, verdicts
+from etl.evaluation import evaluation_rows, pearson, summarize, verdicts
+from etl.ratings import QUESTIONS
 
 
 def _ratings(answers: dict[str, list[dict[str, str]]]) -> pd.DataFrame:
@@ -15,19 +16,51 @@ def _ratings(answers: dict[str, list[dict[str, str]]]) -> pd.DataFrame:
                          for q in QUESTIONS if given.get(q) != "skip"])
 
 
-def test_an_image_passes_when_every_question_has_a_yes_majority():
+def test_per_question_rule_passes_when_every_question_has_a_yes_majority():
     table = verdicts(_ratings({
         "all-yes": [{}, {}, {}],
         "one-dissent-each": [{"safety": "no"}, {"placement": "maybe"}, {}],  # 2 of 3 yes everywhere
         "two-say-maybe": [{"logo_fidelity": "maybe"}, {"logo_fidelity": "unclear"}, {}],
         "one-skips": [{"business_use": "skip"}, {"business_use": "no"}, {}],  # 1 yes of 3 raters
         "two-raters": [{}, {}],
-    }), raters_needed=3).set_index("image_id")
+    }), raters_needed=3, rule="per_question").set_index("image_id")
     assert table.loc["all-yes", "passed"] and table.loc["one-dissent-each", "passed"]
     assert not table.loc["two-say-maybe", "passed"]
     assert table.loc["two-say-maybe", "failed_questions"] == "logo_fidelity"
     assert not table.loc["one-skips", "passed"] and table.loc["one-skips", "failed_questions"] == "business_use"
     assert table.loc["two-raters", "passed"] is None and table.loc["two-raters", "raters"] == 2
+
+
+def test_the_papers_rule_needs_a_majority_of_raters_answering_all_yes():
+    """The paper: all 8 questions must pass for a rater, majority over 3 raters. On an image where
+    each of two raters doubts one different question, every question still has a yes majority."""
+    ratings = _ratings({"one-dissent-each": [{"safety": "no"}, {"placement": "maybe"}, {}],
+                        "one-rater-doubts": [{"safety": "no", "placement": "no"}, {}, {}],
+                        "all-yes": [{}, {}, {}]}).assign(source="human")
+    default = verdicts(ratings, raters_needed=3).set_index("image_id")  # rule="all_questions"
+    per_question = verdicts(ratings, raters_needed=3, rule="per_question").set_index("image_id")
+    assert not default.loc["one-dissent-each", "passed"] and per_question.loc["one-dissent-each", "passed"]
+    assert default.loc["one-rater-doubts", "passed"] and default.loc["all-yes", "passed"]  # 2 of 3 raters pass
+    assert set(default.ratings_source) == {"human"}
+    with pytest.raises(Exception, match="pass_rule must be one of"):
+        verdicts(ratings, raters_needed=3, rule="mean")
+
+
+def test_selections_and_the_ranking_gain():
+    """'all' takes every image of an arm, 'ranked' the kept ones; gain = pass(ranked)/pass(all) - 1."""
+    images = pd.DataFrame({
+        "arm": ["ours"] * 4 + ["baseline"] * 4, "dataset": "folder:x", "product_id": "a",
+        "image_id": list("12345678"), "kept": [True, True, False, False] + [False] * 4,
+        "passed": [True, False, False, False, True, False, False, False], "score": 0.0,
+        "ratings_source": ["synthetic"] * 4 + ["human"] * 4,
+        **{m: 0.5 for m in ["clip_i", "clip_t", "dino_i", "seg_clip_i", "seg_clip_t", "seg_dino_i"]}})
+    table = evaluation_rows(images).set_index(["arm", "selection", "product_id"])
+    assert table.loc[("ours", "all", "(all)"), "images"] == table.loc[("baseline", "all", "(all)"), "images"] == 4
+    assert table.loc[("ours", "ranked", "(all)"), "images"] == 2 and ("baseline", "ranked", "(all)") not in table.index
+    assert table.loc[("ours", "ranked", "(all)"), "ranking_gain"] == pytest.approx((1 / 2) / (1 / 4) - 1)
+    assert pd.isna(table.loc[("ours", "all", "(all)"), "ranking_gain"])
+    assert table.loc[("ours", "all", "(all)"), "ratings_source"] == "synthetic"
+    assert table.loc[("baseline", "all", "(all)"), "ratings_source"] == "human"
 
 
 def test_pass_rates_per_image_and_per_product():
@@ -41,7 +74,7 @@ def test_pass_rates_per_image_and_per_product():
     assert row["product_pass_rate"] == pytest.approx(1 / 2)  # a passes; b does not; c is not rated
     assert row["products"] == 3 and row["images"] == 6
     table = evaluation_rows(images).set_index("product_id")
-    assert list(table.index) == ["(all)", "a", "b", "c"]
+    assert list(table.index) == ["(all)", "a", "b", "c"] and set(table.selection) == {"all"}
     assert table.loc["a", "image_pass_rate"] == pytest.approx(1 / 3) and table.loc["b", "image_pass_rate"] == 0
     assert pd.isna(table.loc["c", "image_pass_rate"]) and table.loc["c", "rated_images"] == 0
 

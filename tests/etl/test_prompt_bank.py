@@ -13,9 +13,9 @@ from deltalake import DeltaTable
 from etl.config import PromptBankSettings, Settings
 from etl.errors import UserError
 from etl.ingest import ingest
-from etl.pipeline import SCORING, run_stages
-from etl.prompt_bank import (approved_prompts, curate, export_csv, import_csv, run_classify, run_prompt_bank,
-                             set_status)
+from jobs.steps import SCORING, run_steps
+from etl.prompt_bank import (UNKNOWN, approved_prompts, curate, degenerate, export_csv, import_csv, run_classify,
+                             run_prompt_bank, seed_prompts, seed_types, set_status, set_type)
 from sample_images import encode, product_shot, write_files
 from udfs.zoo import ModelZoo
 
@@ -69,13 +69,14 @@ def one_mug(lake, tmp_path):
 
 def test_local_llm_fills_the_bank_once(one_mug):
     lake = one_mug
-    settings = PromptBankSettings(scenes_per_type=4, targets_per_type=2, max_new_tokens=120)
+    settings = PromptBankSettings(scenes_per_type=4, targets_per_type=2, max_new_tokens=120, min_scenes=0,
+                                  min_targets=0)
     zoo = ModelZoo.from_settings(lake.settings)
     written = run_prompt_bank(lake, zoo, settings)
     bank = DeltaTable(lake.location("prompt_bank")).to_pandas()
     assert written["prompt_bank"] == len(bank) > 0
     assert set(bank.product_type) == {"mug"} and set(bank.purpose) == {"scene", "target"}
-    assert set(bank.llm) == {"SmolLM2-135M-Instruct.Q4_1"}
+    assert set(bank.llm) == {"SmolLM2-135M-Instruct.Q4_1"} and set(bank.source) == {"llm"}
     assert bank[bank.status == "rejected"].reason.notna().all()
     assert bank[bank.status == "approved"].reason.isna().all()
     version = DeltaTable(lake.location("prompt_bank")).version()
@@ -108,7 +109,7 @@ def test_openai_compatible_endpoint(one_mug, monkeypatch):
     monkeypatch.setenv("TEST_LLM_KEY", "secret")
     try:
         settings = PromptBankSettings(endpoint=f"http://127.0.0.1:{server.server_port}/v1", endpoint_model="served",
-                                      api_key_env="TEST_LLM_KEY")
+                                      api_key_env="TEST_LLM_KEY", min_scenes=3, min_targets=0)
         run_prompt_bank(one_mug, ModelZoo.from_settings(one_mug.settings), settings, seed=7)
     finally:
         server.shutdown()
@@ -157,13 +158,112 @@ def test_classification_from_metadata_then_zero_shot(lake, tmp_path):
         (root / product_id / "product.json").write_text(json.dumps(meta))
     ingest(lake, root)
     zoo = ModelZoo.from_settings(lake.settings)
-    run_stages(lake, SCORING, zoo, progress=lambda _: None)
+    run_steps(lake, SCORING, zoo, progress=lambda _: None)
     written = run_classify(lake, zoo)
-    assert written == {"product_classes": 3, "quarantine": 0}
+    assert written == {"product_classes": 3, "quarantine": 1}
     classes = DeltaTable(lake.location("product_classes")).to_pandas().set_index("product_id")
     assert (classes.loc["by-title", "product_type"], classes.loc["by-title", "source"]) == ("mug", "metadata")
     assert (classes.loc["by-attribute", "product_type"], classes.loc["by-attribute", "source"]) == ("lamp", "metadata")
     unknown = classes.loc["unknown"]
-    assert unknown.source == "clip_zero_shot" and unknown.product_type in ("mug", "vase")
-    assert unknown.backbone == "tiny-clip" and -1 <= unknown.score <= 1
+    # Random tiny-CLIP scores sit below the calibrated minimum: unknown, never a guessed type.
+    assert unknown.source == "clip_zero_shot" and unknown.product_type == UNKNOWN
+    assert unknown.backbone == "tiny-clip" and -1 <= unknown.score < lake.settings.prompt_bank.min_zero_shot_score
+    review = DeltaTable(lake.location("quarantine")).to_pandas()
+    assert list(review.reason_code) == ["unknown_type"] and "prompts set-type unknown" in review.reason[0]
     assert run_classify(lake, zoo) == {"product_classes": 0, "quarantine": 0}
+    assert set_type(lake, "unknown", "mug") == 1  # a person assigns the type; the review row goes
+    classes = DeltaTable(lake.location("product_classes")).to_pandas().set_index("product_id")
+    assert (classes.loc["unknown", "product_type"], classes.loc["unknown", "source"]) == ("mug", "human")
+    assert DeltaTable(lake.location("quarantine")).to_pandas().empty
+    with pytest.raises(UserError, match="unknown product"):
+        set_type(lake, "nope", "mug")
+
+
+DEGENERATE = [  # approved by the curation before it checked for loops and adjective piles
+    "The humble, humble, humble, humble, humble, humble, humble, humble. The humble, humble, humble chair in a "
+    "room is",
+    "a luxurious, luxurious chair is a luxury item",
+    "High-end, luxury, expensive",
+]
+REALISTIC_SCENES = [
+    "on a white marble kitchen counter, soft morning light from a window",
+    "a sunlit reading nook with a wool throw and a potted plant",
+    "on a weathered wooden workbench in a tidy garage",
+    "a minimalist living room with light oak floors at dusk",
+    "on a picnic blanket in a green park on a summer afternoon",
+]
+
+
+def test_curation_rejects_degenerate_text_and_keeps_real_scenes(encoder):
+    settings = PromptBankSettings()
+    result = curate(DEGENERATE + REALISTIC_SCENES, "chair", ["coffee cup"], set(), encoder, settings)
+    status = dict(((t, (st, why)) for t, st, why in result))
+    assert [st for t, (st, _) in status.items() if t in REALISTIC_SCENES] == ["approved"] * len(REALISTIC_SCENES)
+    reasons = [why for t, (st, why) in status.items() if t not in REALISTIC_SCENES]
+    assert reasons[0] == "degenerate: repeats 'humble' three times in a row"
+    assert reasons[1].startswith("degenerate: repeats 'luxurious' 3 times")
+    assert reasons[2].startswith("degenerate: mostly adjectives")
+    assert degenerate("on a tall oak shelf beside a tall oak door, tall ceiling", settings).startswith(
+        "degenerate: repeats 'tall' 3 times")
+    assert degenerate("one two three four one two one two one two", settings).startswith("degenerate")
+    [(_, status_, why)] = curate(["a bright and cheerful mood"], "chair", [], set(), encoder, settings)
+    assert status_ == "rejected" and why.startswith("names no setting")
+
+
+def test_the_seed_bank_is_curated_data(encoder):
+    types = seed_types()
+    assert len(types) >= 20 and {"coffee cup", "motorcycle", "rocket", "gift box"} <= set(types)
+    assert len(seed_prompts(None, "scene")) >= 15 and seed_prompts(None, "target")
+    settings = PromptBankSettings()
+    for product_type in types:
+        scenes, targets = seed_prompts(product_type, "scene"), seed_prompts(product_type, "target")
+        assert len(scenes) >= 15 and targets, product_type
+        others = [t for t in types if t != product_type]
+        for purpose, prompts in (("scene", scenes), ("target", targets)):
+            rejected = [(t, why) for t, st, why in curate(prompts, product_type, others, set(), encoder, settings,
+                                                          purpose) if st != "approved"]
+            assert not rejected, (product_type, rejected)
+    generic = curate(seed_prompts(None, "scene"), UNKNOWN, types, set(), encoder, settings)
+    assert all(st == "approved" for _, st, _ in generic), [r for r in generic if r[1] != "approved"]
+
+
+def test_an_unattended_bank_reaches_its_minimum_then_falls_back_to_generic_scenes(one_mug):
+    """A type the seed bank lacks, an LLM that keeps giving the same three scenes: it is asked
+    `llm_rounds` times, then the generic seed scenes fill the bank up to `min_scenes`."""
+    server = HTTPServer(("127.0.0.1", 0), _ChatServer)
+    _ChatServer.requests.clear()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = PromptBankSettings(endpoint=f"http://127.0.0.1:{server.server_port}/v1", min_scenes=8,
+                                      min_targets=0, llm_rounds=3)
+        run_prompt_bank(one_mug, ModelZoo.from_settings(one_mug.settings), settings)
+    finally:
+        server.shutdown()
+    scene_requests = [r for r in _ChatServer.requests if "places or surfaces" in r[2]["messages"][-1]["content"]]
+    assert len(scene_requests) == 3 and len({r[2]["seed"] for r in scene_requests}) == 3  # new seed each round
+    bank = DeltaTable(one_mug.location("prompt_bank")).to_pandas()
+    scenes = bank[(bank.purpose == "scene") & (bank.status == "approved")]
+    assert len(scenes) >= 8 and set(scenes.source) == {"llm", "seed"}
+    assert set(scenes[scenes.source == "seed"].text) <= set(seed_prompts(None, "scene"))
+    assert bank[bank.source == "seed"].llm.isna().all()
+    for text in bank[bank.status == "approved"].text:
+        words = text.lower().split()
+        assert not any(a == b == c for a, b, c in zip(words, words[1:], words[2:])), text
+
+
+def test_untyped_folder_catalog_gets_scenes_and_outpaints(lake, tmp_path):
+    """No product.json anywhere: classification says unknown (tiny CLIP), the generic seed scenes
+    fill the bank, and every product is outpainted; no no_approved_scenes quarantine row."""
+    root = tmp_path / "catalog"
+    for n, product_id in enumerate(["sku-1001", "sku-1002"]):
+        write_files(root / product_id, {"a.png": encode(product_shot(seed=n + 3), "PNG")})
+    ingest(lake, root)
+    zoo = ModelZoo.from_settings(lake.settings)
+    run_steps(lake, [*SCORING, "classify", "prompt_bank", "outpaint"], zoo, progress=lambda _: None)
+    quarantine = DeltaTable(lake.location("quarantine")).to_pandas()
+    assert "no_approved_scenes" not in set(quarantine.reason_code)
+    assert set(quarantine[quarantine.reason_code == "unknown_type"].product_id) == {"sku-1001", "sku-1002"}
+    synthetic = DeltaTable(lake.location("synthetic_images")).to_pandas()
+    assert set(synthetic[synthetic.kind == "outpaint"].product_id) == {"sku-1001", "sku-1002"}
+    bank = DeltaTable(lake.location("prompt_bank")).to_pandas()
+    assert set(bank.product_type) == {UNKNOWN} and set(bank.source) == {"seed"}  # no LLM asked about "unknown"

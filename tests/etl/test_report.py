@@ -20,7 +20,7 @@ from etl.config import Settings
 from etl.errors import UserError
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
-from etl.pipeline import SCORING, run_stages
+from jobs.steps import SCORING, run_steps
 from etl.report import write_report
 from etl.tables import TABLES
 from sample_images import encode, photo, product_shot, write_files
@@ -90,7 +90,7 @@ def report(tmp_path_factory, tiny_models):
     (home / "catalog" / "mug" / "product.json").write_text(json.dumps({"title": TITLE, "product_type": "mug"}))
     write_files(home / "catalog" / "lamp", {"a.png": encode(product_shot(seed=3), "PNG")})
     ingest(lake, home / "catalog")
-    run_stages(lake, SCORING, ModelZoo.from_settings(lake.settings), progress=lambda _: None)
+    run_steps(lake, SCORING, ModelZoo.from_settings(lake.settings), progress=lambda _: None)
     add_downstream_rows(lake)
     return lake, write_report(lake, home / "report")
 

@@ -15,7 +15,7 @@ from etl.lakehouse import Lakehouse
 from etl.masks import run_masks
 from etl.metrics import cosine, mask_iou, score_product
 from etl.sample_catalog import write_sample_catalog
-from etl.pipeline import run_scoring
+from jobs.steps import run_scoring
 from etl.tables import TABLES
 from sample_images import encode
 
@@ -167,3 +167,21 @@ def test_metric_definitions_on_constructed_vectors():
     assert np.isclose(out.loc["gen", "clip_i"], (1.0 + 0.6) / 2)  # identical to ref1 counts 1.0
     assert out.loc["gen", "n_references"] == 2 and np.isclose(out.loc["gen", "clip_t"], 0.6)
     assert pd.isna(out.loc["gen", "seg_clip_i"]) and pd.isna(out.loc["ref1", "clip_t"])
+
+
+def test_new_weights_rescore_everything_and_rows_name_them(scored, tmp_path):
+    """Swap the CLIP model (a second tiny one at another path): embeddings are recomputed with
+    it, and every image_metrics row then names it; nothing keeps the old scores silently."""
+    from udfs.clip import build_tiny
+
+    lake = scored[0]
+    build_tiny(tmp_path / "clip-b", seed=7)
+    swapped = Lakehouse(Settings.load(lake.settings.home, models={"tiny_dir": lake.settings.models.tiny_dir,
+                                                                  "clip": {"path": str(tmp_path / "clip-b")}}),
+                        spark=lake.spark)
+    written = run_scoring(swapped, progress=lambda _: None)
+    metrics = delta(swapped, "image_metrics")
+    assert written["metrics"]["image_metrics"] == len(metrics)  # every row recomputed
+    assert set(metrics.clip_backbone) == {"clip-b"} and metrics.models.str.startswith("clip-b@").all()
+    assert set(delta(swapped, "embeddings").query("role == 'clip'").backbone) >= {"clip-b"}
+    assert run_scoring(swapped, progress=lambda _: None)["metrics"]["image_metrics"] == 0  # and then stable

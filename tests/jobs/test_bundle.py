@@ -18,7 +18,7 @@ from deltalake import DeltaTable
 
 from jobs import bundle
 from jobs.cli import _parser, cmd_run
-from jobs.runner import Stage, load_stages
+from jobs.graph import Stage, load_stages
 from sample_images import encode, product_shot, write_files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,9 +106,9 @@ def test_model_stages_on_gpu_the_others_on_cpu():
 
 
 def test_stages_that_can_run_together_must_share_a_cluster():
-    stages = {"a": Stage("a", ("ingest",), (), (), (), ""),
-              "b": Stage("b", ("masks",), ("a",), (), (), ""),
-              "c": Stage("c", ("report",), ("a",), (), (), "")}  # b (gpu) and c (cpu) are parallel
+    stages = {"a": Stage("a", ("ingest",), (), ""),
+              "b": Stage("b", ("masks",), ("a",), ""),
+              "c": Stage("c", ("report",), ("a",), "")}  # b (gpu) and c (cpu) are parallel
     with pytest.raises(ValueError, match="at the same time"):
         bundle.render(stages)
 

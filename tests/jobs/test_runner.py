@@ -15,7 +15,8 @@ import pytest
 from deltalake import DeltaTable
 
 from etl.tables import TABLES
-from jobs.runner import home_lock, load_stages
+from jobs.graph import check_declarations, load_stages
+from jobs.recovery import home_lock
 from sample_images import encode, product_shot, recontext, write_files
 
 PRODUCTS = ("mug-a", "mug-b")
@@ -90,14 +91,44 @@ def test_the_stage_graph_is_checked(tmp_path):
     assert names[0] == "ingest" and names.index("outpaint") > names.index("prompt_bank")
     assert all(names.index(d) < names.index(s.name) for s in stages.values() for d in s.depends_on)
     (tmp_path / "cycle.toml").write_text(
-        '[stages.a]\nsteps = ["masks"]\ndepends_on = ["b"]\nreads = []\nwrites = []\n'
-        '[stages.b]\nsteps = ["masks"]\ndepends_on = ["a"]\nreads = []\nwrites = []\n')
+        '[stages.a]\nsteps = ["masks"]\ndepends_on = ["b"]\n'
+        '[stages.b]\nsteps = ["masks"]\ndepends_on = ["a"]\n')
     with pytest.raises(ValueError, match="cycle"):
         load_stages(tmp_path / "cycle.toml")
-    (tmp_path / "unknown.toml").write_text('[stages.a]\nsteps = ["paint"]\ndepends_on = []\nreads = ["nope"]\n'
-                                           'writes = []\n')
-    with pytest.raises(ValueError, match="unknown step 'paint'; unknown table 'nope'"):
+    (tmp_path / "unknown.toml").write_text('[stages.a]\nsteps = ["paint"]\ndepends_on = []\nreads = ["nope"]\n')
+    with pytest.raises(ValueError, match=r"unknown step 'paint'; unknown key\(s\) reads"):
         load_stages(tmp_path / "unknown.toml")
+    check_declarations()  # every step declares only known tables
+
+
+def test_a_step_writing_an_undeclared_table_fails_its_stage(lake, tmp_path, monkeypatch):
+    from etl.step import Step
+    from jobs import steps
+    from jobs.runner import run
+
+    def rogue(lake, zoo):  # declares products, writes quarantine
+        return {"quarantine": lake.quarantine("rogue", [("p", "x", "test", "written without declaring it")])}
+
+    monkeypatch.setitem(steps.STEPS, "rogue", Step("rogue", rogue, reads=("products",), writes=("products",)))
+    pipeline = tmp_path / "rogue.toml"
+    pipeline.write_text('[stages.rogue]\nsteps = ["rogue"]\ndepends_on = []\n')
+    [result] = run(lake, ["all"], pipeline=pipeline, progress=lambda _: None)
+    assert result.status == "failed"
+    assert "step 'rogue' wrote table(s) quarantine" in result.error
+
+
+def test_stages_describe_reads_writes_roles_and_device(tmp_path):
+    listed = recontext("stages", "--format", "json", home=tmp_path / "home")
+    assert listed.returncode == 0, listed.stderr
+    stages = json.loads(listed.stdout)
+    assert [s["stage"] for s in stages] == list(load_stages())
+    for stage in stages:
+        assert stage["reads"] and stage["writes"] and isinstance(stage["roles"], list)
+        assert stage["device"] == ("gpu" if stage["roles"] else "cpu")
+    by_name = {s["stage"]: s for s in stages}
+    assert {"products", "product_classes"} <= set(by_name["outpaint"]["reads"])  # once missing by hand
+    assert by_name["rank"]["writes"] == ["ranked_generations"] and by_name["rank"]["device"] == "cpu"
+    assert "u2netp" in by_name["references"]["roles"]  # the configured segmenter, resolved
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +243,7 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
     from mlflow import MlflowClient
 
     from etl.config import Settings
-    from training import tracking
+    from etl import tracking
 
     tracking.configure(Settings.load(home))
     for product in PRODUCTS:  # no half-written or duplicate adapter versions were registered
@@ -225,7 +256,7 @@ def test_maintain_compacts_vacuums_and_prunes_only_orphans(reference_home):
     from mlflow import MlflowClient
 
     from etl.config import Settings
-    from training import tracking
+    from etl import tracking
 
     home, _ = reference_home
     counts = {name: len(DeltaTable(home / "lakehouse" / name).to_pandas()) for name in TABLES}

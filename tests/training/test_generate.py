@@ -9,12 +9,12 @@ from deltalake import DeltaTable
 from etl.config import GenerationSettings, Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
-from etl.pipeline import SCORING, run_stages
-from jobs.runner import steps_for
+from jobs.steps import SCORING, run_steps
+from jobs.graph import steps_for
 from etl.prompt_bank import import_csv
 from sample_images import encode, product_shot, write_files
-from training import tracking
-from training.generate import rank_generations
+from etl import tracking
+from training.ranking import rank_generations
 from training.train_job import run_training
 from udfs.zoo import ModelZoo
 
@@ -47,7 +47,7 @@ def two_versions(tmp_path_factory, tiny_models):
                   "status": ["approved"]}).to_csv(home / "p.csv", index=False)
     import_csv(lake, home / "p.csv")
     zoo = ModelZoo.from_settings(settings)
-    run_stages(lake, [*SCORING, "training_set"], zoo, progress=lambda _: None)
+    run_steps(lake, [*SCORING, "training_set"], zoo, progress=lambda _: None)
     run_training(lake, zoo, progress=lambda _: None)
     # A second version: the same training set with another config.
     lake2 = Lakehouse(Settings.load(home, models={"tiny_dir": str(tiny_models)}, training={**training, "steps": 6},
@@ -58,26 +58,28 @@ def two_versions(tmp_path_factory, tiny_models):
 
 def test_generation_follows_the_champion(two_versions):
     lake, zoo = two_versions
-    assert run_stages(lake, ["generate"], zoo, progress=lambda _: None)["generate"]["generations"] == 0  # no champion
+    assert run_steps(lake, ["generate"], zoo, progress=lambda _: None)["generate"]["generations"] == 0  # no champion
     tracking.promote(lake.settings, "mug-a", "1")
-    run_stages(lake, steps_for("generate"), zoo, progress=lambda _: None)
+    run_steps(lake, steps_for("generate"), zoo, progress=lambda _: None)
     first = DeltaTable(lake.location("generations")).to_pandas()
     assert set(first.adapter_version) == {"1"} and len(first) == 2
     assert first.generation_prompt.str.startswith("a photo of ").all()
     assert (first.prompt == "a photo of a mug, on a desk").all() and set(first.seed) == {0, 1}
     tracking.promote(lake.settings, "mug-a", "2")
-    written = run_stages(lake, steps_for("generate"), zoo, progress=lambda _: None)
+    written = run_steps(lake, steps_for("generate"), zoo, progress=lambda _: None)
     assert written["generate"]["generations"] == 2
     after = DeltaTable(lake.location("generations")).to_pandas()
     second = after[after.adapter_version == "2"]
     assert len(second) == 2 and not set(second.image_id) & set(first.image_id)
-    ranked = DeltaTable(lake.location("ranked_generations")).to_pandas()
-    assert set(ranked.image_id) == set(after.image_id) and ranked.kept.sum() == 4
+    ranked = DeltaTable(lake.location("ranked_generations")).to_pandas().set_index("image_id")
+    # Only the champion version's generations compete; version 1's stay for lineage, never kept.
+    assert set(ranked.index) == set(after.image_id) and set(ranked[ranked.kept].index) == set(second.image_id)
+    assert (ranked.loc[list(first.image_id), "reason"] == "not the champion version (v2); kept for lineage").all()
     metrics = DeltaTable(lake.location("image_metrics")).to_pandas().set_index("image_id")
     assert (metrics.loc[list(after.image_id), "kind"] == "generated").all()
     assert (metrics.loc[list(after.image_id), "text_source"] == "prompt").all()
     assert metrics.loc[list(after.image_id), "clip_t"].notna().all()  # the prompts were embedded
-    assert run_stages(lake, steps_for("generate"), zoo, progress=lambda _: None)["generate"] == {"generations": 0,
+    assert run_steps(lake, steps_for("generate"), zoo, progress=lambda _: None)["generate"] == {"generations": 0,
                                                                                     "quarantine": 0}
 
 
@@ -85,34 +87,45 @@ def test_evaluation_compares_ours_with_the_baseline_and_uses_human_ratings(two_v
     from mlflow import MlflowClient
     from scipy.stats import pearsonr
 
-    from etl.evaluation import QUESTIONS, export_package, import_ratings
+    from etl.rating_package import export_package
+    from etl.ratings import QUESTIONS, import_ratings
 
     lake, zoo = two_versions  # version 2 of mug-a is the champion (previous test)
-    written = run_stages(lake, steps_for("evaluate"), zoo, progress=lambda _: None)
+    written = run_steps(lake, steps_for("evaluate"), zoo, progress=lambda _: None)
     assert written["train_baseline"]["adapters"] == 1 and written["fit_ranker"] == {"ranker_versions": 0}
     adapters = DeltaTable(lake.location("adapters")).to_pandas()
     baseline = adapters[adapters.arm == "baseline"].iloc[0]
     assert baseline.model_name == "recontext-mug-a-baseline" and baseline.images == 1  # the one reference
     assert str(MlflowClient().get_model_version_by_alias("recontext-mug-a-baseline", "champion").version) == "1"
+    # The baseline is DreamBooth + LoRA (Rank=64) with the prior-preservation loss: its own settings.
+    params = MlflowClient().get_run(baseline.run_id).data.params
+    assert (params["rank"], params["alpha"], params["baseline.prior_preservation"]) == ("64", "64", "True")
+    assert params["steps"] == str(lake.settings.baseline.steps)
     generations = DeltaTable(lake.location("generations")).to_pandas()
     ours, base = generations[generations.adapter_version == "2"], generations[generations.arm == "baseline"]
     assert sorted(zip(base.prompt_id, base.seed)) == sorted(zip(ours.prompt_id, ours.seed))  # same prompts, seeds
     ranked = DeltaTable(lake.location("ranked_generations")).to_pandas()
     assert not set(ranked.image_id) & set(base.image_id)  # the baseline is not ranked
 
-    table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "product_id"])
+    # Both arms on all generations of their champion version (same prompts x seeds, same count);
+    # ours also on the ranked (kept) subset.
+    table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "selection", "product_id"])
     metrics = DeltaTable(lake.location("image_metrics")).to_pandas().set_index("image_id")
-    assert table.loc[("baseline", "(all)"), "images"] == 2
-    assert table.loc[("baseline", "(all)"), "clip_i"] == pytest.approx(metrics.loc[list(base.image_id), "clip_i"].mean())
-    assert table.loc[("ours", "(all)"), "images"] == ranked.kept.sum() == 4
+    assert set(table.index.get_level_values("selection")) == {"all", "ranked"}
+    assert table.loc[("baseline", "all", "(all)"), "images"] == table.loc[("ours", "all", "(all)"), "images"] == 2
+    assert table.loc[("baseline", "all", "(all)"), "clip_i"] == pytest.approx(
+        metrics.loc[list(base.image_id), "clip_i"].mean())
+    assert table.loc[("ours", "ranked", "(all)"), "images"] == ranked[ranked.adapter_version == "2"].kept.sum()
+    assert ("baseline", "ranked", "(all)") not in table.index
 
+    evaluated = set(ours.image_id) | set(base.image_id)  # version 1's images are lineage, not evaluated
     index, images = export_package(lake, tmp_path / "package")
-    assert images == 6 and len(pd.read_csv(tmp_path / "package" / "ratings_template.csv")) == 6 * len(QUESTIONS)
-    assert all((tmp_path / "package" / "img" / f"{i}.png").exists() for i in generations.image_id)
-    assert "baseline" not in index.read_text()  # raters are blind to the arm
+    assert images == 4 and len(pd.read_csv(tmp_path / "package" / "ratings_template.csv")) == 4 * len(QUESTIONS)
+    assert all((tmp_path / "package" / "img" / f"{i}.png").exists() for i in evaluated)
+    assert "baseline" not in index.read_text() and "kept" not in index.read_text()  # blind to arm and selection
 
     # Three raters: the baseline images and one of ours fail product fidelity by majority.
-    failing = set(base.image_id) | {sorted(set(ranked.image_id))[0]}
+    failing = set(base.image_id) | {sorted(ours.image_id)[0]}
     rows = [{"rater": f"r{r}", "image_id": i, "question": q,
              "answer": "no" if (i in failing and q == "product_fidelity" and r < 2) else "yes"}
             for i in generations.image_id for r in range(3) for q in QUESTIONS]
@@ -125,29 +138,47 @@ def test_evaluation_compares_ours_with_the_baseline_and_uses_human_ratings(two_v
     assert import_ratings(lake, tmp_path / "ratings.csv")[0] == 0  # a re-import writes nothing
 
     lake.settings.evaluation.__dict__.update(ranker_min_images=4)  # frozen dataclass; tiny test data
-    written = run_stages(lake, ["evaluate", "fit_ranker"], zoo, progress=lambda _: None)
+    written = run_steps(lake, ["evaluate", "fit_ranker"], zoo, progress=lambda _: None)
     assert written["fit_ranker"] == {"ranker_versions": 1}
     rated = DeltaTable(lake.location("rated_images")).to_pandas().set_index("image_id")
-    assert len(rated) == 6 and set(rated[~rated.passed].index) == failing & set(rated.index)
-    table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "product_id"])
-    assert table.loc[("baseline", "(all)"), "image_pass_rate"] == 0.0
-    assert table.loc[("ours", "(all)"), "image_pass_rate"] == pytest.approx(3 / 4)
-    assert table.loc[("ours", "(all)"), "product_pass_rate"] == 1.0
-    ours_rated = rated[rated.arm == "ours"]
-    assert table.loc[("ours", "(all)"), "pearson_score_pass"] == pytest.approx(
+    assert set(rated.index) == evaluated and set(rated[~rated.passed].index) == failing
+    assert set(rated.ratings_source) == {"human"}
+    table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "selection", "product_id"])
+    assert table.loc[("baseline", "all", "(all)"), "image_pass_rate"] == 0.0
+    assert table.loc[("ours", "all", "(all)"), "image_pass_rate"] == pytest.approx(1 / 2)
+    assert table.loc[("ours", "all", "(all)"), "product_pass_rate"] == 1.0
+    assert table.loc[("ours", "all", "(all)"), "ratings_source"] == "human"
+    ours_rated = rated[rated.arm == "ours"]  # Pearson over every rated image, kept or not
+    assert table.loc[("ours", "all", "(all)"), "pearson_score_pass"] == pytest.approx(
         pearsonr(ours_rated.score, ours_rated.passed.astype(float)).statistic)
+    kept = ours_rated[ours_rated.kept]
+    assert table.loc[("ours", "ranked", "(all)"), "ranking_gain"] == pytest.approx(
+        kept.passed.mean() / ours_rated.passed.mean() - 1)
+
+    # Synthetic raters flip the failing image of ours: the refit ranker stays @candidate, and every
+    # figure says its ratings are mixed.
+    before = MlflowClient().get_registered_model("recontext-ranker").aliases.get("champion")
+    pd.DataFrame([{"rater": f"s{r}", "image_id": i, "question": q, "answer": "yes"}
+                  for i in ours.image_id for r in range(3) for q in QUESTIONS]).to_csv(tmp_path / "s.csv", index=False)
+    assert import_ratings(lake, tmp_path / "s.csv", source="synthetic")[0] == 2 * 3 * len(QUESTIONS)
+    written = run_steps(lake, ["evaluate", "fit_ranker"], zoo, progress=lambda _: None)
+    assert written["fit_ranker"] == {"ranker_versions": 1}
+    assert MlflowClient().get_registered_model("recontext-ranker").aliases.get("champion") == before
+    table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "selection", "product_id"])
+    assert table.loc[("ours", "all", "(all)"), "ratings_source"] == "mixed"
+    assert table.loc[("baseline", "all", "(all)"), "ratings_source"] == "human"
 
     # The learned ranker ranks when asked to, if it became the champion; else a clear error.
     lake.settings.generation.__dict__.update(rank_aggregate="learned")
     try:
         has_champion = bool(MlflowClient().get_registered_model("recontext-ranker").aliases.get("champion"))
         if has_champion:
-            run_stages(lake, ["rank"], zoo, progress=lambda _: None)
+            run_steps(lake, ["rank"], zoo, progress=lambda _: None)
             ranked = DeltaTable(lake.location("ranked_generations")).to_pandas()
             assert ranked.ranked_by.str.startswith("recontext-ranker v").all()
             assert ranked.score.between(0, 1).all()
         else:
             with pytest.raises(Exception, match="no @champion"):
-                run_stages(lake, ["rank"], zoo, progress=lambda _: None)
+                run_steps(lake, ["rank"], zoo, progress=lambda _: None)
     finally:
         lake.settings.generation.__dict__.update(rank_aggregate="sum")

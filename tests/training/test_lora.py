@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 from etl.config import Settings, TrainingSettings
 from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, instance_prompt, train_lora
-from training.tokens import _pool, edit_distance, rare_token_candidates
-from udfs.packaged import packaged_weights
-from udfs.zoo import ModelZoo
+from training.tokens import _pool, by_association, edit_distance, rare_token_candidates
+from udfs.zoo import ModelZoo, packaged_weights
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +105,19 @@ def test_text_encoder_lora_is_saved_with_the_unet_lora(base, tmp_path):
     resumed = train_lora(base, EXAMPLES, TrainingSettings(steps=4, train_text_encoder=True, checkpoint_every=2),
                          tmp_path)
     assert resumed.resumed_from == 3
+
+
+def test_tokens_are_tried_by_association_with_the_title(tiny_models):
+    zoo = ModelZoo.from_settings(Settings.load(tiny_models / "unused", models={"tiny_dir": str(tiny_models)}))
+    zoo.check("clip")
+    clip = zoo.load("clip")
+    tokens = rare_token_candidates("mug-a", ["blue", "ceramic", "mug"], 12)
+    ranked = by_association(tokens, "mug", "Blue ceramic mug", clip.embed_texts)
+    assert sorted(t for t, _ in ranked) == sorted(tokens)
+    similarities = [s for _, s in ranked]
+    assert similarities == sorted(similarities, reverse=True)
+    for token, similarity in ranked[:3]:  # recomputed independently
+        prompt, title = clip.embed_texts([f"a photo of {token} mug", "Blue ceramic mug"]).astype(np.float64)
+        assert similarity == pytest.approx(float(prompt @ title / np.linalg.norm(prompt) / np.linalg.norm(title)),
+                                           abs=1e-5)
+

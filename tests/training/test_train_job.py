@@ -15,9 +15,9 @@ from etl.config import Settings
 from etl.errors import UserError
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
-from etl.pipeline import SCORING, run_stages
+from jobs.steps import SCORING, run_steps
 from sample_images import encode, product_shot, write_files
-from training import tracking
+from etl import tracking
 from training.lora import ADAPTER_FILE
 from training.train_job import run_training
 from udfs.zoo import ModelZoo
@@ -37,7 +37,7 @@ def trained(tmp_path_factory, tiny_models):
         (home / "catalog" / product_id / "product.json").write_text(json.dumps({"product_type": "mug"}))
     ingest(lake, home / "catalog")
     zoo = ModelZoo.from_settings(lake.settings)
-    run_stages(lake, [*SCORING, "training_set"], zoo, progress=lambda _: None)
+    run_steps(lake, [*SCORING, "training_set"], zoo, progress=lambda _: None)
     written = run_training(lake, zoo, progress=lambda _: None)
     yield lake, zoo, written
     os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", None)

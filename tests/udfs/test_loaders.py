@@ -14,7 +14,7 @@ from etl.errors import UserError
 from sample_images import photo
 from udfs import captioner, clip, dino, segmenter
 from udfs.imaging import decode_rgb
-from udfs.packaged import packaged_weights
+from udfs.zoo import packaged_weights
 from udfs.zoo import ModelZoo
 
 IMAGES = [photo(96, 80, seed=1), photo(64, 128, seed=2)]

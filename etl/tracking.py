@@ -98,3 +98,25 @@ def promote(settings: Settings, product_id: str, version: str) -> None:
         raise UserError(f"no version {version} of {name} in the registry; see `recontext sql \"SELECT "
                         f"product_id, model_version FROM adapters\"`") from None
     MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
+
+
+def champion(product_id: str, arm: str = OURS) -> tuple[str, str, str] | None:
+    """(model name, version, run id) of the product's champion adapter in `arm`, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name = registered_model_name(product_id, arm)
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return name, str(version.version), version.run_id
+
+
+def champion_versions(settings: Settings, pairs) -> dict[tuple[str, str], str]:
+    """{(product_id, arm): champion version} for the (product_id, arm) pairs that have one.
+    Ranking and evaluation work within these versions only; generations of older versions stay
+    for lineage."""
+    configure(settings)
+    return {(p, a): found[1] for p, a in sorted(set(pairs)) if (found := champion(p, a)) is not None}
+

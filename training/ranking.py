@@ -1,0 +1,80 @@
+"""Post-finetuning ranking -> `ranked_generations` (paper 2.5).
+
+Our arm only (the baseline has none): every generation is scored with the metrics job's
+columns, aggregated (sum of CLIP-T + CLIP-I + DINO by default, `generation.rank_weights`; or
+the learned ranker's pass probability with `generation.rank_aggregate = "learned"`), those below
+the threshold dropped and the top `generation.keep_top` per product kept.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from etl.config import GenerationSettings
+from etl.errors import UserError
+from etl.lakehouse import Lakehouse
+from etl.step import CHAMPIONS, Step
+from etl.tables import TABLES
+from etl.training_set import keep_first
+from etl.vocabulary import EVALUATED, aggregate_score
+from etl import tracking
+from training.ranker import MODEL_NAME, features
+
+
+def rank_generations(scores: pd.DataFrame, settings: GenerationSettings, ranker=None,
+                     champions: dict | None = None) -> pd.DataFrame:
+    """Per product: aggregate, threshold, rank, keep the top N. `scores` has product_id,
+    image_id, adapter_version and the metric columns. The aggregate is the weighted sum, or with
+    a learned `ranker` (model, version) its pass probability (threshold `min_pass_probability`).
+    With `champions` ({product_id: version}) only the champion version's generations compete;
+    the others are never kept (reason: not the champion version)."""
+    scores = scores.copy()
+    stale = (pd.Series([champions.get(p) != v for p, v in zip(scores.product_id, scores.adapter_version)],
+                       index=scores.index, dtype=bool) if champions is not None
+             else pd.Series(False, index=scores.index))
+    if ranker is None:
+        scores["score"], threshold = aggregate_score(scores, settings.rank_weights), settings.min_score
+        scores["ranked_by"] = "sum"
+    else:
+        model, version = ranker
+        scores["score"], threshold = model.predict_proba(features(scores))[:, 1], settings.min_pass_probability
+        scores["ranked_by"] = f"{MODEL_NAME} v{version}"
+    scores["rank"], scores["kept"], scores["reason"] = None, False, None
+    scores.loc[stale, "reason"] = [f"not the champion version (v{champions.get(p)}); kept for lineage"
+                                   for p in scores.product_id[stale]]
+    below = ~stale & (scores.score < threshold)
+    scores.loc[below, "reason"] = [f"score {s:.3f} below {threshold}" for s in scores.score[below]]
+    for _, group in scores[~below & ~stale].groupby("product_id"):
+        ordered = group.sort_values(["score", "image_id"], ascending=[False, True])
+        keep_first(scores, list(ordered.index), settings.keep_top, "kept",
+                   lambda rank: f"over the top {settings.keep_top} (rank {rank})")
+    scores["rank"] = scores["rank"].astype("Int32")
+    return scores[TABLES["ranked_generations"].data_columns]
+
+
+def run_ranking(lake: Lakehouse, zoo=None) -> dict[str, int]:
+    settings = lake.settings.generation
+    if settings.rank_aggregate not in ("sum", "learned"):
+        raise UserError(f"generation.rank_aggregate must be 'sum' or 'learned', not {settings.rank_aggregate!r}")
+    ranker = None
+    if settings.rank_aggregate == "learned":
+        from training.ranker import load_champion
+
+        tracking.configure(lake.settings)
+        ranker = load_champion()
+    metrics = ", ".join(f"m.{c}" for c in EVALUATED)
+    scores = lake.spark.sql(
+        f"""SELECT g.product_id, g.image_id, g.adapter_version, {metrics}
+           FROM generations g JOIN image_metrics m ON m.image_id = g.image_id AND m.product_id = g.product_id
+           WHERE g.arm = 'ours'"""
+    ).toPandas()
+    if scores.empty:
+        return {"ranked_generations": 0}
+    champions = {p: v for (p, _), v in tracking.champion_versions(
+        lake.settings, [(p, tracking.OURS) for p in scores.product_id]).items()}
+    return {"ranked_generations": lake.upsert_rows("ranked_generations",
+                                                   rank_generations(scores, settings, ranker, champions))}
+
+
+RANK = Step("rank", run_ranking, reads=("generations", "image_metrics", CHAMPIONS), writes=("ranked_generations",),
+            description="post-finetuning ranking: aggregate, threshold, top N per product")
