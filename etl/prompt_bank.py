@@ -448,4 +448,4 @@ CLASSIFY = Step("classify", run_classify, reads=("products", "product_images", "
                 description="product type of each product: metadata, else zero-shot CLIP")
 PROMPT_BANK = Step("prompt_bank", run_prompt_bank, reads=("products", "product_classes"),
                    writes=("prompt_bank",), roles=("sentence", "llm"),
-                   description="LLM-written, curated scene and target prompts per product type (cached per type)")
+                   description="seed bank and LLM scene and target prompts per product type, curated (cached)")

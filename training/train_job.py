@@ -7,9 +7,10 @@ adapter exists for the same training-set version and config is skipped; a failur
 product is recorded in `quarantine` and the others go on; a killed run resumes from its last
 checkpoint under `<home>/training/`.
 
-The baseline arm (`run_baseline_training`) trains the same products with plain DreamBooth +
-LoRA on the reference photos only (no augmentation, no filtering, no captions, no token sweep),
-registered as `recontext-<product_id>-baseline`, so evaluation compares the two arms.
+The baseline arm (`run_baseline_training`) trains the same products with standard DreamBooth +
+LoRA (its own [baseline] settings: rank 64, the prior-preservation loss) on the reference photos
+only (no augmentation, no filtering, no captions, no token sweep), registered as
+`recontext-<product_id>-baseline`, so evaluation compares the two arms.
 """
 
 from __future__ import annotations
@@ -341,4 +342,5 @@ TRAIN = Step("train", run_training,
 TRAIN_BASELINE = Step("train_baseline", run_baseline_training,
                       reads=("adapters", "product_images", "products", "product_classes"),
                       writes=("adapters", "quarantine", REGISTERED_MODELS), roles=("text2img", "clip", "dino"),
-                      description="the baseline arm: plain DreamBooth + LoRA on the references only")
+                      description="the baseline arm: standard DreamBooth + LoRA (rank 64, prior preservation) "
+                                  "on the references")
