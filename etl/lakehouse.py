@@ -78,6 +78,7 @@ class Lakehouse:
         for table in TABLES.values():
             location = self.location(table.name)
             if (Path(location) / "_delta_log").is_dir():
+                _add_missing_columns(table, location)
                 # Existing tables register from their own log: Sail compares a declared ARRAY
                 # column's element name with the stored one and refuses the match.
                 self.spark.sql(f"CREATE TABLE IF NOT EXISTS {table.name} USING delta LOCATION '{location}'")
@@ -184,6 +185,33 @@ class _Staged:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+DELTA_TYPES = {"STRING": "string", "DOUBLE": "double", "FLOAT": "float", "INT": "integer", "BIGINT": "long",
+               "BOOLEAN": "boolean", "BINARY": "binary", "TIMESTAMP": "timestamp"}
+
+
+def _delta_type(sql_type: str):
+    from deltalake.schema import ArrayType, PrimitiveType
+
+    if sql_type.startswith("ARRAY<"):
+        return ArrayType(_delta_type(sql_type[len("ARRAY<"):-1]), contains_null=True)
+    return PrimitiveType(DELTA_TYPES[sql_type])
+
+
+def _add_missing_columns(table: Table, location: str) -> None:
+    """A home made by an older version lacks columns declared since: add them, nullable, with
+    delta-rs (the embedded engine cannot ALTER TABLE ADD COLUMNS). Rows keep their values; the
+    new columns read NULL until a job writes them (rows missing a model fingerprint are
+    recomputed by the next run, as they should be). MERGE matches columns by name, so the new
+    columns' place at the end of the stored schema does not matter."""
+    from deltalake.schema import Field
+
+    delta = DeltaTable(location)
+    stored = {f.name for f in delta.schema().fields}
+    missing = [c for c in table.columns if c.name not in stored]
+    if missing:
+        delta.alter.add_columns([Field(c.name, _delta_type(c.type), nullable=True) for c in missing])
 
 
 class DuplicateKeyError(ValueError):

@@ -76,3 +76,31 @@ def test_upsert_refuses_two_rows_for_one_declared_key(lake):
         lake.upsert_rows("products", rows)
     assert lake.table("products").count() == 0  # nothing was written
     assert lake.key_violations("products") == []
+
+
+def test_a_home_from_an_older_version_gains_the_new_columns(tmp_path):
+    """prompt_bank as an older version wrote it (no `source` column): opening the home adds the
+    declared column, keeps the rows, and the jobs write through it."""
+    import pandas as pd
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from etl.config import Settings
+    from etl.lakehouse import Lakehouse
+    from etl.tables import TABLES
+
+    old = [c for c in TABLES["prompt_bank"].column_names if c != "source"]
+    row = {"prompt_id": "p1", "product_type": "mug", "purpose": "scene", "text": "on a marble counter",
+           "status": "approved", "reason": None, "reviewed_by": "auto", "llm": "old-llm", "seed": 0,
+           "created_at": pd.Timestamp("2026-01-01", tz="UTC")}
+    location = tmp_path / "home" / "lakehouse" / "prompt_bank"
+    types = {"seed": pa.int32(), "created_at": pa.timestamp("us", tz="UTC")}
+    schema = pa.schema([(c, types.get(c, pa.string())) for c in old])
+    write_deltalake(str(location), pa.Table.from_pylist([{c: row[c] for c in old}], schema=schema))
+    lake = Lakehouse(Settings.load(tmp_path / "home"))
+    assert [f.name for f in DeltaTable(str(location)).schema().fields][-1] == "source"
+    stored = lake.spark.sql("SELECT prompt_id, llm, source FROM prompt_bank").toPandas()
+    assert list(stored.prompt_id) == ["p1"] and stored.llm[0] == "old-llm" and stored.source[0] is None
+    new = pd.DataFrame([{**row, "prompt_id": "p2", "source": "seed"}])[TABLES["prompt_bank"].data_columns]
+    assert lake.upsert_rows("prompt_bank", new) == 1
+    assert sorted(lake.spark.sql("SELECT source FROM prompt_bank").toPandas().source.fillna("-")) == ["-", "seed"]
