@@ -22,7 +22,7 @@ from etl.image_sets import IMAGE_BYTES
 from etl.lakehouse import Lakehouse
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
 from etl.step import Step
-from etl.tables import TABLES, sql_literal
+from etl.tables import TABLES, sql_list, sql_literal
 from etl.vocabulary import REFERENCE
 from udfs.augmentation import KINDS, OUTPUT_COLUMNS, POSITIVE_KINDS, REJECTED, generate_batches
 from udfs.zoo import ModelZoo
@@ -47,10 +47,6 @@ def _task(kind: str, product_id: str, parent: str | None, prompt_id: str | None,
 
 def _common(settings: AugmentSettings) -> dict:
     return {"resolution": settings.resolution, "steps": settings.steps, "guidance_scale": settings.guidance_scale}
-
-
-def _in(kinds) -> str:
-    return ", ".join(sql_literal(k) for k in kinds)
 
 
 def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None) -> dict[str, int]:
@@ -121,7 +117,7 @@ def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | No
         f"""SELECT i.product_id, i.image_id, i.kind, m.image_id IS NOT NULL AS has_mask, c.caption FROM (
               SELECT product_id, image_id, {sql_literal(REFERENCE)} AS kind FROM product_images
               UNION ALL SELECT product_id, image_id, kind FROM synthetic_images
-              WHERE kind IN ({_in(POSITIVE_KINDS)})) i
+              WHERE kind IN ({sql_list(POSITIVE_KINDS)})) i
             LEFT JOIN masks m ON m.image_id = i.image_id AND m.method = {sql_literal(mask_method)}
                               AND m.area_fraction > 0
             LEFT JOIN captions c ON c.image_id = i.image_id AND c.model = {sql_literal(caption_model)}

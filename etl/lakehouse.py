@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from etl.config import Settings
 from etl.engine import spark_session
-from etl.tables import TABLES, Table, sql_literal
+from etl.tables import TABLES, Table, sql_list, sql_literal
 
 # Sail fails time travel to versions before a checkpoint (NOTES.md 1): never checkpoint.
 TABLE_PROPERTIES = "'delta.checkpointInterval'='1000000'"
@@ -47,7 +47,7 @@ class Lakehouse:
         ingest writes the table, through its own path) scopes all image stages, and the driver
         loops (training, generation) read `self.products`."""
         self.products = set(products)
-        listed = ", ".join(sql_literal(p) for p in sorted(self.products))
+        listed = sql_list(sorted(self.products))
         self.spark.sql(f"CREATE OR REPLACE TEMP VIEW product_images AS SELECT * FROM "
                        f"delta.`{self.location('product_images')}` WHERE product_id IN ({listed})")
 

@@ -23,7 +23,7 @@ from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.step import Step
-from etl.tables import TABLES, sql_literal
+from etl.tables import TABLES, sql_list, sql_literal
 from udfs.zoo import ModelZoo
 
 STAGE = "prompt_bank"
@@ -41,7 +41,6 @@ TYPE_KEYS = ("product_type", "category", "type", "item_type")  # attribute keys 
 CAPITALIZED_RUN = re.compile(r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)+")
 UNKNOWN = "unknown"  # the type of a product nothing could classify with confidence
 SEED_FILE = Path(__file__).with_name("data") / "seed_prompts.toml"
-SOURCES = ("seed", "llm", "human")
 # Words that carry no content, for the repetition and adjective checks.
 STOPWORDS = frozenset("a an the of on in with and by at to for from into onto near under over beside next its "
                       "is are be as it this that or while".split())
@@ -205,7 +204,7 @@ def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings
     for product_type, purpose in todo:
         wanted = settings.scenes_per_type if purpose == "scene" else settings.targets_per_type
         minimum = settings.min_scenes if purpose == "scene" else settings.min_targets
-        others = [t for t in set(types) | set(seed_types()) if t != product_type and t != UNKNOWN]
+        others = sorted(t for t in set(types) | set(seed_types()) if t not in (product_type, UNKNOWN))
         bank = _TypeBank(product_type, purpose, others, brands, encoder, settings)
         bank.add(seed_prompts(product_type, purpose), "seed", None, seed)
         # An unknown type gets no LLM prompts: "a photo of a unknown" is no request to make.
@@ -235,28 +234,30 @@ class _TypeBank:
     def __init__(self, product_type, purpose, others, brands, encoder, settings: PromptBankSettings):
         self.product_type, self.purpose, self.others, self.brands = product_type, purpose, others, brands
         self.encoder, self.settings = encoder, settings
-        self.rows: list[tuple] = []
+        self.rows: list[dict] = []
 
     @property
     def approved(self) -> int:
-        return sum(r[4] != "rejected" for r in self.rows)  # approved, or pending review
+        return sum(r["status"] != "rejected" for r in self.rows)  # approved, or pending review
 
-    def add(self, candidates: list[str], source: str, llm: str | None, seed: int) -> int:
-        """Curate candidates against everything kept so far; returns how many were new."""
-        seen = {r[3] for r in self.rows}
-        kept = [r[3] for r in self.rows if r[4] != "rejected"]
-        curated = curate(candidates, self.product_type, self.others, self.brands, self.encoder, self.settings,
-                         self.purpose, kept)
-        new = [(t, st, why) for t, st, why in curated if t not in seen]
-        self.rows += [(prompt_id(self.product_type, self.purpose, text), self.product_type, self.purpose, text, status,
-                       reason, "auto", llm, source, seed) for text, status, reason in new]
-        return len(new)
+    def add(self, candidates: list[str], source: str, llm: str | None, seed: int) -> None:
+        """Curate candidates against everything kept so far; texts already in the bank are skipped."""
+        seen = {r["text"] for r in self.rows}
+        kept = [r["text"] for r in self.rows if r["status"] != "rejected"]
+        for text, status, reason in curate(candidates, self.product_type, self.others, self.brands, self.encoder,
+                                           self.settings, self.purpose, kept):
+            if text not in seen:
+                self._row(text, status, reason, llm, source, seed)
 
     def keep_answer(self, answer: str, llm: str, seed: int) -> None:
         """An answer without list items, kept rejected so a person can see why."""
-        text = answer.strip()[:500] or "(empty answer)"
-        self.rows.append((prompt_id(self.product_type, self.purpose, text), self.product_type, self.purpose, text,
-                          "rejected", "the LLM answer held no list items", "auto", llm, "llm", seed))
+        self._row(answer.strip()[:500] or "(empty answer)", "rejected", "the LLM answer held no list items", llm,
+                  "llm", seed)
+
+    def _row(self, text, status, reason, llm, source, seed) -> None:
+        self.rows.append({"prompt_id": prompt_id(self.product_type, self.purpose, text),
+                          "product_type": self.product_type, "purpose": self.purpose, "text": text, "status": status,
+                          "reason": reason, "reviewed_by": "auto", "llm": llm, "source": source, "seed": seed})
 
 
 @functools.cache
@@ -388,7 +389,7 @@ def _proper_noun(text: str) -> str | None:
 def set_status(lake: Lakehouse, prompt_ids: list[str], status: str, reason: str | None = None) -> int:
     if status not in STATUSES:
         raise UserError(f"status must be one of {', '.join(STATUSES)}, not '{status}'")
-    ids = ", ".join(sql_literal(p) for p in prompt_ids)
+    ids = sql_list(prompt_ids)
     rows = lake.spark.sql(f"SELECT * FROM prompt_bank WHERE prompt_id IN ({ids})")
     found = {r["prompt_id"] for r in rows.select("prompt_id").collect()}
     missing = sorted(set(prompt_ids) - found)

@@ -16,6 +16,7 @@ from etl.errors import UserError
 from etl.evaluation import evaluated_images
 from etl.lakehouse import Lakehouse
 from etl.ratings import ANSWERS, QUESTIONS
+from etl.tables import sql_list
 
 
 def export_package(lake: Lakehouse, out_dir: Path) -> tuple[Path, int]:
@@ -32,12 +33,11 @@ def export_package(lake: Lakehouse, out_dir: Path) -> tuple[Path, int]:
     shutil.rmtree(out_dir / "img", ignore_errors=True)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
     products = sorted(images.product_id.unique())
-    in_list = ", ".join(f"'{p}'" for p in products)
     references = lake.spark.sql(
-        f"SELECT product_id, image_id, image FROM product_images WHERE product_id IN ({in_list}) "
+        f"SELECT product_id, image_id, image FROM product_images WHERE product_id IN ({sql_list(products)}) "
         "ORDER BY product_id, image_id").toPandas()
-    ids = ", ".join(f"'{i}'" for i in images.image_id)
-    pixels = lake.spark.sql(f"SELECT DISTINCT image_id, image FROM generations WHERE image_id IN ({ids})").toPandas()
+    pixels = lake.spark.sql(f"SELECT DISTINCT image_id, image FROM generations WHERE image_id IN "
+                            f"({sql_list(images.image_id)})").toPandas()
     for row in [*references.itertuples(), *pixels.drop_duplicates("image_id").itertuples()]:
         (out_dir / "img" / f"{row.image_id}.png").write_bytes(row.image)
     pd.DataFrame([{"rater": "", "image_id": i, "question": q, "answer": ""}

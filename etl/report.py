@@ -27,7 +27,7 @@ from PIL import Image
 
 from etl.errors import UserError
 from etl.step import REPORT_FILES, Step
-from etl.tables import TABLES, sql_literal
+from etl.tables import TABLES, sql_list
 from etl.vocabulary import METRIC_COLUMNS, RANKING_METRICS
 from udfs.augmentation import KINDS
 
@@ -130,7 +130,7 @@ def _product_ids(lake, products: list[str] | None) -> list[str]:
 
 def _load(lake, ids: list[str]) -> _Data:
     """Run one query per section, restricted to `ids`."""
-    chosen = f"IN ({', '.join(sql_literal(i) for i in ids)})" if ids else "IN (NULL)"
+    chosen = f"IN ({sql_list(ids)})" if ids else "IN (NULL)"
 
     def sql(query: str) -> pd.DataFrame:
         return lake.spark.sql(query).toPandas()
@@ -154,7 +154,7 @@ def _load(lake, ids: list[str]) -> _Data:
                                 FROM synthetic_images) s
                                 ON s.product_id = t.product_id AND s.image_id = t.image_id AND s.n = 1
                               WHERE t.product_id {chosen}
-                                AND t.kind IN ({', '.join(sql_literal(k) for k in KINDS)})
+                                AND t.kind IN ({sql_list(KINDS)})
                               ORDER BY t.product_id, t.selected DESC, t.kind, t.rank, t.image_id"""),
         # Baseline generations are not ranked: the left join leaves their ranking NULL.
         generations=sql(f"""SELECT g.product_id, g.image_id, g.arm, g.prompt, g.seed, g.adapter_version,

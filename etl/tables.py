@@ -56,6 +56,11 @@ def sql_literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def sql_list(values) -> str:
+    """The inside of a Spark SQL `IN (...)`: string literals, comma separated."""
+    return ", ".join(sql_literal(v) for v in values)
+
+
 def _table(name, comment, columns, key, **kw) -> Table:
     return Table(name, comment, tuple(Column(*c) for c in columns), tuple(key), **kw)
 

@@ -25,7 +25,7 @@ import pandas as pd
 from etl.config import TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.step import Step
-from etl.tables import TABLES, sql_literal
+from etl.tables import TABLES, sql_list, sql_literal
 from etl.vocabulary import GENERATED, METRIC_COLUMNS, REFERENCE, aggregate_score
 from udfs.augmentation import NEGATIVE_KINDS
 from udfs.augmentation import POSITIVE_KINDS as AUGMENTED_POSITIVES
@@ -120,7 +120,7 @@ def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
             LEFT JOIN captions c ON c.image_id = m.image_id AND c.model = {sql_literal(zoo.name('captioner'))}
                                  AND c.prompt = {sql_literal(zoo.models.caption_prompt)}
             LEFT JOIN (SELECT DISTINCT product_id, image_id FROM synthetic_images
-                       WHERE kind IN ({', '.join(sql_literal(k) for k in NEGATIVE_KINDS)})) t
+                       WHERE kind IN ({sql_list(NEGATIVE_KINDS)})) t
                    ON t.product_id = m.product_id AND t.image_id = m.image_id
             WHERE m.kind <> {sql_literal(GENERATED)}""")  # the adapter's own outputs never train it
     schema = TABLES["training_images"].data_schema()

@@ -83,6 +83,7 @@ def load_stages(path: Path = PIPELINE_FILE) -> dict[str, Stage]:
 
     for name in stages:
         visit(name)
+    check_declarations()
     return {name: stages[name] for name in ordered}
 
 

@@ -170,8 +170,7 @@ def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, rows: pd.Data
     if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
         progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
         return _recorded(row, *registered)
-    candidates = _candidate_tokens(zoo, product_id, title, class_noun, config.token_candidates if arm == tracking.OURS
-                                   else 1)
+    candidates = _candidate_tokens(zoo, product_id, title, class_noun, config.token_candidates)  # 1 for the baseline
     params = {**{k: str(v) for k, v in asdict(config).items()}, "product_id": product_id, "arm": arm,
               "training_set_version": version, "class_noun": class_noun, "base_model": zoo.name("text2img"),
               "examples": len(rows), "positives": int(rows.is_positive.sum()),

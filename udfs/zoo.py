@@ -9,7 +9,6 @@ the same loader that real weights use.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import importlib.util
@@ -164,7 +163,6 @@ class ModelZoo:
             raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
 
 
-@functools.cache
 def _weights_digest(path: str) -> str:
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
