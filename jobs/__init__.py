@@ -1,1 +1,1 @@
-"""Entry points: the `recontext` command and the job definitions that call the stages."""
+"""Entry points: the `recontext` command, the step registry (`steps`), the stage graph (`pipeline.toml`, `graph`), the runner, locking and recovery, maintenance, the Databricks bundle."""

@@ -1,1 +1,1 @@
-"""LoRA fine-tuning, rare-token choice, generation with adapters, ranking and MLflow tracking."""
+"""LoRA fine-tuning (`train_job`, `lora`), rare-token choice, generation with adapters, post-finetuning ranking and the learned ranker. MLflow configuration and the registry live in etl/tracking.py."""
