@@ -70,17 +70,19 @@ def write_report(lake, out_dir: Path, products: list[str] | None = None) -> Path
     return index
 
 
-def honesty_notice(lake) -> str:
+def honesty_notice(lake, where: str = "on these pages", ratings: bool = True) -> str:
     """What a reader must know before taking any figure for evidence: synthetic ratings, tiny
-    random-weight models. Shown as a banner on every page; empty when neither applies."""
+    random-weight models. A banner on every report page, a note under the command line's tables;
+    empty when neither applies."""
     from udfs.zoo import ModelZoo
 
     zoo = ModelZoo.from_settings(lake.settings)
     tiny = [role for role in ("clip", "dino", "text2img", "inpaint") if zoo.is_tiny(role)]
-    synthetic = lake.spark.sql("SELECT count(*) AS n FROM human_ratings WHERE source <> 'human'").first()["n"]
+    synthetic = ratings and lake.spark.sql(
+        "SELECT count(*) AS n FROM human_ratings WHERE source <> 'human'").first()["n"]
     lines = []
     if synthetic:
-        lines.append("The ratings on these pages are SYNTHETIC (made-up raters standing in for people): pass rates, "
+        lines.append(f"The ratings {where} are SYNTHETIC (made-up raters standing in for people): pass rates, "
                      "verdicts, Pearson correlations and the ranking gain computed from them say nothing about "
                      "image quality.")
     if tiny:

@@ -202,10 +202,21 @@ def cmd_run(settings: Settings, args) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
+def _print_notice(lake, ratings: bool = False) -> None:
+    """Under any table of scores: what they cannot show (tiny models; synthetic raters where the
+    table holds figures from ratings)."""
+    from etl.report import honesty_notice
+
+    notice = honesty_notice(lake, where="above", ratings=ratings)
+    if notice:
+        print(f"NOTE: {notice}")
+
+
 def _print_adapters(lake) -> None:
     print(lake.spark.sql("SELECT product_id, arm, token, model_name, model_version, round(final_loss, 4) AS loss, "
                          "round(clip_i, 3) AS clip_i, round(dino_i, 3) AS dino_i FROM adapters "
                          "ORDER BY product_id, arm, created_at").toPandas().to_string(index=False))
+    _print_notice(lake)
 
 
 def _print_ranking(lake) -> None:
@@ -213,6 +224,7 @@ def _print_ranking(lake) -> None:
         "SELECT r.product_id, count(*) AS generated, sum(CAST(r.kept AS INT)) AS kept, round(max(r.score), 3) AS "
         "best_score, first(r.adapter_version) AS adapter_version FROM ranked_generations r "
         "GROUP BY r.product_id ORDER BY r.product_id").toPandas().to_string(index=False))
+    _print_notice(lake)
 
 
 def _print_evaluation(lake) -> None:
@@ -222,10 +234,8 @@ def _print_evaluation(lake) -> None:
           "'ranked' = the kept top N; evaluation_metrics has per-product rows):")
     table = comparison(lake)
     print(table.to_string(index=False) if len(table) else "(nothing evaluated yet: no generations)")
-    if len(table) and (table.ratings_source.isin(["synthetic", "mixed"])).any():
-        print("NOTE: pass rates, Pearson and ranking gain above come from SYNTHETIC ratings (made-up raters), and "
-              "the metrics from tiny random-weight models unless real weights are configured: they say nothing "
-              "about fidelity or quality.")
+    if len(table):
+        _print_notice(lake, ratings=True)
 
 
 def cmd_ratings_export(settings: Settings, args) -> int:
@@ -366,6 +376,7 @@ def cmd_demo(settings: Settings, args) -> int:
         "SELECT product_id, kind, count(*) AS images, round(avg(clip_i), 3) AS clip_i, round(avg(dino_i), 3) AS dino_i, "
         "round(avg(clip_t), 3) AS clip_t, round(avg(mask_iou), 3) AS mask_iou FROM image_metrics "
         "GROUP BY 1, 2 ORDER BY 1, 2").toPandas().to_string(index=False))
+    _print_notice(lake)
     print("\ntraining a tiny LoRA adapter per product (MLflow store: <home>/mlflow):")
     run(lake, groups["train"])
     _print_adapters(lake)
