@@ -374,7 +374,9 @@ def _verdict(ratings: pd.DataFrame, image_id: str) -> str:
     if rows.empty:
         return ""
     r = rows.iloc[0]
-    who = "human" if r.ratings_source == "human" else f"{r.ratings_source} raters"
+    # Rows rated before the source was recorded say so rather than pass for human verdicts.
+    source = "unrecorded" if pd.isna(r.ratings_source) else r.ratings_source
+    who = "human" if source == "human" else f"{source} raters"
     if r.passed:
         return f'<br><span class="pass">{_e(who)}: passed</span> ({_e(r.raters)} raters)'
     return (f'<br><span class="fail">{_e(who)}: failed</span> ({_e(r.raters)} raters): '

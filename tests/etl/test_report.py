@@ -71,7 +71,8 @@ def add_downstream_rows(lake) -> None:
                                                   kept=kept, reason=reason, adapter_version="3")])
         if seed in (200, 203):
             put(lake, "rated_images", [dict(image_id=image_id, product_id="mug", arm=arm, raters=3,
-                                            passed=seed == 200, failed_questions="" if seed == 200 else "q3,q7")])
+                                            passed=seed == 200, failed_questions="" if seed == 200 else "q3,q7",
+                                            ratings_source="human")])
     evaluation = dict(dataset="folder", products=2, images=3, clip_i=0.7, clip_t=0.3, dino_i=0.5, seg_clip_i=0.6,
                       seg_clip_t=0.28, seg_dino_i=0.45, score=0.85)
     put(lake, "evaluation_metrics", [
