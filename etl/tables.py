@@ -427,6 +427,9 @@ TABLES: dict[str, Table] = {
                 ("error", "STRING", "the error, for a failed stage"),
                 ("host", "STRING", "machine that ran it"),
                 ("pid", "INT", "process id"),
+                ("base_model_loads", "INT", "diffusion pipelines loaded from disk by this process during the "
+                                            "stage (the zoo keeps one per worker; a Spark cluster's workers "
+                                            "load their own)"),
             ],
             key=["run_id", "stage"],
         ),

@@ -129,7 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=cmd_check)
 
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
+    demo.add_argument("--base", choices=["sd", "sdxl"], default=None,
+                      help="the tiny base-model family to build and use (default: models.tiny_family, sd)")
     demo.set_defaults(run=cmd_demo)
+
+    models = commands.add_parser("models", help="each model role: weights, family, device and precision")
+    models.add_argument("--format", choices=["table", "json"], default="table")
+    models.set_defaults(run=cmd_models)
     return parser
 
 
@@ -145,6 +151,20 @@ def cmd_stages(settings: Settings, args) -> int:
               f"{stage['description']}")
         for key in ("steps", "reads", "writes", "roles"):
             print(f"    {key:<7} {', '.join(stage[key]) or '-'}")
+    return 0
+
+
+def cmd_models(settings: Settings, args) -> int:
+    """What each role would load: without loading anything (tiny models are not built here)."""
+    from udfs.zoo import describe_roles
+
+    rows = describe_roles(settings)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        import pandas as pd
+
+        print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
 
@@ -354,7 +374,15 @@ def cmd_demo(settings: Settings, args) -> int:
     from jobs.runner import run
     from etl.tracking import promote
 
-    print(f"recontext demo, home {settings.home}")
+    if args.base and args.base != settings.models.tiny_family:
+        if (settings.home / "config.toml").exists():
+            raise UserError(f"{settings.home}/config.toml exists; set [models] tiny_family = \"{args.base}\" "
+                            "there (or use a new home) to run the demo on that family")
+        # A new home remembers its family, so later commands on it use the same base models.
+        settings.home.mkdir(parents=True, exist_ok=True)
+        (settings.home / "config.toml").write_text(f'[models]\ntiny_family = "{args.base}"\n')
+        settings = dataclasses.replace(settings, models=dataclasses.replace(settings.models, tiny_family=args.base))
+    print(f"recontext demo, home {settings.home}, base family {settings.models.tiny_family}")
     catalog = write_sample_catalog(settings.home / "samples" / "catalog")
     if not settings.ingest.sources:
         settings = dataclasses.replace(settings, ingest=dataclasses.replace(settings.ingest, sources=(str(catalog),)))

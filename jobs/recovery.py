@@ -72,4 +72,4 @@ def recover(lake: Lakehouse) -> int:
 
 
 def write_runs(lake: Lakehouse, rows: pd.DataFrame) -> None:
-    lake.upsert_rows("job_runs", rows.astype({"products": "int32", "rows_written": "int64", "pid": "int32"}))
+    lake.upsert_rows("job_runs", rows.astype({"products": "int32", "rows_written": "int64", "pid": "int32", "base_model_loads": "Int32"}))

@@ -31,6 +31,7 @@ from etl.step import CATALOG_FILES, CHAMPIONS
 from etl.tables import TABLES
 from jobs.graph import PIPELINE_FILE, Stage, load_stages, select
 from jobs.recovery import home_lock, recover, write_runs
+from udfs.diffusion import LOADS
 
 log = logging.getLogger("recontext.run")
 
@@ -135,7 +136,7 @@ def _run_stage(lake: Lakehouse, zoo, stage: Stage, run_id: str, scope: int, incr
     started = datetime.now(timezone.utc)
     row = {"run_id": run_id, "stage": stage.name, "started_at": started, "finished_at": None, "seconds": None,
            "products": scope, "rows_written": 0, "tables_written": "{}", "inputs": None, "error": None,
-           "host": socket.gethostname(), "pid": os.getpid()}
+           "host": socket.gethostname(), "pid": os.getpid(), "base_model_loads": 0}
     before = fingerprint(lake, stage)
     if incremental and before == _last_inputs(lake, stage.name):
         row.update(status="skipped", finished_at=started, seconds=0.0, products=0, inputs=json.dumps(before))
@@ -145,7 +146,7 @@ def _run_stage(lake: Lakehouse, zoo, stage: Stage, run_id: str, scope: int, incr
         return StageResult(stage.name, "skipped", 0.0, 0, {})
     write_runs(lake, pd.DataFrame([{**row, "status": "running"}]))
     log.info("stage started", extra={"run_id": run_id, "stage": stage.name})
-    clock = time.perf_counter()
+    clock, loads = time.perf_counter(), sum(LOADS.values())
     try:
         written = run_steps(lake, list(stage.steps), zoo, progress=lambda line: progress("  " + line))
         tables: dict[str, int] = {}
@@ -160,6 +161,7 @@ def _run_stage(lake: Lakehouse, zoo, stage: Stage, run_id: str, scope: int, incr
     seconds = time.perf_counter() - clock
     row.update(status=status, error=error, finished_at=datetime.now(timezone.utc), seconds=seconds,
                rows_written=sum(tables.values()), tables_written=json.dumps(tables, sort_keys=True),
+               base_model_loads=sum(LOADS.values()) - loads,
                inputs=json.dumps(fingerprint(lake, stage, before)) if status == "succeeded" else None)
     write_runs(lake, pd.DataFrame([row]))
     log.info("stage %s", status, extra={"run_id": run_id, "stage": stage.name, "seconds": round(seconds, 3),

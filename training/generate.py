@@ -2,7 +2,7 @@
 is training/ranking.py).
 
 Generation is a driver loop over products and arms (each loads its adapter from the MLflow
-registry by the `champion` alias onto one base pipeline; the baseline arm, when trained, gets the
+registry by the `champion` alias onto the worker's one base pipeline, prompts in batches; the baseline arm, when trained, gets the
 same prompts and seeds): approved target prompts of the product's type
 x seeds. A task key hashes adapter version, prompt, seed and parameters, so a re-run generates
 nothing twice and promoting another version makes the next run generate with it.
@@ -23,6 +23,7 @@ from etl.progress import Progress
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
 from etl.step import CHAMPIONS, Step
 from etl import tracking
+from udfs.diffusion import adapter_loaded
 from udfs.imaging import encode_png, pixel_hash
 from udfs.zoo import ModelZoo
 
@@ -33,8 +34,6 @@ STAGE = "generate"
 def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, int]:
     import mlflow
 
-    from udfs.diffusion import load_pipeline
-
     settings = lake.settings.generation
     tracking.configure(lake.settings)
     adapters = lake.spark.sql("SELECT product_id, arm, model_version, token FROM adapters").toPandas()
@@ -42,7 +41,7 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
     targets = approved_prompts(lake, "target")
     done = {r["task_key"] for r in lake.spark.sql("SELECT DISTINCT task_key FROM generations").collect()}
-    pipeline, rows, failures = None, [], []
+    rows, failures = [], []
     pairs = [(p, a) for p, a in sorted(set(zip(adapters.product_id, adapters.arm)))
              if lake.products is None or p in lake.products]
     meter = Progress(len(pairs), "adapters", progress)
@@ -66,19 +65,8 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
         try:
             if token is None:
                 raise ValueError(f"version {version} of {name} is not in the adapters table")
-            if pipeline is None:
-                pipeline = load_pipeline("text2img", zoo.path("text2img"), zoo.models.device)
             adapter = mlflow.diffusers.load_model(f"models:/{name}@{tracking.CHAMPION}")
-            pipeline.unload_lora_weights()
-            pipeline.load_lora_weights(adapter.adapter_path)
-            for task in tasks:
-                generator = torch.Generator("cpu").manual_seed(task["seed"])
-                image = pipeline(task["generation_prompt"], num_inference_steps=settings.steps,
-                                 guidance_scale=settings.guidance_scale, height=settings.resolution,
-                                 width=settings.resolution, generator=generator).images[0]
-                rows.append({**task, "image_id": pixel_hash(image), "image": encode_png(image),
-                             "width": image.width, "height": image.height,
-                             "scheduler": type(pipeline.scheduler).__name__})
+            rows += generate_images(zoo, adapter.adapter_path, tasks, settings)
         except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
             log.exception("generation for %s failed", product_id)
             failures.append((product_id, f"adapter:{name}/{version}", "generation_failed",
@@ -87,6 +75,26 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
     if rows:
         written = lake.upsert_rows("generations", pd.DataFrame(rows).astype({"seed": "int32", "steps": "int32"}))
     return {"generations": written, "quarantine": lake.quarantine(STAGE, failures)}
+
+
+def generate_images(zoo: ModelZoo, adapter_path, tasks: list[dict], settings: GenerationSettings) -> list[dict]:
+    """Images for `tasks` (generation_prompt, seed) from the worker's one base pipeline with the
+    adapter loaded (fused on GPUs), `settings.batch_size` prompts per call; each image has its
+    own seeded generator, so a batch draws the same starting noise as one image at a time."""
+    base = zoo.load("text2img")
+    fuse = settings.fuse_lora == "on" or (settings.fuse_lora == "auto" and base.device.type == "cuda")
+    rows = []
+    with zoo.exclusive("text2img"), adapter_loaded(base, adapter_path, fuse=fuse) as pipeline:
+        for start in range(0, len(tasks), settings.batch_size):
+            batch = tasks[start:start + settings.batch_size]
+            images = pipeline([t["generation_prompt"] for t in batch], num_inference_steps=settings.steps,
+                              guidance_scale=settings.guidance_scale, height=settings.resolution,
+                              width=settings.resolution,
+                              generator=[torch.Generator("cpu").manual_seed(t["seed"]) for t in batch]).images
+            rows += [{**task, "image_id": pixel_hash(image), "image": encode_png(image), "width": image.width,
+                      "height": image.height, "scheduler": type(pipeline.scheduler).__name__}
+                     for task, image in zip(batch, images)]
+    return rows
 
 
 def _task(product_id, arm, name, version, run_id, token, class_noun, prompt, seed, settings: GenerationSettings) -> dict:

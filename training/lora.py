@@ -1,11 +1,20 @@
 """DreamBooth-style LoRA fine-tuning of a Stable Diffusion UNet (paper 2.4, appendix A.5).
 
+Training runs on the worker's one loaded base pipeline (udfs/zoo.py): the LoRA layers are added
+for the run and removed after it, leaving the frozen weights untouched for the sweep's next
+token, validation and generation. SD 1.x/2.x and SDXL differ only in what udfs/diffusion.py's
+Family says (text encoders, SDXL's pooled embeddings and size time ids).
+
 Our arm has no prior-preservation loss: negatives and counterfactuals are ordinary examples with
 their own captions (without the rare token), so the adapter learns what the product is *not*.
 The baseline arm, standard DreamBooth, passes `prior` examples (class images the base model
 made from "a photo of a <class>"): each step then adds a batch of them, and their loss, times
 `prior_loss_weight`, to the instance loss, as diffusers' reference trainer does. Latents
-and (frozen) text states are computed once. Every `checkpoint_every` steps the LoRA weights,
+(VAE in micro-batches) and frozen text states are computed once. Defaults follow diffusers'
+reference trainers: lora_alpha = rank, gradient clipping at 1.0, bf16 frozen weights with fp32
+LoRA weights on CUDA (fp16 with a GradScaler), SDPA attention (diffusers' default processor).
+Images keep their aspect ratio: the long side is resized to the resolution and the short side
+padded with the photo's own border colour (padding, not bucketing: one resolution, one batch). Every `checkpoint_every` steps the LoRA weights,
 optimizer state, data/noise generator state and loss history are written atomically; a run
 that finds a checkpoint resumes from it and ends with exactly the weights of an uninterrupted
 run (CPU), the property users most often find broken in peers' scripts.
@@ -20,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from etl.config import TrainingSettings
-from udfs.device import pick_device
+from udfs.diffusion import FAMILIES, Family
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -44,6 +54,14 @@ class TrainResult:
     losses: list[float]
     validations: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    learning_rates: list[float] = field(default_factory=list)  # per optimizer step, after the scheduler
+    grad_norms: list[float] = field(default_factory=list)  # per optimizer step, before clipping
+
+
+def lora_alpha(config: TrainingSettings) -> int:
+    """The LoRA scale numerator: `alpha` when set, else the rank (diffusers' default), so the
+    update scale alpha/rank stays 1 across a rank sweep."""
+    return config.alpha if config.alpha is not None else config.rank
 
 
 def instance_prompt(token: str, class_noun: str, caption: str | None = None) -> str:
@@ -52,172 +70,299 @@ def instance_prompt(token: str, class_noun: str, caption: str | None = None) -> 
     return f"{prompt}, {caption}" if caption else prompt
 
 
-def train_lora(base_path: str | Path, examples: list[Example], config: TrainingSettings, out_dir: str | Path,
+def train_lora(pipeline, examples: list[Example], config: TrainingSettings, out_dir: str | Path,
                steps: int | None = None, on_step: Callable[[int, float], None] | None = None,
-               validate: Callable[[object, int], dict] | None = None, device: str = "auto",
+               validate: Callable[[object, int], dict] | None = None,
                prior: list[Example] = (), prior_loss_weight: float = 1.0) -> TrainResult:
-    """Train (or resume) a LoRA adapter; returns where `pytorch_lora_weights.safetensors` lies.
+    """Train (or resume) a LoRA adapter on a loaded base `pipeline` (its frozen weights are left
+    as they were); returns where `pytorch_lora_weights.safetensors` lies.
 
-    `validate(pipeline, step)` is called every `validate_every` steps with the pipeline that holds
-    the adapter being trained, and returns metrics to record.
+    `validate(pipeline, step)` is called every `validate_every` steps with the pipeline holding the
+    adapter being trained, and returns metrics to record. One step is one optimizer step over
+    batch_size x gradient_accumulation_steps examples (plus as many prior examples).
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from udfs.diffusion import load_pipeline
-
     if not examples:
         raise ValueError("no training examples")
+    family = FAMILIES[type(pipeline).__name__]
+    prediction_type = pipeline.scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"the base model's scheduler has prediction_type '{prediction_type}'; LoRA training "
+                         "supports epsilon and v_prediction")
     steps = steps or config.steps
     out_dir = Path(out_dir)
-    target = pick_device(device)
-    pipeline = load_pipeline("text2img", base_path, str(target), dtype=torch.float32)
-    unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
-    for module in (unet, vae, text_encoder):
+    unet, vae = pipeline.unet, pipeline.vae
+    encoders = [getattr(pipeline, name) for name in family.text_encoders]
+    target = unet.device
+    weight_dtype = _weight_dtype(config, target)
+    if unet.dtype != weight_dtype:  # the worker's inference copy is bf16 on CUDA; fp16/fp32 if asked
+        pipeline.to(dtype=weight_dtype)
+    for module in (unet, vae, *encoders):
         module.requires_grad_(False)
-    torch.manual_seed(config.seed)  # the LoRA initialisation
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                target_modules=list(config.target_modules)))
-    if config.train_text_encoder:
-        # peft directly: transformers 5's add_adapter wants a peft release not yet published.
-        from peft import inject_adapter_in_model
+    try:
+        return _train(pipeline, family, unet, vae, encoders, examples, config, out_dir, steps, on_step, validate,
+                      prior, prior_loss_weight, prediction_type, target, weight_dtype)
+    finally:  # the base pipeline goes back to plain inference, whatever happened
+        pipeline.unload_lora_weights()
+        if unet.is_gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.eval()
 
-        text_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                 target_modules=TEXT_ENCODER_TARGETS)
-        inject_adapter_in_model(text_config, text_encoder)
-        text_encoder.peft_config = {"default": text_config}
-    if config.gradient_checkpointing:
+
+def _train(pipeline, family: Family, unet, vae, encoders, examples, config: TrainingSettings, out_dir: Path,
+           steps: int, on_step, validate, prior, prior_loss_weight: float, prediction_type: str,
+           target: torch.device, weight_dtype: torch.dtype) -> TrainResult:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig, inject_adapter_in_model
+
+    alpha = lora_alpha(config)
+    torch.manual_seed(config.seed)  # the LoRA initialisation
+    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=list(config.target_modules)))
+    trained = {"unet": unet}
+    if config.train_text_encoder:
+        for name, encoder in zip(family.text_encoders, encoders):
+            # peft directly: transformers 5's add_adapter wants a peft release not yet published.
+            text_config = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                     target_modules=TEXT_ENCODER_TARGETS)
+            inject_adapter_in_model(text_config, encoder)
+            encoder.peft_config = {"default": text_config}
+            trained[name] = encoder
+    if config.gradient_checkpointing or (config.gradient_checkpointing is None and config.resolution >= 768):
         unet.enable_gradient_checkpointing()
-    trainable = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    trainable = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    for parameter in trainable:  # LoRA weights train in fp32 over bf16/fp16 frozen weights
+        parameter.data = parameter.data.float()
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=steps)
+    scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 else None
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
     # Instance examples first, then the prior (class) examples: one tensor, two index ranges.
-    latents = _cached_latents(vae, [e.image for e in [*examples, *prior]], config.resolution, target)
-    captions = [e.caption for e in [*examples, *prior]]
-    tokens = pipeline.tokenizer(captions, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(target)
-    frozen_states = None if config.train_text_encoder else _encode(text_encoder, tokens).detach()
+    everything = [*examples, *prior]
+    mean, std = _encoded_latents(vae, [e.image for e in everything], config, target)
+    token_ids = [getattr(pipeline, name)([e.caption for e in everything], padding="max_length",
+                                         max_length=getattr(pipeline, name).model_max_length, truncation=True,
+                                         return_tensors="pt").input_ids.to(target) for name in family.tokenizers]
+    frozen = None
+    if not config.train_text_encoder:
+        with torch.no_grad():
+            frozen = _encode(family, encoders, token_ids)
 
-    generator = torch.Generator("cpu").manual_seed(config.seed)  # batches, noise and timesteps
-    losses: list[float] = []
-    validations: list[dict] = []
-    start = _resume(out_dir, unet, text_encoder, optimizer, generator, losses, validations, config)
+    generator = torch.Generator("cpu").manual_seed(config.seed)  # batches, noise, timesteps, latent samples
+    result = TrainResult(out_dir / "adapter", [])
+    result.resumed_from = _resume(out_dir, trained, optimizer, lr_scheduler, scaler, generator, result)
     unet.train()
-    for step in range(start, steps):
-        index = torch.randint(len(examples), (config.batch_size,), generator=generator)
-        if prior:
-            index = torch.cat([index, len(examples) + torch.randint(len(prior), (config.batch_size,),
-                                                                    generator=generator)])
-        noise = torch.randn(latents[index].shape, generator=generator).to(target)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
-                                  generator=generator).to(target)
-        noisy = noise_scheduler.add_noise(latents[index], noise, timesteps)
-        states = frozen_states[index] if frozen_states is not None else _encode(text_encoder, tokens[index])
-        with _autocast(target, config.mixed_precision):
-            prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
-        wanted = noise if noise_scheduler.config.prediction_type == "epsilon" \
-            else noise_scheduler.get_velocity(latents[index], noise, timesteps)
-        if prior:  # the instance loss plus the weighted prior-preservation loss
-            n = config.batch_size
-            loss = (F.mse_loss(prediction[:n].float(), wanted[:n].float())
-                    + prior_loss_weight * F.mse_loss(prediction[n:].float(), wanted[n:].float()))
+    batch, micro_batches = config.batch_size, config.gradient_accumulation_steps
+    for step in range(result.resumed_from, steps):
+        # The whole effective batch is drawn at once and split into micro-batches, so accumulating
+        # k micro-batches of n equals one batch of k x n.
+        index = torch.randint(len(examples), (batch * micro_batches,), generator=generator)
+        prior_index = len(examples) + torch.randint(len(prior), (batch * micro_batches,), generator=generator) \
+            if prior else None
+        rows = torch.cat([index, prior_index]) if prior else index
+        noise = torch.randn((len(rows), *mean.shape[1:]), generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
+        latents = mean[rows]
+        if config.sample_latents:  # a fresh draw from each image's latent distribution
+            latents = latents + std[rows] * torch.randn(latents.shape, generator=generator)
+        micro_losses = []
+        for m in range(micro_batches):
+            part = torch.arange(m * batch, (m + 1) * batch)
+            if prior:
+                part = torch.cat([part, len(index) + part])
+            loss = _loss(family, unet, encoders, noise_scheduler, prediction_type, frozen, token_ids,
+                         rows[part], latents[part].to(target), noise[part].to(target), timesteps[part].to(target),
+                         config, target, weight_dtype, batch if prior else None, prior_loss_weight)
+            scaled = loss / micro_batches
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            micro_losses.append(float(loss.detach()))
+        if scaler:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm if config.max_grad_norm > 0
+                                              else float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            loss = F.mse_loss(prediction.float(), wanted.float())
-        loss.backward()
-        optimizer.step()
+            optimizer.step()
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        result.losses.append(sum(micro_losses) / micro_batches)
+        result.grad_norms.append(float(norm))
+        result.learning_rates.append(lr_scheduler.get_last_lr()[0])
         done = step + 1
         if on_step:
-            on_step(done, losses[-1])
+            on_step(done, result.losses[-1])
         if validate and done % config.validate_every == 0:
             unet.eval()
-            validations.append({"step": done, **validate(pipeline, done)})
+            result.validations.append({"step": done, **validate(pipeline, done)})
             unet.train()
         if done % config.checkpoint_every == 0 or done == steps:
-            _checkpoint(out_dir, done, unet, text_encoder, optimizer, generator, losses, validations, config)
+            _checkpoint(out_dir, done, trained, optimizer, lr_scheduler, scaler, generator, result, config)
 
-    adapter_dir = out_dir / "adapter"
-    scratch = out_dir / ".adapter-tmp"
-    shutil.rmtree(scratch, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
-        scratch, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        text_encoder_lora_layers=(convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-                                  if config.train_text_encoder else None))
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    scratch.rename(adapter_dir)
-    return TrainResult(adapter_dir, losses, validations, resumed_from=start)
+    _save_adapter(pipeline, trained, result.adapter_dir)
+    return result
 
 
-def _cached_latents(vae, images: list[Image.Image], resolution: int, device: torch.device) -> torch.Tensor:
-    """Each image centre-cropped to a square, resized, encoded once (distribution mean)."""
-    tensors = []
-    for image in images:
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        square = image.convert("RGB").crop((left, top, left + side, top + side)).resize(
-            (resolution, resolution), Image.Resampling.LANCZOS)
-        pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
-        tensors.append(pixels.permute(2, 0, 1).float() / 127.5 - 1.0)
-    with torch.no_grad():
-        latent = vae.encode(torch.stack(tensors).to(device)).latent_dist.mean
-    return latent * vae.config.scaling_factor
+def _weight_dtype(config: TrainingSettings, device: torch.device) -> torch.dtype:
+    """The frozen weights' dtype: fp32 on the CPU; on CUDA bf16 by default (`auto`), fp16 or fp32."""
+    if device.type != "cuda" or config.mixed_precision == "no":
+        return torch.float32
+    if config.mixed_precision == "fp16" or (config.mixed_precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
 
 
-def _encode(text_encoder, tokens: torch.Tensor) -> torch.Tensor:
-    return text_encoder(tokens)[0]
+def _loss(family: Family, unet, encoders, noise_scheduler, prediction_type: str, frozen, token_ids, rows,
+          latents, noise, timesteps, config: TrainingSettings, target, weight_dtype, instances: int | None,
+          prior_loss_weight: float) -> torch.Tensor:
+    """The denoising loss of one micro-batch; with `instances`, its first `instances` rows are
+    instance examples and the rest prior examples, whose loss is added times the weight."""
+    if frozen is not None:
+        states, pooled = frozen[0][rows], (frozen[1][rows] if frozen[1] is not None else None)
+    else:
+        states, pooled = _encode(family, encoders, [ids[rows] for ids in token_ids])
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    added = None
+    if family.added_conditions:  # SDXL: original size, crop corner (none: we pad) and target size
+        size = config.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=target).repeat(len(rows), 1)
+        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(weight_dtype)}
+    with _autocast(target, weight_dtype):
+        prediction = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states=states.to(weight_dtype),
+                          added_cond_kwargs=added).sample
+    wanted = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    if instances is None:
+        return F.mse_loss(prediction.float(), wanted.float())
+    return (F.mse_loss(prediction[:instances].float(), wanted[:instances].float())
+            + prior_loss_weight * F.mse_loss(prediction[instances:].float(), wanted[instances:].float()))
 
 
-def _autocast(device: torch.device, mixed_precision: str):
-    if device.type != "cuda" or mixed_precision == "no":
+def training_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """An image as the model sees it in training, in [-1, 1]: the long side resized to
+    `resolution`, the short side padded on both ends with the median colour of the photo's border
+    (product shots have plain backgrounds), so wide and tall products keep their ends."""
+    rgb = image.convert("RGB")
+    scale = resolution / max(rgb.size)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    pixels = np.asarray(rgb)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    canvas = Image.new("RGB", (resolution, resolution), tuple(int(c) for c in np.median(border, axis=0)))
+    canvas.paste(rgb.resize(size, Image.Resampling.LANCZOS), ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
+    array = torch.from_numpy(np.asarray(canvas).copy())
+    return array.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _encoded_latents(vae, images: list[Image.Image], config: TrainingSettings,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's latent distribution (mean, std), scaled, on the CPU: encoded once, in
+    micro-batches of `vae_batch_size`, in fp32 (SDXL's VAE overflows in fp16)."""
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    means, stds = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), config.vae_batch_size):
+                pixels = torch.stack([training_pixels(i, config.resolution)
+                                      for i in images[start:start + config.vae_batch_size]])
+                dist = vae.encode(pixels.to(device)).latent_dist
+                means.append(dist.mean.cpu())
+                stds.append(dist.std.cpu())
+    finally:
+        vae.to(dtype)
+    factor = vae.config.scaling_factor
+    return torch.cat(means) * factor, torch.cat(stds) * factor
+
+
+def _encode(family: Family, encoders, token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text states for the UNet's cross-attention (and SDXL's pooled embedding): SD uses the
+    encoder's last layer; SDXL concatenates both encoders' penultimate layers and pools the
+    second's projection, as diffusers' SDXL trainer does."""
+    if not family.added_conditions:
+        return encoders[0](token_ids[0])[0], None
+    states, pooled = [], None
+    for encoder, ids in zip(encoders, token_ids):
+        output = encoder(ids, output_hidden_states=True)
+        pooled = output[0]
+        states.append(output.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
+
+
+def _autocast(device: torch.device, weight_dtype: torch.dtype):
+    if device.type != "cuda" or weight_dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+    return torch.autocast("cuda", dtype=weight_dtype)
 
 
-def _lora_state(unet, text_encoder, with_text: bool) -> dict[str, torch.Tensor]:
+def _save_adapter(pipeline, trained: dict, adapter_dir: Path) -> None:
+    """diffusers' LoRA format, by the pipeline class's own writer (SDXL's adds text_encoder_2)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-    if with_text:
-        state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()})
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+              for name, module in trained.items()}
+    scratch = adapter_dir.with_name(".adapter-tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    type(pipeline).save_lora_weights(scratch, **layers)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    scratch.rename(adapter_dir)
 
 
-def _checkpoint(out_dir: Path, step: int, unet, text_encoder, optimizer, generator, losses, validations,
-                config: TrainingSettings) -> None:
-    """checkpoint-<step>/: LoRA weights, optimizer, generator state, history. Written to a scratch
-    folder and renamed, so a kill mid-write never leaves a half checkpoint."""
+def _lora_state(trained: dict) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {f"{name}.{k}": v.detach().cpu().contiguous() for name, module in trained.items()
+            for k, v in get_peft_model_state_dict(module).items()}
+
+
+def _checkpoint(out_dir: Path, step: int, trained: dict, optimizer, lr_scheduler, scaler, generator,
+                result: TrainResult, config: TrainingSettings) -> None:
+    """checkpoint-<step>/: LoRA weights, optimizer, scheduler, scaler and generator state, history.
+    Written to a scratch folder and renamed, so a kill mid-write never leaves a half checkpoint;
+    then all but the newest `checkpoints_keep` are deleted."""
     final = out_dir / "checkpoints" / f"checkpoint-{step:06d}"
     scratch = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    save_file(_lora_state(unet, text_encoder, config.train_text_encoder), scratch / "lora.safetensors")
-    torch.save(optimizer.state_dict(), scratch / "optimizer.pt")
+    save_file(_lora_state(trained), scratch / "lora.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None}, scratch / "optimizer.pt")
     save_file({"state": generator.get_state()}, scratch / "generator.safetensors")
-    (scratch / "state.json").write_text(json.dumps({"step": step, "losses": losses, "validations": validations}))
+    history = {"step": step, "losses": result.losses, "validations": result.validations,
+               "learning_rates": result.learning_rates, "grad_norms": result.grad_norms}
+    (scratch / "state.json").write_text(json.dumps(history))
     shutil.rmtree(final, ignore_errors=True)
     scratch.rename(final)
+    for old in checkpoints(out_dir)[:-max(1, config.checkpoints_keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(out_dir: Path, unet, text_encoder, optimizer, generator, losses, validations,
-            config: TrainingSettings) -> int:
+def checkpoints(out_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first."""
+    folder = Path(out_dir) / "checkpoints"
+    return sorted(folder.glob("checkpoint-*")) if folder.is_dir() else []
+
+
+def _resume(out_dir: Path, trained: dict, optimizer, lr_scheduler, scaler, generator, result: TrainResult) -> int:
     from peft.utils import set_peft_model_state_dict
 
-    found = sorted((out_dir / "checkpoints").glob("checkpoint-*")) if (out_dir / "checkpoints").is_dir() else []
+    found = checkpoints(out_dir)
     if not found:
         return 0
     latest = found[-1]
     weights = load_file(latest / "lora.safetensors")
-    set_peft_model_state_dict(unet, {k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")})
-    if config.train_text_encoder:
-        set_peft_model_state_dict(text_encoder, {k[len("text_encoder."):]: v for k, v in weights.items()
-                                                 if k.startswith("text_encoder.")})
-    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    for name, module in trained.items():
+        prefix = f"{name}."
+        set_peft_model_state_dict(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    states = torch.load(latest / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if scaler and states["scaler"]:
+        scaler.load_state_dict(states["scaler"])
     generator.set_state(load_file(latest / "generator.safetensors")["state"])
-    state = json.loads((latest / "state.json").read_text())
-    losses.extend(state["losses"])
-    validations.extend(state["validations"])
-    return state["step"]
+    history = json.loads((latest / "state.json").read_text())
+    for name in ("losses", "validations", "learning_rates", "grad_norms"):
+        getattr(result, name).extend(history[name])
+    return history["step"]

@@ -39,8 +39,9 @@ from etl.prompt_bank import class_noun as noun_of
 from etl.step import REGISTERED_MODELS, Step
 from etl.tables import sql_literal
 from etl import tracking
-from training.lora import Example, TrainResult, instance_prompt, train_lora
+from training.lora import Example, instance_prompt, lora_alpha, train_lora
 from training.tokens import by_association, rare_token_candidates
+from udfs.diffusion import adapter_loaded
 from udfs.imaging import decode_rgb
 from udfs.zoo import ModelZoo
 
@@ -121,7 +122,9 @@ def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], inputs, arm
     for product_id in Progress(len(todo), f"products ({arm})", progress).track(todo):
         try:
             rows, references, version, digest = inputs(product_id)
-            row = train_product(lake, zoo, product_id, rows, references, version, digest, experiment, arm, progress)
+            with zoo.exclusive("text2img"):  # the worker's one base pipeline, one product at a time
+                row = train_product(lake, zoo, product_id, rows, references, version, digest, experiment, arm,
+                                    progress)
             written += lake.upsert_rows("adapters", pd.DataFrame([row]).astype({"images": "int32"}))
         except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
             log.exception("training %s (%s) failed", product_id, arm)
@@ -171,7 +174,8 @@ def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, rows: pd.Data
         progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
         return _recorded(row, *registered)
     candidates = _candidate_tokens(zoo, product_id, title, class_noun, config.token_candidates)  # 1 for the baseline
-    params = {**{k: str(v) for k, v in asdict(config).items()}, "product_id": product_id, "arm": arm,
+    params = {**{k: str(v) for k, v in asdict(config).items()}, "lora_alpha": lora_alpha(config),
+              "product_id": product_id, "arm": arm,
               "training_set_version": version, "class_noun": class_noun, "base_model": zoo.name("text2img"),
               "examples": len(rows), "positives": int(rows.is_positive.sum()),
               **({f"baseline.{k}": str(v) for k, v in asdict(lake.settings.baseline).items()}
@@ -185,16 +189,23 @@ def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, rows: pd.Data
         mlflow.set_tag("token_scores", json.dumps(token_scores, sort_keys=True))
         progress(f"  train {product_id} ({arm}): token '{token}', {len(rows)} examples, {config.steps} steps")
         prior = job.class_examples() if arm == tracking.BASELINE and lake.settings.baseline.prior_preservation else []
-        result = train_lora(job.base, job.examples_for(token), config, job.work / "final", device=zoo.models.device,
-                            prior=prior, prior_loss_weight=lake.settings.baseline.prior_loss_weight,
+        result = train_lora(job.pipeline, job.examples_for(token), config, job.work / "final", prior=prior,
+                            prior_loss_weight=lake.settings.baseline.prior_loss_weight,
                             on_step=lambda step, loss: mlflow.log_metric("loss", loss, step=step),
                             validate=job.validator(token, log_images=True))
-        final = result.validations[-1] if result.validations else \
-            job.validator(token, log_images=True)(_pipeline_with(job.base, result, zoo), config.steps)
+        if result.validations:
+            final = result.validations[-1]
+        else:
+            with adapter_loaded(job.pipeline, result.adapter_dir) as pipeline:
+                final = job.validator(token, log_images=True)(pipeline, config.steps)
         final_loss = float(np.mean(result.losses[-10:]))
         mlflow.log_metrics({"final_loss": final_loss})
+        for step, (lr, norm) in enumerate(zip(result.learning_rates, result.grad_norms), start=1):
+            mlflow.log_metrics({"lr": lr, "grad_norm": norm}, step=step)
         model_version = tracking.register_adapter(result.adapter_dir, job.base, product_id, arm, config.auto_promote)
-        shutil.rmtree(job.work / "sweep", ignore_errors=True)
+        # Registered: MLflow holds the adapter; the checkpoints (~150 MB each at rank 64) and
+        # sweep runs go. A run killed before `adapters` records it finds the version by its key.
+        shutil.rmtree(job.work, ignore_errors=True)
         return {**row, "token": token, "token_scores": json.dumps(token_scores, sort_keys=True),
                 "run_id": run.info.run_id, "model_version": model_version, "final_loss": final_loss,
                 "clip_i": float(final["clip_i"]), "dino_i": float(final["dino_i"])}
@@ -245,6 +256,11 @@ class _ProductTraining:
     def base(self) -> str:
         return str(self.zoo.path("text2img"))
 
+    @property
+    def pipeline(self):
+        """The worker's one loaded base pipeline (sweep, training, validation and class images)."""
+        return self.zoo.load("text2img")
+
     def examples_for(self, token: str) -> list[Example]:
         return [Example(decode_rgb(r.image), instance_prompt(token, self.class_noun, r.caption) if r.is_positive
                         else (r.caption or self.class_noun)) for r in self.rows.itertuples()]
@@ -270,10 +286,8 @@ class _ProductTraining:
     def class_examples(self) -> list[Example]:
         """DreamBooth's prior-preservation images: what the base model makes of "a photo of a
         <class>" (baseline.class_images of them, seeded), captioned with that prompt."""
-        from udfs.diffusion import load_pipeline
-
         count, prompt = self.lake.settings.baseline.class_images, f"a photo of a {self.class_noun}"
-        pipeline = load_pipeline("text2img", self.base, self.zoo.models.device)
+        pipeline = self.pipeline
         generator = torch.Generator("cpu").manual_seed(self.config.seed)
         images = pipeline([prompt] * count, num_inference_steps=self.lake.settings.augment.steps,
                           height=self.config.resolution, width=self.config.resolution, generator=generator).images
@@ -305,23 +319,15 @@ class _ProductTraining:
         for token in candidates:
             with mlflow.start_run(experiment_id=experiment, run_name=f"{self.product_id} token {token}", nested=True):
                 mlflow.log_params({"token": token, "steps": config.sweep_steps})
-                result = train_lora(self.base, self.examples_for(token), config, self.work / "sweep" / token,
-                                    steps=config.sweep_steps, device=self.zoo.models.device)
-                pipeline = _pipeline_with(self.base, result, self.zoo)
-                scores = self.validator(token, log_images=False)(pipeline, config.sweep_steps)
-                scene_clip_t = self.scene_clip_t(token, pipeline)
+                result = train_lora(self.pipeline, self.examples_for(token), config, self.work / "sweep" / token,
+                                    steps=config.sweep_steps)
+                with adapter_loaded(self.pipeline, result.adapter_dir) as pipeline:
+                    scores = self.validator(token, log_images=False)(pipeline, config.sweep_steps)
+                    scene_clip_t = self.scene_clip_t(token, pipeline)
                 scores_by_token[token] = scores["clip_i"] + scores["dino_i"] + (scene_clip_t or 0.0)
                 mlflow.log_metrics({"sweep_score": scores_by_token[token],
                                     **({"sweep_scene_clip_t": scene_clip_t} if scene_clip_t is not None else {})})
         return max(candidates, key=lambda t: (scores_by_token[t], t)), scores_by_token
-
-
-def _pipeline_with(base: str, result: TrainResult, zoo: ModelZoo):
-    from udfs.diffusion import load_pipeline
-
-    pipeline = load_pipeline("text2img", base, zoo.models.device)
-    pipeline.load_lora_weights(str(result.adapter_dir))
-    return pipeline
 
 
 def _embed(zoo: ModelZoo, images: list[Image.Image]) -> dict[str, np.ndarray]:

@@ -1,40 +1,85 @@
 """Diffusion pipelines (diffusers), loaded from `save_pretrained` folders.
 
-Roles: `text2img` (StableDiffusionPipeline: in-class negatives, later LoRA training and
-generation), `inpaint` (StableDiffusionInpaintPipeline: outpainted backgrounds and
-counterfactuals) and `image2video` (StableVideoDiffusionPipeline: novel views). A real
-snapshot (SD 1.5, SD 1.5 inpainting, SVD img2vid) is a folder swap; the tiny builders write
-random-weight components with the real architectures in the same layout.
+Roles: `text2img` (in-class negatives, LoRA training and generation), `inpaint` (outpainted
+backgrounds and counterfactuals) and `image2video` (StableVideoDiffusionPipeline: novel views).
+The family of a text-to-image or inpainting snapshot (SD 1.x/2.x or SDXL) is read from its
+`model_index.json`, as diffusers' AutoPipeline does: FAMILIES is the one table of what differs
+(pipeline classes, text encoders, the added SDXL conditioning). A real snapshot is a folder swap;
+the tiny builders write random-weight components with the real architectures in the same layout.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from etl.errors import UserError
 from udfs.device import pick_device
 
 TINY_TEXT_DIM = 32
+# Diffusion pipelines loaded from disk in this process, per role: every stage reuses the zoo's
+# one load per worker (udfs/zoo.py); the runner records the count per stage in job_runs.
+LOADS: Counter = Counter()
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between base-model families for loading, LoRA training and saving."""
+
+    name: str
+    text2img: str  # diffusers pipeline classes
+    inpaint: str
+    text_encoders: tuple[str, ...]  # pipeline attributes; the LoRA file prefixes them alike
+    tokenizers: tuple[str, ...]
+    added_conditions: bool  # SDXL: pooled text embeddings and size/crop time ids go into the UNet
+
+
+SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionInpaintPipeline", ("text_encoder",), ("tokenizer",),
+            added_conditions=False)
+SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline",
+              ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), added_conditions=True)
+# model_index.json `_class_name` -> family. A flow-matching family (SD3, FLUX) would be one more
+# entry plus its loss (flow-matching target, T5 conditioning) in training/lora.py.
+FAMILIES = {cls: family for family in (SD, SDXL) for cls in (family.text2img, family.inpaint)}
+
+
+def family_of(path: str | Path) -> Family:
+    """The family of a diffusers snapshot, from its model_index.json; an unknown one is named."""
+    index = Path(path) / "model_index.json"
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{index} is missing or has no _class_name ({err}); is {path} a diffusers snapshot?") from err
+    if name not in FAMILIES:
+        raise UserError(f"{path} holds a {name}; supported base models: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
 
 
 def load_pipeline(role: str, path: str | Path, device: str = "auto", dtype: torch.dtype | None = None):
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableVideoDiffusionPipeline
+    import diffusers
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    cls = {"text2img": StableDiffusionPipeline, "inpaint": StableDiffusionInpaintPipeline,
-           "image2video": StableVideoDiffusionPipeline}[role]
+    if role == "image2video":
+        cls = diffusers.StableVideoDiffusionPipeline
+    else:
+        cls = getattr(diffusers, getattr(family_of(path), role))
     target = pick_device(device)
     # Inference: half precision on GPUs (bf16 where supported); fp32 on the CPU, exact and portable.
-    # Training passes fp32 and autocasts instead.
+    # Training keeps these frozen weights and trains fp32 LoRA weights under autocast.
     if dtype is None:
         dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if target.type == "cuda" \
             else torch.float32
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if role != "image2video" else {}
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} \
+        if cls.__name__.startswith("StableDiffusion") and "XL" not in cls.__name__ else {}
     pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
+    LOADS[role] += 1
     return pipeline.to(target)
 
 
@@ -97,16 +142,52 @@ def _build_tiny_sd(pipeline_class, unet_in_channels: int, path: Path, seed: int)
     return pipeline
 
 
-def build_tiny_text2img(path: Path, seed: int = 0):
-    from diffusers import StableDiffusionPipeline
+def _build_tiny_sdxl(pipeline_class, unet_in_channels: int, path: Path, seed: int):
+    """SDXL's layout at tiny size: two CLIP text encoders (the second with a projection, whose
+    pooled output joins the size/crop time ids as added conditioning) feeding one UNet."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=TINY_TEXT_DIM,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+        max_position_embeddings=77, projection_dim=TINY_TEXT_DIM, hidden_act="gelu")
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=unet_in_channels,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        transformer_layers_per_block=(1, 2), cross_attention_dim=2 * TINY_TEXT_DIM, norm_num_groups=32,
+        # six time ids (original size, crop corner, target size) plus the pooled text embedding
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TINY_TEXT_DIM)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    kwargs = {"requires_aesthetics_score": False} if unet_in_channels == 9 else {}
+    pipeline = pipeline_class(
+        vae=_tiny_vae(), text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, **kwargs)
+    pipeline.save_pretrained(path)
+    return pipeline
+
+
+def build_tiny_text2img(path: Path, seed: int = 0, family: str = "sd"):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family == "sdxl":
+        return _build_tiny_sdxl(StableDiffusionXLPipeline, 4, path, seed)
     return _build_tiny_sd(StableDiffusionPipeline, 4, path, seed)
 
 
-def build_tiny_inpaint(path: Path, seed: int = 0):
-    from diffusers import StableDiffusionInpaintPipeline
+def build_tiny_inpaint(path: Path, seed: int = 0, family: str = "sd"):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
-    return _build_tiny_sd(StableDiffusionInpaintPipeline, 9, path, seed)  # latents + mask + masked image
+    # latents + mask + masked image
+    if family == "sdxl":
+        return _build_tiny_sdxl(StableDiffusionXLInpaintPipeline, 9, path, seed)
+    return _build_tiny_sd(StableDiffusionInpaintPipeline, 9, path, seed)
 
 
 def build_tiny_image2video(path: Path, seed: int = 0):
@@ -150,3 +231,19 @@ def load_inpaint(path, models):
 
 def load_image2video(path, models):
     return load_pipeline("image2video", path, models.device)
+
+
+@contextmanager
+def adapter_loaded(pipeline, adapter_path: str | Path, fuse: bool = False):
+    """The worker's base pipeline with a LoRA adapter for the duration of a block, then plain
+    again. `fuse` folds the adapter into the weights (faster steps); unfusing subtracts it back,
+    which is not bit-exact, so it is for GPUs, where generation is not bit-reproducible anyway."""
+    pipeline.load_lora_weights(str(adapter_path))
+    try:
+        if fuse:
+            pipeline.fuse_lora()
+        yield pipeline
+    finally:
+        if fuse:
+            pipeline.unfuse_lora()
+        pipeline.unload_lora_weights()

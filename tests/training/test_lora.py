@@ -17,11 +17,22 @@ from training.tokens import _pool, by_association, edit_distance, rare_token_can
 from udfs.zoo import ModelZoo, packaged_weights
 
 
+def tiny_zoo(tiny_models, family: str = "sd") -> ModelZoo:
+    zoo = ModelZoo.from_settings(Settings.load(tiny_models / "unused", models={
+        "tiny_dir": str(tiny_models), "device": "cpu", "tiny_family": family}))
+    zoo.check("text2img")
+    return zoo
+
+
+@pytest.fixture(scope="module")
+def base_path(tiny_models):
+    return tiny_zoo(tiny_models).path("text2img")
+
+
 @pytest.fixture(scope="module")
 def base(tiny_models):
-    zoo = ModelZoo.from_settings(Settings.load(tiny_models / "unused", models={"tiny_dir": str(tiny_models)}))
-    zoo.check("text2img")
-    return zoo.path("text2img")
+    """The worker's one loaded base pipeline, shared by every training below (as in a stage)."""
+    return tiny_zoo(tiny_models).load("text2img")
 
 
 EXAMPLES = [Example(product_shot(96, 96, seed=i), instance_prompt("mmes", "mug", f"caption {i}")) for i in range(3)]
@@ -54,13 +65,13 @@ def test_kill_and_resume_gives_the_same_weights(base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_adapter_loads_in_a_fresh_process_and_changes_the_output(base, tmp_path):
+def test_adapter_loads_in_a_fresh_process_and_changes_the_output(base, base_path, tmp_path):
     config = TrainingSettings(steps=20, learning_rate=1e-2, checkpoint_every=1000)
     adapter = train_lora(base, EXAMPLES, config, tmp_path).adapter_dir
     script = textwrap.dedent(f"""
         import numpy as np, torch
         from diffusers import StableDiffusionPipeline
-        pipe = StableDiffusionPipeline.from_pretrained({str(base)!r}, local_files_only=True, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained({str(base_path)!r}, local_files_only=True, safety_checker=None,
                                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         def run():
@@ -90,14 +101,14 @@ def test_token_is_rare_not_a_word_and_not_the_product_name():
     assert "gued" not in close and all(edit_distance(t, "gued") >= 2 for t in close)
 
 
-def test_text_encoder_lora_is_saved_with_the_unet_lora(base, tmp_path):
+def test_text_encoder_lora_is_saved_with_the_unet_lora(base, base_path, tmp_path):
     config = TrainingSettings(steps=3, train_text_encoder=True, checkpoint_every=2)
     adapter = train_lora(base, EXAMPLES, config, tmp_path).adapter_dir
     weights = load_file(adapter / ADAPTER_FILE)
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
     from udfs.diffusion import load_pipeline
 
-    pipeline = load_pipeline("text2img", base, "cpu")
+    pipeline = load_pipeline("text2img", base_path, "cpu")
     tokens = torch.tensor([[49406, 320, 1125, 49407]])
     before = pipeline.text_encoder(tokens)[0].detach().clone()
     pipeline.load_lora_weights(str(adapter))  # diffusers' own loader applies the text-encoder LoRA
