@@ -70,12 +70,12 @@ def main() -> None:
         zoo.check("text2img")
         base, resolution, steps, rank, dtype = zoo.path("text2img"), 64, 8, 4, torch.float32
         images = args.images or 20
-    config = TrainingSettings(rank=rank, alpha=rank, resolution=min(resolution, 512), batch_size=1,
+    config = TrainingSettings(rank=rank, resolution=min(resolution, 512), batch_size=1,
                               checkpoint_every=10**9, mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     examples = [Example(product_shot(resolution, resolution, seed=i), instance_prompt("mmes", "mug")) for i in range(2)]
-    adapter = train_lora(base, examples, config, work / "lora", steps=2, device=args.device).adapter_dir
-
     pipeline = load_pipeline("text2img", base, args.device, dtype)
+    adapter = train_lora(pipeline, examples, config, work / "lora", steps=2).adapter_dir
+
     pipeline.set_progress_bar_config(disable=True)
     pipeline.load_lora_weights(str(adapter))
     unfused = timed(pipeline, images, resolution, steps, args.device)

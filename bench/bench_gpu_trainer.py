@@ -57,7 +57,7 @@ def main() -> None:
     from training.lora import Example, instance_prompt, train_lora
 
     resolution = 64 if args.tiny else 512
-    config = TrainingSettings(rank=64, alpha=64, resolution=resolution, batch_size=1, learning_rate=1e-4,
+    config = TrainingSettings(rank=64, resolution=resolution, batch_size=1, learning_rate=1e-4,
                               mixed_precision="bf16", checkpoint_every=10**9, validate_every=10**9)
     examples = [Example(product_shot(640, 480, seed=i), instance_prompt("sks", "mug", f"caption {i}"))
                 for i in range(5)]
@@ -67,7 +67,10 @@ def main() -> None:
         built = time.perf_counter() - started
         stamps: list[float] = []
         started = time.perf_counter()
-        result = train_lora(Path(scratch) / "sd15", examples, config, Path(scratch) / "run", steps=args.steps,
+        from udfs.diffusion import load_pipeline
+
+        pipeline = load_pipeline("text2img", Path(scratch) / "sd15")
+        result = train_lora(pipeline, examples, config, Path(scratch) / "run", steps=args.steps,
                             on_step=lambda step, loss: stamps.append(time.perf_counter()))
         total = time.perf_counter() - started
     timed = stamps[args.warmup:]

@@ -1,6 +1,7 @@
-"""Benchmark: LoRA training speed.
+"""Benchmark: LoRA training and generation speed per base-model family.
 
-    python bench/bench_train.py                          # tiny pipeline on this machine: s per 100 steps
+    python bench/bench_train.py                          # tiny SD and tiny SDXL here: training s per
+                                                          # 100 steps, generation images/s at batch 1 vs 4
     python bench/bench_train.py --full-size --device cuda   # SD 1.5-size UNet, 512 px, bf16, rank 64
 
 The full-size run builds a random-weight Stable Diffusion 1.5-size pipeline in the diffusers
@@ -46,17 +47,30 @@ def build_full_size(path: Path) -> None:
         feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
 
 
-def timed(base, config: TrainingSettings, steps: int, device: str, work: Path) -> float:
+def timed(pipeline, config: TrainingSettings, steps: int, device: str, work: Path) -> float:
     examples = [Example(product_shot(config.resolution, config.resolution, seed=i), instance_prompt("mmes", "mug"))
                 for i in range(8)]
-    warm = train_lora(base, examples, config, work / "warm", steps=5, device=device)
+    warm = train_lora(pipeline, examples, config, work / "warm", steps=5)
     assert warm.losses
     marks = {}
-    train_lora(base, examples, config, work / "run", steps=steps + 5, device=device,
+    train_lora(pipeline, examples, config, work / "run", steps=steps + 5,
                on_step=lambda step, loss: marks.setdefault(step, time.perf_counter()))
     if device == "cuda":
         torch.cuda.synchronize()
     return (marks[steps + 5] - marks[5]) / steps
+
+
+def images_per_second(pipeline, batch: int, images: int = 16, steps: int = 8) -> float:
+    """Generation throughput at `batch` prompts per call (one warm-up call first)."""
+    def call(seeds):
+        pipeline([instance_prompt("mmes", "mug", "on a marble counter")] * len(seeds), num_inference_steps=steps,
+                 height=64, width=64, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+
+    call(range(batch))
+    started = time.perf_counter()
+    for start in range(0, images, batch):
+        call(range(start, start + batch))
+    return images / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -69,22 +83,32 @@ def main() -> None:
     results = {"machine": f"{platform.machine()}, torch {torch.__version__}, "
                           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"}
     if args.full_size:
+        from udfs.diffusion import load_pipeline
+
         build_full_size(work / "sd15")
+        pipeline = load_pipeline("text2img", work / "sd15", args.device)
         for batch in (1, 4):
-            config = TrainingSettings(rank=64, alpha=64, resolution=512, batch_size=batch, mixed_precision="bf16",
+            config = TrainingSettings(rank=64, resolution=512, batch_size=batch, mixed_precision="bf16",
                                       checkpoint_every=10**9)
-            per_step = timed(work / "sd15", config, args.steps, args.device, work / f"b{batch}")
+            per_step = timed(pipeline, config, args.steps, args.device, work / f"b{batch}")
             results[f"sd15_rank64_512px_batch{batch}_s_per_1000_steps"] = round(per_step * 1000, 1)
     else:
         from etl.config import Settings
         from udfs.zoo import ModelZoo
 
-        zoo = ModelZoo.from_settings(Settings.load(work / "home"))
-        zoo.check("text2img")
-        for batch in (1, 4):
-            config = TrainingSettings(batch_size=batch, checkpoint_every=10**9)
-            per_step = timed(zoo.path("text2img"), config, args.steps, args.device, work / f"b{batch}")
-            results[f"tiny_64px_rank4_batch{batch}_s_per_100_steps"] = round(per_step * 100, 2)
+        for family in ("sd", "sdxl"):
+            zoo = ModelZoo.from_settings(Settings.load(work / "home", models={"tiny_family": family,
+                                                                               "device": args.device}))
+            zoo.check("text2img")
+            pipeline = zoo.load("text2img")
+            for batch in (1, 4):
+                config = TrainingSettings(batch_size=batch, checkpoint_every=10**9)
+                per_step = timed(pipeline, config, args.steps, args.device, work / f"{family}-b{batch}")
+                results[f"tiny_{family}_64px_rank4_batch{batch}_train_s_per_100_steps"] = round(per_step * 100, 2)
+            one, four = images_per_second(pipeline, 1), images_per_second(pipeline, 4)
+            results[f"tiny_{family}_generation_images_per_s_batch1"] = round(one, 2)
+            results[f"tiny_{family}_generation_images_per_s_batch4"] = round(four, 2)
+            results[f"tiny_{family}_generation_batch4_speedup"] = round(four / one, 2)
     print(json.dumps(results, indent=2))
 
 

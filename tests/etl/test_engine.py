@@ -30,6 +30,17 @@ def test_config_file_overrides_defaults(tmp_path):
     assert settings.ingest.min_side == 64  # untouched defaults stay
 
 
+def test_a_profile_presets_real_weight_settings_under_the_files_own(tmp_path):
+    (tmp_path / "config.toml").write_text('profile = "sdxl"\n[training]\nsteps = 900\n')
+    settings = Settings.load(tmp_path)
+    assert settings.training.steps == 900  # the file wins
+    assert (settings.training.resolution, settings.training.rank, settings.generation.resolution) == (1024, 64, 1024)
+    assert settings.training.gradient_accumulation_steps == 4 and settings.training.max_grad_norm == 1.0
+    (tmp_path / "config.toml").write_text('profile = "sd3"\n')
+    with pytest.raises(ValueError, match="unknown profile 'sd3'"):
+        Settings.load(tmp_path)
+
+
 def test_unknown_config_key_is_an_error(tmp_path):
     (tmp_path / "config.toml").write_text("[ingest]\nmax_sides = 512\n")
     with pytest.raises(ValueError, match="unknown setting 'max_sides'"):

@@ -163,6 +163,8 @@ def test_run_all_then_nothing_new_skips_every_stage(reference_home):
     first = runs[runs.run_id == runs.run_id.min()].set_index("stage")
     assert (first.status == "succeeded").all() and first.loc["ingest", "rows_written"] > 0
     assert json.loads(first.loc["generate", "tables_written"])["generations"] == 8  # 2 products x 2 arms x 2 seeds
+    # one load per diffusion role in the run's process, however many products, sweeps and arms
+    assert first.base_model_loads.sum() <= 3 and first.loc["train", "base_model_loads"] <= 1
     assert "run summary" in again.stdout
 
 
@@ -263,7 +265,12 @@ def test_maintain_compacts_vacuums_and_prunes_only_orphans(reference_home):
     orphan = home / "mlflow" / "artifacts" / "0123456789abcdef0123456789abcdef"
     (orphan / "artifacts").mkdir(parents=True)
     (orphan / "artifacts" / "leftover.bin").write_bytes(b"x" * 100)
-    assert any((home / "training").glob("*/*"))  # checkpoints of the trained adapters
+    assert not any((home / "training").glob("**/checkpoint-*"))  # deleted once each adapter was registered
+    # what a run killed between registering and cleaning up leaves: maintain removes it
+    adapter = DeltaTable(home / "lakehouse" / "adapters").to_pandas().iloc[0]
+    leftover = (home / "training" / adapter.product_id /
+                f"{adapter.arm}-v{adapter.training_set_version}-{adapter.config_hash}" / "final" / "checkpoints")
+    (leftover / "checkpoint-000002").mkdir(parents=True)
     result = recontext("maintain", "--retention-hours", "0", home=home)
     assert result.returncode == 0, result.stderr
     assert "removed 1 orphaned MLflow artifact folder(s)" in result.stdout
