@@ -44,6 +44,7 @@ class ModelSettings:
     sam: ModelPath = field(default_factory=ModelPath)  # segment-anything checkpoint file (.pth)
     sam_variant: str = "tiny"  # vit_h, vit_l, vit_b for released checkpoints
     u2netp: ModelPath = field(default_factory=ModelPath)  # ONNX file; default: the packaged real one
+    u2netp_runtime: str = "auto"  # auto (torch on a GPU, else onnxruntime), torch or onnxruntime
     text2img: ModelPath = field(default_factory=ModelPath)  # diffusers StableDiffusionPipeline folder
     inpaint: ModelPath = field(default_factory=ModelPath)  # diffusers StableDiffusionInpaintPipeline folder
     image2video: ModelPath = field(default_factory=ModelPath)  # diffusers StableVideoDiffusionPipeline folder
