@@ -28,7 +28,7 @@ def test_torch_u2netp_matches_onnxruntime_on_the_sample_photos(sample_photos):
     assert len(sample_photos) == 5
     expected, got = onnx.saliency(sample_photos), torch_net.saliency(sample_photos)  # torch: one batch of 5
     assert got.shape == expected.shape == (5, 320, 320)
-    assert np.abs(got - expected).max() < 1e-4  # measured ~2e-6: float32 rounding only
+    assert np.abs(got - expected).max() < 5e-4  # measured 7e-5 (float32 rounding); TF32 convs gave 0.08
     masks = [[U2NetSegmenter._postprocess(s, image.size) for s, image in zip(maps, sample_photos)]
              for maps in (expected, got)]  # the segmenter's own postprocessing, as segment() runs it
     for image, a, b in zip(sample_photos, *masks):
