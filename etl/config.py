@@ -44,13 +44,13 @@ class ModelSettings:
     sam: ModelPath = field(default_factory=ModelPath)  # segment-anything checkpoint file (.pth)
     sam_variant: str = "tiny"  # vit_h, vit_l, vit_b for released checkpoints
     u2netp: ModelPath = field(default_factory=ModelPath)  # ONNX file; default: the packaged real one
-    u2netp_runtime: str = "auto"  # auto (torch on a GPU, else onnxruntime), torch or onnxruntime
     text2img: ModelPath = field(default_factory=ModelPath)  # diffusers StableDiffusionPipeline folder
     inpaint: ModelPath = field(default_factory=ModelPath)  # diffusers StableDiffusionInpaintPipeline folder
     image2video: ModelPath = field(default_factory=ModelPath)  # diffusers StableVideoDiffusionPipeline folder
     llm: ModelPath = field(default_factory=ModelPath)  # causal LM folder (GGUF or safetensors); default: SmolLM2
     sentence: ModelPath = field(default_factory=ModelPath)  # sentence embedder folder; default: all-MiniLM-L6-v2
     segmenter: str = "u2netp"  # the mask method used for segmented metrics: u2netp or sam
+    u2netp_runtime: str = "auto"  # auto (torch on a GPU, else onnxruntime), torch or onnxruntime
     # BLIP-style models continue this prefix; instruction models get it as the question, e.g.
     # "Describe the product's colour, position, lighting, materials and details in one sentence."
     caption_prompt: str = "a photo of"
