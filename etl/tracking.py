@@ -57,9 +57,14 @@ def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = O
     import mlflow
     from mlflow import MlflowClient
 
+    from udfs.diffusion import family_of
+
     name = registered_model_name(product_id, arm)
+    family = family_of(base_model)  # recorded so a reader knows which pipeline class takes the adapter
     info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
-                                      registered_model_name=name)
+                                      registered_model_name=name,
+                                      metadata={"base_family": family.name, "base_pipeline": family.text2img})
+    mlflow.set_tag("base_pipeline", family.text2img)
     version = str(info.registered_model_version)
     client = MlflowClient()
     client.set_registered_model_alias(name, CHAMPION if arm == BASELINE else CANDIDATE, version)

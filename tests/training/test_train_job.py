@@ -76,6 +76,8 @@ def test_adapter_loads_back_through_mlflow(trained):
     assert any(k.startswith("unet.") for k in logged)
     run = MlflowClient().get_run(row.run_id)
     assert run.data.params["rank"] == run.data.params["lora_alpha"] == str(TRAINING.get("rank", 4))
+    info = mlflow.models.get_model_info(f"models:/{row.model_name}@candidate")
+    assert info.metadata["base_pipeline"] == "StableDiffusionPipeline" == run.data.tags["base_pipeline"]
     pipeline = model.load_pipeline(device="cpu")
     assert any("lora" in name for name, _ in pipeline.unet.named_parameters())
     assert mlflow.pyfunc.load_model(f"models:/{row.model_name}/1") is not None
