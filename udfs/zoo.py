@@ -15,6 +15,7 @@ import importlib.util
 import shutil
 import threading
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -77,6 +78,7 @@ def packaged_weights(role: str) -> Path:
 _loaded: dict[tuple, object] = {}
 _in_use: dict[tuple, threading.Lock] = {}
 _lock = threading.Lock()
+LOADS: Counter = Counter()  # role -> models loaded in this process (a server's requests reuse them)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class ModelZoo:
         with _lock:
             if key not in _loaded:
                 _loaded[key] = self._load(role, self.path(role))
+                LOADS[role] += 1
                 _in_use[key] = threading.Lock()
             return _loaded[key]
 
