@@ -63,7 +63,7 @@ class RecontextService(PythonModel):
             answers.append(kept.assign(request=number, image_png_base64=[base64.b64encode(b).decode()
                                                                           for b in kept.image]))
         out = pd.concat(answers, ignore_index=True) if answers else pd.DataFrame(columns=OUTPUT_COLUMNS)
-        return out.assign(base_model_loads=LOADS["text2img"])[OUTPUT_COLUMNS]
+        return out.assign(base_model_loads=LOADS["text2img"])[OUTPUT_COLUMNS].astype({"rank": "int64"})
 
 
 def _int(value, default=None):

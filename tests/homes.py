@@ -27,8 +27,9 @@ def copy_home(source: Path, target: Path) -> Path:
 def delta_rows(home: Path, table: str, columns: list[str]) -> list[dict]:
     """Rows of a table read by delta-rs in a child process (delta-rs with pyarrow can abort at
     interpreter exit: NOTES.md 9), as JSON records (binary columns base64)."""
-    code = ("import json, os, sys\nfrom deltalake import DeltaTable\n"
+    code = ("import base64, json, os, sys\nfrom deltalake import DeltaTable\n"
             f"frame = DeltaTable({str(Path(home) / 'lakehouse' / table)!r}).to_pandas(columns={columns!r})\n"
+            "frame = frame.map(lambda v: base64.b64encode(v).decode() if isinstance(v, bytes) else v)\n"
             "sys.stdout.write(frame.to_json(orient='records')); sys.stdout.flush(); os._exit(0)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)

@@ -45,7 +45,7 @@ def champion(home: Path, product_id: str):
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     version = client.get_model_version_by_alias(f"recontext-{product_id}", "champion")
-    return version.version, int(client.get_run(version.run_id).data.params["resolution"])
+    return str(version.version), int(client.get_run(version.run_id).data.params["resolution"])
 
 
 def test_imagine_writes_on_demand_lineage_and_returns_the_kept_images(request_home):
@@ -154,7 +154,9 @@ def test_service_serves_ranked_images_over_http_and_keeps_the_base_model_loaded(
     version = register_service(Settings.load(request_home))
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{request_home / 'mlflow' / 'mlflow.db'}",
-           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # the server execs `uvicorn` from PATH: this environment's, as an activated virtualenv has it
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{SERVICE_NAME}/{version}",
