@@ -33,8 +33,7 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     for role in IMAGE_ROLES:
         backbone = zoo.name(role)
         for variant, (source, mask_method) in variants.items():
-            # A segmented vector depends on the mask's weights too.
-            fingerprint = zoo.fingerprint(role) + (f"+{zoo.fingerprint(method)}" if mask_method else "")
+            fingerprint = embedding_fingerprint(zoo, role, mask_method)
             done = lake.table("embeddings").where(
                 f"backbone = {sql_literal(backbone)} AND variant = '{variant}' "
                 f"AND mask_method = {sql_literal(mask_method)} "
@@ -53,6 +52,11 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                            "UNION SELECT prompt AS text FROM generations")
     written["text_embeddings"] = embed_texts(lake, zoo, texts)
     return written
+
+
+def embedding_fingerprint(zoo: ModelZoo, role: str, mask_method: str) -> str:
+    """The weights behind a vector: a segmented vector depends on the mask's weights too."""
+    return zoo.fingerprint(role) + (f"+{zoo.fingerprint(mask_method)}" if mask_method else "")
 
 
 def embed_texts(lake: Lakehouse, zoo: ModelZoo, texts) -> int:

@@ -6,6 +6,9 @@ registry by the `champion` alias onto the worker's one base pipeline, prompts in
 same prompts and seeds): approved target prompts of the product's type
 x seeds. A task key hashes adapter version, prompt, seed and parameters, so a re-run generates
 nothing twice and promoting another version makes the next run generate with it.
+
+`render` is the one place images come out of a pipeline; on-demand requests
+(training/imagine.py) call it too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from etl.progress import Progress
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
 from etl.step import CHAMPIONS, Step
 from etl import tracking
+from etl.vocabulary import BANK
 from udfs.diffusion import adapter_loaded
 from udfs.imaging import encode_png, pixel_hash
 from udfs.zoo import ModelZoo
@@ -78,33 +82,58 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
 
 
 def generate_images(zoo: ModelZoo, adapter_path, tasks: list[dict], settings: GenerationSettings) -> list[dict]:
-    """Images for `tasks` (generation_prompt, seed) from the worker's one base pipeline with the
-    adapter loaded (fused on GPUs), `settings.batch_size` prompts per call; each image has its
-    own seeded generator, so a batch draws the same starting noise as one image at a time."""
+    """`generations` rows for `tasks` (generation_prompt, seed) from the worker's one base
+    pipeline with the adapter loaded (fused on GPUs), `settings.batch_size` prompts per call."""
+    with zoo.exclusive("text2img"), adapter_on(zoo, adapter_path, settings) as pipeline:
+        images = render(pipeline, [t["generation_prompt"] for t in tasks], [t["seed"] for t in tasks],
+                        settings.steps, settings.guidance_scale, settings.resolution, settings.batch_size)
+        return [image_row(task, image, type(pipeline.scheduler).__name__) for task, image in zip(tasks, images)]
+
+
+def adapter_on(zoo: ModelZoo, adapter_path, settings: GenerationSettings):
+    """The zoo's base pipeline with the adapter for a block (hold zoo.exclusive("text2img")):
+    fused into the weights on CUDA under `fuse_lora = "auto"`."""
     base = zoo.load("text2img")
     fuse = settings.fuse_lora == "on" or (settings.fuse_lora == "auto" and base.device.type == "cuda")
-    rows = []
-    with zoo.exclusive("text2img"), adapter_loaded(base, adapter_path, fuse=fuse) as pipeline:
-        for start in range(0, len(tasks), settings.batch_size):
-            batch = tasks[start:start + settings.batch_size]
-            images = pipeline([t["generation_prompt"] for t in batch], num_inference_steps=settings.steps,
-                              guidance_scale=settings.guidance_scale, height=settings.resolution,
-                              width=settings.resolution,
-                              generator=[torch.Generator("cpu").manual_seed(t["seed"]) for t in batch]).images
-            rows += [{**task, "image_id": pixel_hash(image), "image": encode_png(image), "width": image.width,
-                      "height": image.height, "scheduler": type(pipeline.scheduler).__name__}
-                     for task, image in zip(batch, images)]
-    return rows
+    return adapter_loaded(base, adapter_path, fuse=fuse)
+
+
+def render(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
+           batch_size: int) -> list:
+    """One image per (prompt, seed), `batch_size` per pipeline call, at `size` x `size` pixels.
+    Each image has its own seeded generator, so its noise does not depend on its batch."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[chunk]]
+        images += pipeline(prompts[chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
+                           width=size, generator=generators).images
+    return images
+
+
+def prompts(token: str, class_noun: str, text: str) -> tuple[str, str]:
+    """(prompt, generation_prompt): the text with the class noun (what CLIP-T compares the image
+    with), and with the rare token too (what the adapter is given)."""
+    return f"a photo of a {class_noun}, {text}", f"a photo of {token} {class_noun}, {text}"
+
+
+def task_key(*identity) -> str:
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def image_row(task: dict, image, scheduler: str) -> dict:
+    """A `generations` row: the task's lineage and the image."""
+    return {**task, "image_id": pixel_hash(image), "image": encode_png(image), "width": image.width,
+            "height": image.height, "scheduler": scheduler}
 
 
 def _task(product_id, arm, name, version, run_id, token, class_noun, prompt, seed, settings: GenerationSettings) -> dict:
-    scene = prompt.text
-    identity = json.dumps([name, version, prompt.prompt_id, seed, settings.steps, settings.guidance_scale,
-                           settings.resolution])
-    return {"task_key": hashlib.sha256(identity.encode()).hexdigest(), "product_id": product_id, "arm": arm,
+    text, generation_prompt = prompts(token, class_noun, prompt.text)
+    return {"task_key": task_key(name, version, prompt.prompt_id, seed, settings.steps, settings.guidance_scale,
+                                 settings.resolution),
+            "product_id": product_id, "arm": arm, "origin": BANK, "scene": None,
             "adapter_model": name, "adapter_version": version, "run_id": run_id, "token": token,
-            "prompt_id": prompt.prompt_id, "prompt": f"a photo of a {class_noun}, {scene}",
-            "generation_prompt": f"a photo of {token} {class_noun}, {scene}", "seed": seed,
+            "prompt_id": prompt.prompt_id, "prompt": text, "generation_prompt": generation_prompt, "seed": seed,
             "steps": settings.steps, "guidance": float(settings.guidance_scale)}
 
 

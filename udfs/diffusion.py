@@ -11,7 +11,6 @@ the tiny builders write random-weight components with the real architectures in 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,6 @@ from etl.errors import UserError
 from udfs.device import pick_device
 
 TINY_TEXT_DIM = 32
-# Diffusion pipelines loaded from disk in this process, per role: every stage reuses the zoo's
-# one load per worker (udfs/zoo.py); the runner records the count per stage in job_runs.
-LOADS: Counter = Counter()
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,6 @@ def load_pipeline(role: str, path: str | Path, device: str = "auto", dtype: torc
         if cls.__name__.startswith("StableDiffusion") and "XL" not in cls.__name__ else {}
     pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    LOADS[role] += 1
     return pipeline.to(target)
 
 

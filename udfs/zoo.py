@@ -15,6 +15,7 @@ import importlib.util
 import shutil
 import threading
 import uuid
+from collections import Counter
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,14 @@ def packaged_weights(role: str) -> Path:
 _loaded: dict[tuple, object] = {}
 _in_use: dict[tuple, threading.RLock] = {}
 _lock = threading.Lock()
+# role -> models loaded in this process: every stage and request reuses them (job_runs records
+# the diffusion pipelines' count per stage; the service reports it per request)
+LOADS: Counter = Counter()
+
+
+def diffusion_loads() -> int:
+    """Diffusion pipelines (the base models) loaded in this process so far."""
+    return sum(n for role, n in LOADS.items() if ROLES[role].loader.startswith("udfs.diffusion:"))
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,7 @@ class ModelZoo:
         with _lock:
             if key not in _loaded:
                 _loaded[key] = self._load(role, self.path(role))
+                LOADS[role] += 1
                 _in_use[key] = threading.RLock()
             return _loaded[key]
 
