@@ -99,7 +99,7 @@ def test_evaluation_compares_ours_with_the_baseline_and_uses_human_ratings(two_v
     assert str(MlflowClient().get_model_version_by_alias("recontext-mug-a-baseline", "champion").version) == "1"
     # The baseline is DreamBooth + LoRA (Rank=64) with the prior-preservation loss: its own settings.
     params = MlflowClient().get_run(baseline.run_id).data.params
-    assert (params["rank"], params["alpha"], params["baseline.prior_preservation"]) == ("64", "64", "True")
+    assert (params["rank"], params["lora_alpha"], params["baseline.prior_preservation"]) == ("64", "64", "True")
     assert params["steps"] == str(lake.settings.baseline.steps)
     generations = DeltaTable(lake.location("generations")).to_pandas()
     ours, base = generations[generations.adapter_version == "2"], generations[generations.arm == "baseline"]
