@@ -1,6 +1,6 @@
 """Benchmark: `recontext demo` on the embedded engine (Sail) and on real Apache Spark, back to back.
 
-    jobs/spark_jars.sh && OMP_NUM_THREADS=1 python bench/bench_engines.py [--repeat 1]
+    jobs/spark_jars.sh && OMP_NUM_THREADS=1 python bench/bench_engines.py [--repeat 1] [--config FILE]
 
 Starts `python -m jobs.spark_local` once (its start is timed apart), then runs the demo as a user
 does, in a fresh home each time: embedded, then `SPARK_REMOTE=<url>`, alternating `--repeat`
@@ -47,6 +47,7 @@ def row_counts(home: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--config", type=Path, help="a config.toml for every home (default: none)")
     args = parser.parse_args()
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "jobs.spark_local", "--log", os.devnull], cwd=ROOT,
@@ -54,11 +55,14 @@ def main() -> None:
     url = server.stdout.readline().strip()
     server_start = time.perf_counter() - started
     results = {"embedded": [], "spark": []}
-    counts = {}
+    counts, homes = {}, {}
     try:
         for _ in range(args.repeat):
             for engine, remote in (("embedded", None), ("spark", url)):
                 home = Path(tempfile.mkdtemp(prefix=f"recontext-bench-{engine}-"))
+                if args.config:
+                    (home / "config.toml").write_text(args.config.read_text())
+                homes[engine] = str(home)
                 results[engine].append(round(demo(home, remote), 1))
                 counts[engine] = row_counts(home)
     finally:
@@ -67,7 +71,7 @@ def main() -> None:
     embedded, spark = min(results["embedded"]), min(results["spark"])
     print(json.dumps({"spark_server_start_s": round(server_start, 1), "demo_s": results,
                       "spark_over_embedded": round(spark / embedded, 2), "rows": counts,
-                      "rows_agree": counts["embedded"] == counts["spark"]}, indent=1))
+                      "rows_agree": counts["embedded"] == counts["spark"], "homes": homes}, indent=1))
     os._exit(0)  # deltalake + pyarrow may abort at interpreter exit (NOTES.md 9)
 
 

@@ -63,6 +63,8 @@ def command(port: int, scratch: Path, cores: int = 2) -> list[str]:
     conf = {
         "spark.master": f"local[{cores}]",
         "spark.connect.grpc.binding.address": "127.0.0.1",
+        "spark.driver.host": "127.0.0.1",  # loopback only, whatever the host name resolves to
+        "spark.driver.bindAddress": "127.0.0.1",
         "spark.connect.grpc.binding.port": str(port),
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
@@ -75,9 +77,16 @@ def command(port: int, scratch: Path, cores: int = 2) -> list[str]:
         "spark.pyspark.driver.python": sys.executable,
         # A handful of rows per query here: 200 shuffle partitions would mean 200 tiny tasks.
         "spark.sql.shuffle.partitions": str(cores),
+        "spark.databricks.delta.snapshotPartitions": str(cores),  # Delta's log replay, likewise (default 50)
         "spark.ui.enabled": "false",
         "spark.log.level": "WARN",
-        "spark.driver.extraJavaOptions": f"-Dderby.system.home={scratch / 'derby'}",
+        # A client killed mid-query (Ctrl-C, SIGKILL) leaves its query running on the server until
+        # it counts as abandoned: seconds, not the default 5 minutes, so it cannot race the re-run.
+        "spark.connect.execute.manager.detachedTimeout": "10s",
+        "spark.connect.execute.manager.maintenanceInterval": "2s",
+        "spark.driver.memory": "2g",
+        # Small data on few cores: the C1 JIT alone warms up in a fraction of the CPU time.
+        "spark.driver.extraJavaOptions": f"-XX:TieredStopAtLevel=1 -Dderby.system.home={scratch / 'derby'}",
     }
     jars = ",".join(str(j) for j in delta_jars())
     return [str(spark_home() / "bin" / "spark-submit"), "--class", CONNECT_SERVER, "--name", "recontext-spark-local",
@@ -89,6 +98,7 @@ def worker_environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYSPARK_PYTHON"] = sys.executable
+    env["SPARK_LOCAL_IP"] = "127.0.0.1"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.pop("SPARK_REMOTE", None)  # the workers must not connect anywhere

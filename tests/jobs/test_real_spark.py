@@ -29,6 +29,23 @@ def assert_same_tables(got: dict[str, pd.DataFrame], expected: dict[str, pd.Data
                                       atol=FLOAT_TOLERANCE, obj=name)
 
 
+def test_two_homes_on_one_spark_server_keep_their_own_tables(spark_remote, tmp_path):
+    """Spark shares one catalog among a server's sessions: each home gets its own database."""
+    from etl.config import Settings
+    from etl.lakehouse import Lakehouse
+
+    first = Lakehouse(Settings.load(tmp_path / "a", spark_remote=spark_remote))
+    second = Lakehouse(Settings.load(tmp_path / "b", spark_remote=spark_remote))
+    assert first.engine.name == "spark" and first.engine.version.startswith("4.")
+    frame = pd.DataFrame({"product_id": ["p"], "title": ["t"], "product_type": ["mug"], "attributes": ["{}"],
+                          "source": ["test"]})
+    assert first.upsert_rows("products", frame) == 1
+    assert first.table("products").count() == 1 and second.table("products").count() == 0
+    assert DeltaTable(tmp_path / "a" / "lakehouse" / "products").version() >= 1  # MERGE landed in a's folder
+    again = Lakehouse(Settings.load(tmp_path / "a", spark_remote=spark_remote))  # a new session, same home
+    assert again.table("products").count() == 1
+
+
 def test_the_demo_on_real_spark_has_the_embedded_demos_tables(spark_remote, demo_home, tmp_path):
     """`recontext demo` (the sample catalog, `run all`, ratings, report) on real Spark writes every
     data table as the embedded engine does; delta-rs reads them; `sql` and `tables` work there."""

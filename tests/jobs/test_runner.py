@@ -190,7 +190,8 @@ def test_a_second_run_on_the_same_home_fails_clearly_or_waits(tmp_path):
 
 def _run_until_killed(home: Path, stage: str, delay: float, remote: str | None = None) -> str:
     """Start `run all` (on the Spark Connect server `remote`, else embedded); SIGKILL it `delay`
-    seconds after it announces `stage`."""
+    seconds after it announces `stage` (on a Spark server, after job_runs records the stage
+    running: a slower engine must not be killed before the stage has begun to write)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if remote:
         env["SPARK_REMOTE"] = remote
@@ -208,6 +209,12 @@ def _run_until_killed(home: Path, stage: str, delay: float, remote: str | None =
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     assert announced.wait(timeout=600), "".join(seen)
+    deadline = time.monotonic() + 600
+    while remote and time.monotonic() < deadline and process.poll() is None:
+        runs = job_runs(home)
+        if ((runs.stage == stage) & (runs.status == "running")).any():
+            break
+        time.sleep(1)
     time.sleep(delay)
     try:
         os.killpg(process.pid, signal.SIGKILL)  # the whole process group: the engine dies with it
