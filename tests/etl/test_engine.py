@@ -115,3 +115,10 @@ def test_a_home_from_an_older_version_gains_the_new_columns(tmp_path):
     new = pd.DataFrame([{**row, "prompt_id": "p2", "source": "seed"}])[TABLES["prompt_bank"].data_columns]
     assert lake.upsert_rows("prompt_bank", new) == 1
     assert sorted(lake.spark.sql("SELECT source FROM prompt_bank").toPandas().source.fillna("-")) == ["-", "seed"]
+
+
+def test_the_embedded_engine_is_told_apart_as_sail(lake):
+    from etl.engine import Engine
+
+    assert lake.engine == Engine.of(lake.spark) and lake.engine.sail
+    assert lake.spark.conf.get("spark.sql.session.timeZone") == "UTC"  # Sail's workaround, applied

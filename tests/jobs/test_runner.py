@@ -45,7 +45,7 @@ ranker_min_images = 1000
 """
 
 
-def make_home(root: Path, tiny_models: Path) -> Path:
+def make_home(root: Path, tiny_models: Path, remote: str | None = None) -> Path:
     home = root
     catalog = home / "catalog"
     for n, product in enumerate(PRODUCTS):
@@ -55,7 +55,7 @@ def make_home(root: Path, tiny_models: Path) -> Path:
     pd.DataFrame({"product_type": ["mug"] * 3, "purpose": ["scene", "scene", "target"],
                   "text": ["a marble kitchen counter", "a wooden desk by a window", "on a cafe table"],
                   "status": ["approved"] * 3}).to_csv(home / "prompts.csv", index=False)
-    result = recontext("prompts", "import", str(home / "prompts.csv"), home=home)
+    result = recontext("prompts", "import", str(home / "prompts.csv"), home=home, remote=remote)
     assert result.returncode == 0, result.stderr
     return home
 
@@ -131,15 +131,6 @@ def test_stages_describe_reads_writes_roles_and_device(tmp_path):
     assert "u2netp" in by_name["references"]["roles"]  # the configured segmenter, resolved
 
 
-@pytest.fixture(scope="module")
-def reference_home(tmp_path_factory, tiny_models):
-    """An uninterrupted `run all`, then a second one with nothing new."""
-    home = make_home(tmp_path_factory.mktemp("uninterrupted"), tiny_models)
-    first = recontext("run", "all", home=home)
-    assert first.returncode == 0, first.stdout + first.stderr
-    return home, tables(home)  # the tables before later tests add photos
-
-
 def test_run_all_then_nothing_new_skips_every_stage(reference_home):
     home, _ = reference_home
     before = {name: DeltaTable(home / "lakehouse" / name).version() for name in TABLES if name != "job_runs"}
@@ -199,9 +190,13 @@ def test_a_second_run_on_the_same_home_fails_clearly_or_waits(tmp_path):
     assert job_runs(home).status.tolist() == ["succeeded"]
 
 
-def _run_until_killed(home: Path, stage: str, delay: float) -> str:
-    """Start `run all`; SIGKILL it `delay` seconds after it announces `stage`."""
+def _run_until_killed(home: Path, stage: str, delay: float, remote: str | None = None) -> str:
+    """Start `run all` (on the Spark Connect server `remote`, else embedded); SIGKILL it `delay`
+    seconds after it announces `stage` (on a Spark server, after job_runs records the stage
+    running: a slower engine must not be killed before the stage has begun to write)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if remote:
+        env["SPARK_REMOTE"] = remote
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--home", str(home), "run", "all"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                start_new_session=True)
@@ -216,6 +211,12 @@ def _run_until_killed(home: Path, stage: str, delay: float) -> str:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     assert announced.wait(timeout=600), "".join(seen)
+    deadline = time.monotonic() + 600
+    while remote and time.monotonic() < deadline and process.poll() is None:
+        runs = job_runs(home)
+        if ((runs.stage == stage) & (runs.status == "running")).any():
+            break
+        time.sleep(1)
     time.sleep(delay)
     try:
         os.killpg(process.pid, signal.SIGKILL)  # the whole process group: the engine dies with it
