@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from etl.config import TrainingSettings
-from udfs.device import pick_device
+from udfs.device import BUILDING, pick_device
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -77,17 +77,18 @@ def train_lora(base_path: str | Path, examples: list[Example], config: TrainingS
     unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    torch.manual_seed(config.seed)  # the LoRA initialisation
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                target_modules=list(config.target_modules)))
-    if config.train_text_encoder:
-        # peft directly: transformers 5's add_adapter wants a peft release not yet published.
-        from peft import inject_adapter_in_model
+    with BUILDING:  # parallel tasks share torch's global generator and module construction
+        torch.manual_seed(config.seed)  # the LoRA initialisation
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.target_modules)))
+        if config.train_text_encoder:
+            # peft directly: transformers 5's add_adapter wants a peft release not yet published.
+            from peft import inject_adapter_in_model
 
-        text_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                 target_modules=TEXT_ENCODER_TARGETS)
-        inject_adapter_in_model(text_config, text_encoder)
-        text_encoder.peft_config = {"default": text_config}
+            text_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                     target_modules=TEXT_ENCODER_TARGETS)
+            inject_adapter_in_model(text_config, text_encoder)
+            text_encoder.peft_config = {"default": text_config}
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from udfs.device import pick_device
+from udfs.device import BUILDING, pick_device
 
 TINY_TEXT_DIM = 32
 
@@ -33,7 +33,8 @@ def load_pipeline(role: str, path: str | Path, device: str = "auto", dtype: torc
         dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if target.type == "cuda" \
             else torch.float32
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if role != "image2video" else {}
-    pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
+    with BUILDING:  # one load at a time per process (udfs.device)
+        pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(target)
 

@@ -157,8 +157,11 @@ class ModelZoo:
         return _in_use[self._key(role)]
 
     def _load(self, role: str, path: Path):
+        from udfs.device import BUILDING
+
         try:
-            return _resolve(ROLES[role].loader)(path, self.models)
+            with BUILDING:
+                return _resolve(ROLES[role].loader)(path, self.models)
         except Exception as err:
             raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
 
