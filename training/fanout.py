@@ -1,6 +1,6 @@
 """Per-product GPU work as Spark tasks: one row per product (its inputs packed into the row), a
 round-robin repartition to `training.parallel_products` partitions, and a `mapInPandas` whose
-function does one product per row and yields one result row.
+function does one product per row and yields its result rows.
 
 Round-robin (`repartition(n)`) spreads the products evenly over the tasks on Spark and on the
 embedded engine alike (the embedded engine ignores hash and range repartitions; its tasks are
@@ -33,12 +33,18 @@ def with_slots(specs: pd.DataFrame) -> pd.DataFrame:
 
 
 def fan_out(spark: SparkSession, rows: DataFrame, parallel: int,
-            per_row: Callable[[object], dict], schema: str) -> pd.DataFrame:
-    """Run `per_row(row)` for every row of `rows` in `parallel` Spark tasks; the result rows."""
+            per_row: Callable[[object, dict], dict | list[dict]], schema: str) -> pd.DataFrame:
+    """Run `per_row(row, state)` for every row of `rows` in `parallel` Spark tasks and return
+    the result rows (`schema`: flat columns; a column a result leaves out is NULL). `state` is a
+    dict per task, for what its products share (a loaded pipeline)."""
+    columns = [part.split()[0] for part in schema.split(",")]
+
     def task(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        state: dict = {}
         for batch in batches:
             for row in batch.itertuples(index=False):
-                yield pd.DataFrame([per_row(row)])
+                result = per_row(row, state)
+                yield pd.DataFrame(result if isinstance(result, list) else [result], columns=columns)
 
     with _one_row_per_batch(spark):
         return rows.repartition(parallel).mapInPandas(task, schema).toPandas()

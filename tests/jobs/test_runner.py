@@ -1,5 +1,5 @@
 """`recontext run`: the stage graph, incremental re-runs, --products, the home lock, and real
-SIGKILLs at several points of several stages."""
+SIGKILLs at several points of several stages (training and generation fanned out over 2 tasks)."""
 
 import json
 import os
@@ -20,7 +20,8 @@ from jobs.recovery import home_lock
 from sample_images import encode, product_shot, recontext, write_files
 
 PRODUCTS = ("mug-a", "mug-b")
-# Small but complete: every stage runs (prompts come from a CSV, so no LLM), tiny models.
+# Small but complete: every stage runs (prompts come from a CSV, so no LLM), tiny models;
+# training and generation run the two products as two parallel Spark tasks.
 CONFIG = """
 [ingest]
 sources = ["{catalog}"]
@@ -36,6 +37,7 @@ steps = 4
 checkpoint_every = 2
 validate_every = 100
 validation_images = 1
+parallel_products = 2
 [generation]
 prompts_per_product = 1
 seeds_per_prompt = 2
@@ -228,7 +230,10 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
     _, expected = reference_home
     home = make_home(tmp_path, tiny_models)
     for stage, delay in (("references", 1.0), ("outpaint", 2.0), ("train", 4.0), ("generate", 3.0)):
-        _run_until_killed(home, stage, delay)
+        output = _run_until_killed(home, stage, delay)
+        if stage == "train":  # killed inside the fanned-out tasks: they had written checkpoints
+            assert "training 2 product(s) (ours) in 2 parallel task(s)" in output
+            assert list((home / "training").glob("*/ours-*/final/checkpoints/checkpoint-*")), output
     final = recontext("run", "all", home=home)
     assert final.returncode == 0, final.stdout + final.stderr
     runs = job_runs(home)
@@ -249,6 +254,7 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
     for product in PRODUCTS:  # no half-written or duplicate adapter versions were registered
         for name in (f"recontext-{product}", f"recontext-{product}-baseline"):
             assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")] == ["1"]
+    assert set(got["adapters"].device) == {"cpu"}
 
 
 def test_maintain_compacts_vacuums_and_prunes_only_orphans(reference_home):
