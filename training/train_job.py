@@ -198,7 +198,7 @@ def _training_key(row: dict) -> str:
     return f"{row['product_id']}|{row['arm']}|{row['training_set_version']}|{row['config_hash']}"
 
 
-def _train_task(settings: Settings, zoo: ModelZoo, arm: str, row) -> dict:
+def _train_task(settings: Settings, zoo: ModelZoo, arm: str, row, _state: dict) -> dict:
     """Spark task: one product on this task's device; a failure becomes the row's `error`."""
     device = task_device(zoo.models.device, int(row.slot))
     try:
