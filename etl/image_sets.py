@@ -8,6 +8,7 @@ same code.
 from __future__ import annotations
 
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from etl.lakehouse import Lakehouse
 from etl.vocabulary import GENERATED, REFERENCE
@@ -36,15 +37,27 @@ IMAGE_BYTES = """
 """
 
 
-def all_images(lake: Lakehouse) -> DataFrame:
-    """image_id, product_id, kind, image, has_alpha; an image shared by products appears once."""
-    return lake.spark.sql(
+def all_images(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
+    """image_id, product_id, kind, image, has_alpha; an image shared by products appears once.
+
+    `done` (an image_id column) is left out on the key columns alone, before any image bytes are
+    read: the bytes are fetched for the images left only, so the cost follows new work, not the
+    size of the tables (ranking and anti-joining rows that carry every stored image's bytes was
+    most of a 100k-image home's incremental cost: bench/bench_growth.py)."""
+    keys = lake.spark.sql(
         f"""
-        SELECT image_id, product_id, kind, image, has_alpha FROM (
-          SELECT *, row_number() OVER (PARTITION BY image_id ORDER BY product_id) AS n FROM ({_UNION}))
+        SELECT image_id, product_id, kind, has_alpha FROM (
+          SELECT *, row_number() OVER (PARTITION BY image_id ORDER BY product_id) AS n
+          FROM (SELECT image_id, product_id, kind, has_alpha FROM ({_UNION})))
         WHERE n = 1
         """
     )
+    if done is not None:
+        keys = keys.join(done, "image_id", "left_anti")
+    images = (lake.spark.sql(f"SELECT image_id, image FROM ({_UNION})")
+              .join(keys.select("image_id"), "image_id", "left_semi")
+              .groupBy("image_id").agg(F.first("image").alias("image")))
+    return keys.join(images, "image_id").select("image_id", "product_id", "kind", "image", "has_alpha")
 
 
 def scored_images(lake: Lakehouse) -> DataFrame:
