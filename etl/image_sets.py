@@ -11,9 +11,11 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.lakehouse import Lakehouse
+from etl.tables import sql_list
 from etl.vocabulary import GENERATED, REFERENCE
 from udfs.augmentation import NEGATIVE_KINDS, POSITIVE_KINDS
 
+PRODUCT_FILTER = 10_000  # pending products up to which image bytes are read by product
 KIND_ORDER = (REFERENCE, *POSITIVE_KINDS, *NEGATIVE_KINDS, GENERATED)
 
 _UNION = f"""
@@ -54,7 +56,12 @@ def all_images(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
     )
     if done is not None:
         keys = keys.join(done, "image_id", "left_anti")
-    images = (lake.spark.sql(f"SELECT image_id, image FROM ({_UNION})")
+    # The pending images' products, as literals the scan can skip files by (Delta keeps each
+    # file's product_id range: files of earlier products are not read); a first run's long
+    # list is not worth it.
+    products = [r["product_id"] for r in keys.select("product_id").distinct().limit(PRODUCT_FILTER + 1).collect()]
+    where = f"WHERE product_id IN ({sql_list(products)})" if 0 < len(products) <= PRODUCT_FILTER else ""
+    images = (lake.spark.sql(f"SELECT image_id, image FROM ({_UNION}) {where}")
               .join(keys.select("image_id"), "image_id", "left_semi")
               .groupBy("image_id").agg(F.first("image").alias("image")))
     return keys.join(images, "image_id").select("image_id", "product_id", "kind", "image", "has_alpha")
