@@ -8,6 +8,7 @@ same code.
 from __future__ import annotations
 
 from pyspark.sql import DataFrame
+from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from etl.lakehouse import Lakehouse
@@ -46,16 +47,11 @@ def all_images(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
     read: the bytes are fetched for the images left only, so the cost follows new work, not the
     size of the tables (ranking and anti-joining rows that carry every stored image's bytes was
     most of a 100k-image home's incremental cost: bench/bench_growth.py)."""
-    keys = lake.spark.sql(
-        f"""
-        SELECT image_id, product_id, kind, has_alpha FROM (
-          SELECT *, row_number() OVER (PARTITION BY image_id ORDER BY product_id) AS n
-          FROM (SELECT image_id, product_id, kind, has_alpha FROM ({_UNION})))
-        WHERE n = 1
-        """
-    )
-    if done is not None:
+    keys = lake.spark.sql(f"SELECT image_id, product_id, kind, has_alpha FROM ({_UNION})")
+    if done is not None:  # before ranking: the window sorts the pending rows only
         keys = keys.join(done, "image_id", "left_anti")
+    first = Window.partitionBy("image_id").orderBy("product_id")
+    keys = keys.withColumn("n", F.row_number().over(first)).where("n = 1").drop("n")
     # The pending images' products, as literals the scan can skip files by (Delta keeps each
     # file's product_id range: files of earlier products are not read); a first run's long
     # list is not worth it.
