@@ -114,8 +114,9 @@ def _products_to_score(lake: Lakehouse, models: str) -> list[str]:
         SELECT s.product_id FROM (
             SELECT product_id, count(*) AS images, sum(CAST(is_reference AS INT)) AS refs
             FROM _scored GROUP BY product_id) s
-        LEFT JOIN (
-            SELECT product_id, count(*) AS images, max(n_references) AS refs,
+        LEFT JOIN (  -- a reference is compared with the others: its n_references is one short
+            SELECT product_id, count(*) AS images,
+                   max(n_references + CASE WHEN kind = 'reference' THEN 1 ELSE 0 END) AS refs,
                    sum(CASE WHEN models <=> {sql_literal(models)} THEN 0 ELSE 1 END) AS stale
             FROM image_metrics GROUP BY product_id) m ON m.product_id = s.product_id
         WHERE m.product_id IS NULL OR m.images <> s.images OR NOT (m.refs <=> s.refs) OR m.stale > 0

@@ -213,6 +213,7 @@ TABLES: dict[str, Table] = {
                 ("clip_i", "DOUBLE", "last validation CLIP-I against the references"),
                 ("dino_i", "DOUBLE", "last validation DINO against the references"),
                 ("images", "INT", "training examples (positives + negatives)"),
+                ("device", "STRING", "where its task trained it: cuda:<n> or cpu"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["product_id", "arm", "training_set_version", "config_hash"],

@@ -1,11 +1,14 @@
 """Generation with the champion adapters -> `generations` (paper 2.5; the ranking that follows
 is training/ranking.py).
 
-Generation is a driver loop over products and arms (each loads its adapter from the MLflow
-registry by the `champion` alias onto the worker's one base pipeline, prompts in batches; the baseline arm, when trained, gets the
-same prompts and seeds): approved target prompts of the product's type
-x seeds. A task key hashes adapter version, prompt, seed and parameters, so a re-run generates
-nothing twice and promoting another version makes the next run generate with it.
+The driver picks, per product and arm, the champion adapter from the MLflow registry (the
+baseline arm, when trained, gets the same prompts and seeds): approved target prompts of the
+product's type x seeds, minus the tasks already done, and downloads the adapter under the home.
+Then one Spark task per product and arm (training/fanout.py, `training.parallel_products` at
+once, each on its own device) uses its worker's one base pipeline on the task's device (udfs/zoo.py), applies the adapter
+(fused on GPUs), renders in batches and returns the image rows; the driver MERGEs them. A task key hashes adapter version, prompt, seed
+and parameters, so a re-run generates nothing twice and promoting another version makes the
+next run generate with it.
 
 `render` is the one place images come out of a pipeline; on-demand requests
 (training/imagine.py) call it too.
@@ -13,6 +16,7 @@ nothing twice and promoting another version makes the next run generate with it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,19 +24,22 @@ import logging
 import pandas as pd
 import torch
 
-from etl.config import GenerationSettings
+from etl.config import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
-from etl.progress import Progress
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
 from etl.step import CHAMPIONS, Step
+from etl.tables import TABLES
 from etl import tracking
 from etl.vocabulary import BANK
+from training.fanout import fan_out, parallelism, with_slots
+from udfs.device import task_device
 from udfs.diffusion import adapter_loaded
 from udfs.imaging import encode_png, pixel_hash
 from udfs.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
+RESULT_SCHEMA = f"{TABLES['generations'].data_schema()}, error STRING"
 
 
 def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, int]:
@@ -45,11 +52,10 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
     targets = approved_prompts(lake, "target")
     done = {r["task_key"] for r in lake.spark.sql("SELECT DISTINCT task_key FROM generations").collect()}
-    rows, failures = [], []
+    specs, failures = [], []
     pairs = [(p, a) for p, a in sorted(set(zip(adapters.product_id, adapters.arm)))
              if lake.products is None or p in lake.products]
-    meter = Progress(len(pairs), "adapters", progress)
-    for product_id, arm in meter.track(pairs, lambda pair: f"{pair[0]} ({pair[1]})"):
+    for product_id, arm in pairs:
         found = tracking.champion(product_id, arm)
         if found is None:
             continue  # only products with a champion adapter are generated
@@ -66,18 +72,36 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
         tasks = [t for t in tasks if t["task_key"] not in done]
         if not tasks:
             continue
+        source = f"adapter:{name}/{version}"
         try:
             if token is None:
                 raise ValueError(f"version {version} of {name} is not in the adapters table")
-            adapter = mlflow.diffusers.load_model(f"models:/{name}@{tracking.CHAMPION}")
-            rows += generate_images(zoo, adapter.adapter_path, tasks, settings)
+            local = lake.settings.home / "generation" / "adapters" / name / version  # the home: every worker sees it
+            local.mkdir(parents=True, exist_ok=True)
+            adapter = mlflow.diffusers.load_model(f"models:/{name}/{version}", dst_path=str(local))
         except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
-            log.exception("generation for %s failed", product_id)
-            failures.append((product_id, f"adapter:{name}/{version}", "generation_failed",
+            failures.append((product_id, source, "generation_failed",
                              f"generation failed ({type(err).__name__}: {err}); it is retried on the next run"))
+            continue
+        specs.append({"product_id": product_id, "arm": arm, "adapter": adapter.adapter_path, "source": source,
+                      "tasks": json.dumps(tasks)})
+    rows = []
+    if specs:
+        parallel = parallelism(lake.settings)
+        progress(f"  generating for {len(specs)} adapter(s) in {min(parallel, len(specs))} parallel task(s)")
+        frame = lake.spark.createDataFrame(with_slots(pd.DataFrame(specs)),
+                                           "product_id STRING, arm STRING, adapter STRING, source STRING, "
+                                           "tasks STRING, slot BIGINT")
+        results = fan_out(lake.spark, frame, parallel, functools.partial(_generate_task, lake.settings, zoo),
+                          RESULT_SCHEMA)
+        for failed in results[results.error.notna()].itertuples():
+            failures.append((failed.product_id, failed.adapter_model, "generation_failed",
+                             f"generation failed ({failed.error}); it is retried on the next run"))
+        rows = results[results.error.isna()]
+        progress(f"    {len(rows)} image(s) from {len(specs) - len(results[results.error.notna()])} adapter(s)")
     written = 0
-    if rows:
-        written = lake.upsert_rows("generations", pd.DataFrame(rows).astype({"seed": "int32", "steps": "int32"}))
+    if len(rows):
+        written = lake.upsert_rows("generations", rows.drop(columns="error").astype({"seed": "int32", "steps": "int32"}))
     return {"generations": written, "quarantine": lake.quarantine(STAGE, failures)}
 
 
@@ -125,6 +149,20 @@ def image_row(task: dict, image, scheduler: str) -> dict:
     """A `generations` row: the task's lineage and the image."""
     return {**task, "image_id": pixel_hash(image), "image": encode_png(image), "width": image.width,
             "height": image.height, "scheduler": scheduler}
+
+
+def _generate_task(settings: Settings, zoo: ModelZoo, spec, state: dict) -> list[dict] | dict:
+    """Spark task: one product's (and arm's) images with its adapter, on this task's device; a
+    failure becomes one row carrying `error` (its `adapter_model` says which adapter). The worker's
+    base pipeline for that device is loaded once (the zoo) and reused by its next tasks."""
+    device = task_device(zoo.models.device, int(spec.slot))
+    try:
+        rows = generate_images(zoo.on(device), spec.adapter, json.loads(spec.tasks), settings.generation)
+        return [{**row, "error": None} for row in rows]
+    except Exception as err:  # noqa: BLE001 - reported to the driver, which quarantines the product
+        log.exception("generation for %s (%s) on %s failed", spec.product_id, spec.arm, device)
+        return {"product_id": spec.product_id, "arm": spec.arm, "adapter_model": spec.source,
+                "error": f"{type(err).__name__}: {err}"}
 
 
 def _task(product_id, arm, name, version, run_id, token, class_noun, prompt, seed, settings: GenerationSettings) -> dict:

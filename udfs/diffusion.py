@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from etl.errors import UserError
-from udfs.device import pick_device
+from udfs.device import BUILDING, pick_device
 
 TINY_TEXT_DIM = 32
 
@@ -73,7 +73,8 @@ def load_pipeline(role: str, path: str | Path, device: str = "auto", dtype: torc
             else torch.float32
     kwargs = {"safety_checker": None, "requires_safety_checker": False} \
         if cls.__name__.startswith("StableDiffusion") and "XL" not in cls.__name__ else {}
-    pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
+    with BUILDING:  # one load at a time per process (udfs.device)
+        pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(target)
 

@@ -9,6 +9,7 @@ the same loader that real weights use.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -102,6 +103,10 @@ class ModelZoo:
         tiny = Path(settings.models.tiny_dir) if settings.models.tiny_dir else settings.home / "models" / "tiny"
         return cls(settings.models, tiny)
 
+    def on(self, device: str) -> "ModelZoo":
+        """The same models on another device (a fanned-out task's GPU): loaded once per device."""
+        return dataclasses.replace(self, models=dataclasses.replace(self.models, device=device))
+
     def path(self, role: str) -> Path:
         configured = getattr(self.models, role).path
         if configured:
@@ -178,8 +183,11 @@ class ModelZoo:
         return _in_use[self._key(role)]
 
     def _load(self, role: str, path: Path):
+        from udfs.device import BUILDING
+
         try:
-            return _resolve(ROLES[role].loader)(path, self.models)
+            with BUILDING:
+                return _resolve(ROLES[role].loader)(path, self.models)
         except Exception as err:
             raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
 
