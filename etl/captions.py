@@ -19,7 +19,7 @@ def run_captions(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     done = lake.table("captions").where(
         f"model = {sql_literal(model)} AND prompt = {sql_literal(prompt)} "
         f"AND model_fingerprint = {sql_literal(fingerprint)}").select("image_id")
-    pending = all_images(lake).join(done, "image_id", "left_anti")
+    pending = all_images(lake, done)
     rows = pending.select("image_id", "product_id", caption_udf(zoo, prompt)("image").alias("r")).selectExpr(
         "image_id", f"{sql_literal(model)} AS model", f"{sql_literal(prompt)} AS prompt", "r.caption AS caption",
         f"{sql_literal(fingerprint)} AS model_fingerprint", "product_id", "r.error AS error")

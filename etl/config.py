@@ -151,6 +151,9 @@ class TrainingSettings:
     # A product's first adapter becomes @champion at once (unattended pipelines, tests); by
     # default people review candidates and `recontext promote` one.
     auto_promote: bool = False
+    # Products trained (and generated) at once, one Spark task each (training/fanout.py); unset =
+    # one per GPU this process sees, 1 without GPUs. Not part of the config hash.
+    parallel_products: int | None = None
 
 
 @dataclass(frozen=True)

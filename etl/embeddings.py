@@ -21,25 +21,23 @@ IMAGE_ROLES = ("clip", "dino")
 def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     zoo.check(*IMAGE_ROLES)
     written = {"embeddings": 0, "text_embeddings": 0, "quarantine": 0}
-    images = all_images(lake)
     method = zoo.models.segmenter
     # Segmented variants exist only where a product was found.
     masks = lake.table("masks").where(f"method = {sql_literal(method)} AND area_fraction > 0").select(
         "image_id", "mask")
     variants = {
-        "full": (images.withColumn("mask", F.lit(None).cast("binary")), ""),
-        "segmented": (images.join(masks, "image_id"), method),
+        "full": (lambda images: images.withColumn("mask", F.lit(None).cast("binary")), ""),
+        "segmented": (lambda images: images.join(masks, "image_id"), method),
     }
     for role in IMAGE_ROLES:
         backbone = zoo.name(role)
-        for variant, (source, mask_method) in variants.items():
-            # A segmented vector depends on the mask's weights too.
-            fingerprint = zoo.fingerprint(role) + (f"+{zoo.fingerprint(method)}" if mask_method else "")
+        for variant, (with_mask, mask_method) in variants.items():
+            fingerprint = embedding_fingerprint(zoo, role, mask_method)
             done = lake.table("embeddings").where(
                 f"backbone = {sql_literal(backbone)} AND variant = '{variant}' "
                 f"AND mask_method = {sql_literal(mask_method)} "
                 f"AND model_fingerprint = {sql_literal(fingerprint)}").select("image_id")
-            pending = source.join(done, "image_id", "left_anti")
+            pending = with_mask(all_images(lake, done))
             rows = pending.select(
                 "image_id", "product_id", image_embedding_udf(zoo, role)("image", "mask").alias("r")
             ).selectExpr(
@@ -53,6 +51,11 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                            "UNION SELECT prompt AS text FROM generations")
     written["text_embeddings"] = embed_texts(lake, zoo, texts)
     return written
+
+
+def embedding_fingerprint(zoo: ModelZoo, role: str, mask_method: str) -> str:
+    """The weights behind a vector: a segmented vector depends on the mask's weights too."""
+    return zoo.fingerprint(role) + (f"+{zoo.fingerprint(mask_method)}" if mask_method else "")
 
 
 def embed_texts(lake: Lakehouse, zoo: ModelZoo, texts) -> int:

@@ -2,17 +2,24 @@
 
 Pipeline code only uses the Spark Connect DataFrame API and SQL (no sparkContext, no RDDs), so
 the same code runs on the embedded engine, on a Spark 4 Connect server with delta-spark, and on
-Databricks.
+Databricks. Where Sail and Spark need different code, the difference lives here, in `Engine`,
+with the engine and version it is for.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from etl.config import Settings
 
@@ -70,7 +77,64 @@ def spark_session(settings: Settings) -> SparkSession:
         spark = SparkSession.builder.remote(settings.spark_remote or embedded_url()).create()
         _sessions.append(spark)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.arrow_batch_rows))
-    # Delta stores timestamps in UTC; Sail compares the zone by name, and a session on a
-    # machine whose zone is "Etc/UTC" would otherwise refuse to re-register its own tables.
-    spark.conf.set("spark.sql.session.timeZone", "UTC")
     return spark
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The engine behind a session, told once from the server's `version()`, and every piece of
+    code that differs between Sail and Apache Spark."""
+
+    name: str  # "sail" or "spark" (Apache Spark, Databricks)
+    version: str
+
+    @classmethod
+    def of(cls, spark: SparkSession) -> "Engine":
+        # Spark answers "4.2.0 <git revision>"; Sail answers its own version alone ("0.7.2").
+        answer = spark.sql("SELECT version() AS v").collect()[0]["v"]
+        return cls("spark" if " " in answer.strip() else "sail", answer.split()[0])
+
+    @property
+    def sail(self) -> bool:
+        return self.name == "sail"
+
+    def prepare(self, spark: SparkSession, home: Path) -> None:
+        """Session settings this engine needs before the lakehouse registers its tables."""
+        if self.sail:
+            # Sail 0.7.2: Delta stores timestamps in UTC and Sail compares the session zone by
+            # name, so a session on a machine whose zone is "Etc/UTC" would refuse to re-register
+            # its own tables. (Spark converts zones by offset: it keeps the server's zone.)
+            spark.conf.set("spark.sql.session.timeZone", "UTC")
+        else:
+            # Spark shares one catalog among all sessions of a server (Sail 0.7.2 keeps one per
+            # session): each home registers its tables in a database of its own, so two homes on
+            # one server never resolve `products` to each other's table.
+            database = "recontext_" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+            spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
+            spark.sql(f"USE {database}")
+
+    def forget_table(self, spark: SparkSession, name: str) -> None:
+        """Before creating table `name` at a location that holds no table yet: a Spark server
+        outlives homes, so its catalog may still list a table of a deleted home at that path.
+        (Sail's catalog lives and dies with the session.) An external table's files stay."""
+        if not self.sail:
+            spark.sql(f"DROP TABLE IF EXISTS {name}")
+
+    @contextlib.contextmanager
+    def staged(self, spark: SparkSession, rows: DataFrame, scratch: Path):
+        """`rows` computed once, for several reads (a model or a file read runs once)."""
+        if self.sail:
+            # Sail 0.7.2 has no cache or checkpoint: write the rows to a scratch Delta folder.
+            path = scratch / uuid.uuid4().hex
+            try:
+                rows.write.format("delta").mode("overwrite").save(str(path))
+                yield spark.read.format("delta").load(str(path))
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            checkpointed = rows.localCheckpoint(eager=True)
+            try:
+                yield checkpointed
+            finally:
+                with contextlib.suppress(Exception):  # best effort: the session frees it anyway
+                    checkpointed.unpersist()

@@ -6,7 +6,8 @@ Both arms are measured alike: on the generations of their current `@champion` ad
 (the same approved prompts x seeds, so the same image count), selection `all`; ours is also
 measured on the images its ranking kept, selection `ranked`, and the ranking gain (pass rate of
 the kept images / pass rate of all - 1, the paper's +30.9%) follows. Generations of older
-versions stay in `generations` for lineage and are not evaluated.
+versions stay in `generations` for lineage and are not evaluated, nor are on-demand generations
+(`recontext imagine`: other prompts, other counts per product).
 
 An image's verdict needs `evaluation.raters_per_image` raters (NULL until then). Under the
 default `evaluation.pass_rule = "all_questions"` (the paper: "a series of 8 questions all needed
@@ -31,7 +32,7 @@ from etl.lakehouse import Lakehouse
 from etl.ratings import QUESTIONS
 from etl.step import CHAMPIONS, Step
 from etl.tables import TABLES
-from etl.vocabulary import EVALUATED, aggregate_score
+from etl.vocabulary import EVALUATED, aggregate_score, from_bank
 
 ALL = "(all)"
 PASS_RULES = ("all_questions", "per_question")
@@ -117,7 +118,7 @@ def evaluation_rows(images: pd.DataFrame) -> pd.DataFrame:
 # --- the evaluate stage ---
 
 def evaluated_images(lake: Lakehouse) -> pd.DataFrame:
-    """Every generation of each product's current champion version per arm, with its arm,
+    """Every prompt-bank generation of each product's current champion version per arm, with its arm,
     dataset, whether the ranking kept it, and its metrics (no image bytes)."""
     metrics = ", ".join(f"m.{c}" for c in EVALUATED)
     images = lake.spark.sql(
@@ -127,7 +128,8 @@ def evaluated_images(lake: Lakehouse) -> pd.DataFrame:
             JOIN image_metrics m ON m.image_id = g.image_id AND m.product_id = g.product_id
             JOIN products p ON p.product_id = g.product_id
             LEFT JOIN ranked_generations r ON r.image_id = g.image_id AND r.product_id = g.product_id
-                                           AND g.arm = 'ours'""").toPandas()
+                                           AND g.arm = 'ours'
+            WHERE {from_bank("g")}""").toPandas()
     images = images.drop_duplicates(["arm", "product_id", "image_id"])
     if images.empty:
         return images

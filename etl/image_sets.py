@@ -8,11 +8,15 @@ same code.
 from __future__ import annotations
 
 from pyspark.sql import DataFrame
+from pyspark.sql import Window
+from pyspark.sql import functions as F
 
 from etl.lakehouse import Lakehouse
+from etl.tables import sql_list
 from etl.vocabulary import GENERATED, REFERENCE
 from udfs.augmentation import NEGATIVE_KINDS, POSITIVE_KINDS
 
+PRODUCT_FILTER = 10_000  # pending products up to which image bytes are read by product
 KIND_ORDER = (REFERENCE, *POSITIVE_KINDS, *NEGATIVE_KINDS, GENERATED)
 
 _UNION = f"""
@@ -36,15 +40,27 @@ IMAGE_BYTES = """
 """
 
 
-def all_images(lake: Lakehouse) -> DataFrame:
-    """image_id, product_id, kind, image, has_alpha; an image shared by products appears once."""
-    return lake.spark.sql(
-        f"""
-        SELECT image_id, product_id, kind, image, has_alpha FROM (
-          SELECT *, row_number() OVER (PARTITION BY image_id ORDER BY product_id) AS n FROM ({_UNION}))
-        WHERE n = 1
-        """
-    )
+def all_images(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
+    """image_id, product_id, kind, image, has_alpha; an image shared by products appears once.
+
+    `done` (an image_id column) is left out on the key columns alone, before any image bytes are
+    read: the bytes are fetched for the images left only, so the cost follows new work, not the
+    size of the tables (ranking and anti-joining rows that carry every stored image's bytes was
+    most of a 100k-image home's incremental cost: bench/bench_growth.py)."""
+    keys = lake.spark.sql(f"SELECT image_id, product_id, kind, has_alpha FROM ({_UNION})")
+    if done is not None:  # before ranking: the window sorts the pending rows only
+        keys = keys.join(done, "image_id", "left_anti")
+    first = Window.partitionBy("image_id").orderBy("product_id")
+    keys = keys.withColumn("n", F.row_number().over(first)).where("n = 1").drop("n")
+    # The pending images' products, as literals the scan can skip files by (Delta keeps each
+    # file's product_id range: files of earlier products are not read); a first run's long
+    # list is not worth it.
+    products = [r["product_id"] for r in keys.select("product_id").distinct().limit(PRODUCT_FILTER + 1).collect()]
+    where = f"WHERE product_id IN ({sql_list(products)})" if 0 < len(products) <= PRODUCT_FILTER else ""
+    images = (lake.spark.sql(f"SELECT image_id, image FROM ({_UNION}) {where}")
+              .join(keys.select("image_id"), "image_id", "left_semi")
+              .groupBy("image_id").agg(F.first("image").alias("image")))
+    return keys.join(images, "image_id").select("image_id", "product_id", "kind", "image", "has_alpha")
 
 
 def scored_images(lake: Lakehouse) -> DataFrame:

@@ -17,16 +17,16 @@ STAGE = "masks"
 def run_masks(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     method = zoo.models.segmenter
     zoo.check(method)
-    images = all_images(lake)
     written = {"masks": 0, "quarantine": 0}
-    for method, model_name, fingerprint, todo in [
-        (method, zoo.name(method), zoo.fingerprint(method), images),
-        ("alpha", "alpha", "alpha", images.where("has_alpha")),
+    for method, model_name, fingerprint, alpha_only in [
+        (method, zoo.name(method), zoo.fingerprint(method), False),
+        ("alpha", "alpha", "alpha", True),
     ]:
         # Done: masked with these very weights (new weights under the same name re-mask).
         done = lake.table("masks").where(f"method = '{method}' AND model_fingerprint = {sql_literal(fingerprint)}"
                                          ).select("image_id")
-        pending = todo.join(done, "image_id", "left_anti")
+        pending = all_images(lake, done)
+        pending = pending.where("has_alpha") if alpha_only else pending
         rows = pending.select("image_id", "product_id", mask_udf(zoo, method)("image").alias("r")).selectExpr(
             "image_id", f"'{method}' AS method", f"'{model_name}' AS model", "r.mask AS mask",
             "r.area_fraction AS area_fraction", "r.bbox AS bbox", "r.score AS score",

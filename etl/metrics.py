@@ -51,9 +51,9 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     spark = lake.spark
     clip, dino, method = zoo.name("clip"), zoo.name("dino"), zoo.models.segmenter
-    models = ";".join(zoo.fingerprint(role) for role in ("clip", "dino", method, "captioner"))
+    constants = metric_constants(zoo)
     scored_images(lake).createOrReplaceTempView("_scored")
-    todo = _products_to_score(lake, models)
+    todo = _products_to_score(lake, constants["models"])
     if not todo:
         return {"image_metrics": 0}
     spark.createDataFrame(pd.DataFrame({"product_id": todo}), "product_id string").createOrReplaceTempView("_todo")
@@ -91,12 +91,19 @@ def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                ON pm.image_id = s.parent_image_id
         """
     )
-    constants = {"clip_backbone": clip, "dino_backbone": dino, "mask_method": method, "models": models}
     schema = TABLES["image_metrics"].data_schema()
     metrics = wide.groupBy("product_id").applyInPandas(
         lambda rows: score_product(rows, constants), schema)
     with lake.staged(metrics) as staged:
         return {"image_metrics": lake.upsert("image_metrics", staged)}
+
+
+def metric_constants(zoo: ModelZoo) -> dict:
+    """The columns every image_metrics row carries: backbones, mask method, and the fingerprints
+    of the weights behind its scores (a change recomputes the product)."""
+    method = zoo.models.segmenter
+    return {"clip_backbone": zoo.name("clip"), "dino_backbone": zoo.name("dino"), "mask_method": method,
+            "models": ";".join(zoo.fingerprint(role) for role in ("clip", "dino", method, "captioner"))}
 
 
 def _products_to_score(lake: Lakehouse, models: str) -> list[str]:
@@ -107,8 +114,9 @@ def _products_to_score(lake: Lakehouse, models: str) -> list[str]:
         SELECT s.product_id FROM (
             SELECT product_id, count(*) AS images, sum(CAST(is_reference AS INT)) AS refs
             FROM _scored GROUP BY product_id) s
-        LEFT JOIN (
-            SELECT product_id, count(*) AS images, max(n_references) AS refs,
+        LEFT JOIN (  -- a reference is compared with the others: its n_references is one short
+            SELECT product_id, count(*) AS images,
+                   max(n_references + CASE WHEN kind = 'reference' THEN 1 ELSE 0 END) AS refs,
                    sum(CASE WHEN models <=> {sql_literal(models)} THEN 0 ELSE 1 END) AS stale
             FROM image_metrics GROUP BY product_id) m ON m.product_id = s.product_id
         WHERE m.product_id IS NULL OR m.images <> s.images OR NOT (m.refs <=> s.refs) OR m.stale > 0

@@ -1,4 +1,4 @@
-"""Progress of a driver loop (products trained, images generated): count, rate and ETA."""
+"""Progress of a driver loop (products recorded, images generated): count, rate and ETA."""
 
 from __future__ import annotations
 

@@ -198,8 +198,7 @@ def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings
     if not todo:
         return {"prompt_bank": 0}
     encoder = zoo.load("sentence")
-    brands = {json.loads(r["attributes"] or "{}").get("brand", "") for r in
-              spark.sql("SELECT attributes FROM products").collect()} - {""}
+    brands = catalog_brands(lake)
     llm, rows = None, []
     for product_type, purpose in todo:
         wanted = settings.scenes_per_type if purpose == "scene" else settings.targets_per_type
@@ -306,38 +305,69 @@ def curate(candidates: list[str], product_type: str, other_types: list[str], bra
     previous = list(already_kept)
     vectors = encoder.embed(previous + texts) if texts else np.zeros((0, 1))
     anchor = encoder.embed([f"a photo of a {product_type}"])[0]
-    own_words = set(product_type.lower().split())
     passing = "approved" if settings.auto_approve else "pending"
     kept: list[int] = list(range(len(previous)))
     out = []
     for i, text in enumerate(texts, start=len(previous)):
-        words = text.split()
-        lowered = f" {text.lower()} "
-        reason = None
-        if len(words) < settings.min_words:
-            reason = f"too short ({len(words)} words, minimum {settings.min_words})"
-        elif len(words) > settings.max_words:
-            reason = f"too long ({len(words)} words, maximum {settings.max_words})"
-        elif degenerate_reason := degenerate(text, settings):
-            reason = degenerate_reason
-        elif other := next((t for t in other_types if set(t.lower().split()) - own_words
-                            and re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)), None):
-            reason = f"names another product type ({other})"
-        elif brand := next((b for b in brands if re.search(rf"\b{re.escape(b.lower())}\b", lowered)), None):
-            reason = f"names a brand ({brand})"
-        elif name := _proper_noun(text):
-            reason = f"names a person or brand ({name})"
-        elif kept and (similarity := float((vectors[kept] @ vectors[i]).max())) >= settings.duplicate_similarity:
-            twin = (previous + texts)[kept[int(np.argmax(vectors[kept] @ vectors[i]))]]
-            reason = f"near-duplicate (cosine {similarity:.2f}) of: {twin}"
-        elif product_type != UNKNOWN and (plausibility := float(vectors[i] @ anchor)) < settings.min_type_similarity:
-            reason = f"implausible for a {product_type} (similarity {plausibility:.2f})"
-        elif purpose == "scene" and not names_setting(text):
-            reason = "names no setting (a room, surface, outdoor place or light); a scene says where"
+        reason = text_refusal(text, product_type, other_types, brands, settings)
+        if reason is None:
+            if kept and (similarity := float((vectors[kept] @ vectors[i]).max())) >= settings.duplicate_similarity:
+                twin = (previous + texts)[kept[int(np.argmax(vectors[kept] @ vectors[i]))]]
+                reason = f"near-duplicate (cosine {similarity:.2f}) of: {twin}"
+            elif product_type != UNKNOWN and (plausibility := float(vectors[i] @ anchor)) < settings.min_type_similarity:
+                reason = f"implausible for a {product_type} (similarity {plausibility:.2f})"
+            elif purpose == "scene" and not names_setting(text):
+                reason = "names no setting (a room, surface, outdoor place or light); a scene says where"
         if reason is None:
             kept.append(i)
         out.append((text, passing if reason is None else "rejected", reason))
     return out
+
+
+def text_refusal(text: str, product_type: str, other_types: list[str], brands: set[str],
+                 settings: PromptBankSettings) -> str | None:
+    """Why a text cannot be a prompt for this product type, or None: length; degenerate text;
+    names another product type, a catalog brand, or a proper noun. The checks that need no model,
+    shared by curation and on-demand scenes."""
+    words = text.split()
+    lowered = f" {text.lower()} "
+    own_words = set(product_type.lower().split())
+    if len(words) < settings.min_words:
+        return f"too short ({len(words)} words, minimum {settings.min_words})"
+    if len(words) > settings.max_words:
+        return f"too long ({len(words)} words, maximum {settings.max_words})"
+    if reason := degenerate(text, settings):
+        return reason
+    if other := next((t for t in other_types if set(t.lower().split()) - own_words
+                      and re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)), None):
+        return f"names another product type ({other})"
+    if brand := next((b for b in brands if re.search(rf"\b{re.escape(b.lower())}\b", lowered)), None):
+        return f"names a brand ({brand})"
+    if name := _proper_noun(text):
+        return f"names a person or brand ({name})"
+    return None
+
+
+def scene_refusal(lake: Lakehouse, scene: str, product_type: str) -> str | None:
+    """Why a requested scene (`recontext imagine`) is refused, or None: the prompt bank's checks
+    against every type the bank knows and the catalog's brands, and, stricter than for LLM text
+    (a person can rephrase), any capitalized word after the first ("next to a Nike shoe"): names
+    of brands, people and places are not generated. No plausibility or duplicate check: the
+    request is a person's explicit ask."""
+    types = {r["product_type"] for r in resolved_types(lake).collect() if r["product_type"]} | set(seed_types())
+    others = sorted(t for t in types if t not in (product_type, UNKNOWN))
+    text = " ".join(scene.split())
+    reason = text_refusal(text, product_type, others, catalog_brands(lake), lake.settings.prompt_bank)
+    if reason is None and (name := next((w.strip(".,;:!?'\"()") for w in text.split()[1:]
+                                         if w[:1].isupper()), None)):
+        reason = f"names a brand, person or place ({name}); describe the setting without names"
+    return reason
+
+
+def catalog_brands(lake: Lakehouse) -> set[str]:
+    """The brands the catalog's attributes name: no prompt may name them."""
+    return {json.loads(r["attributes"] or "{}").get("brand", "") for r in
+            lake.spark.sql("SELECT attributes FROM products").collect()} - {""}
 
 
 def _words(text: str) -> list[str]:

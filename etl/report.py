@@ -28,7 +28,7 @@ from PIL import Image
 from etl.errors import UserError
 from etl.step import REPORT_FILES, Step
 from etl.tables import TABLES, sql_list
-from etl.vocabulary import METRIC_COLUMNS, RANKING_METRICS
+from etl.vocabulary import METRIC_COLUMNS, RANKING_METRICS, from_bank
 from udfs.augmentation import KINDS
 
 EVALUATION_COLUMNS = tuple(c for c in TABLES["evaluation_metrics"].data_columns if c != "product_id")
@@ -163,7 +163,7 @@ def _load(lake, ids: list[str]) -> _Data:
                                    g.image, r.score, r.rank, r.kept, r.reason
                             FROM (SELECT *, row_number() OVER (PARTITION BY product_id, image_id, arm
                                                                ORDER BY task_key) AS n
-                                  FROM generations) g
+                                  FROM generations WHERE {from_bank("generations")}) g
                             LEFT JOIN ranked_generations r
                               ON r.product_id = g.product_id AND r.image_id = g.image_id AND g.arm <> 'baseline'
                             WHERE g.n = 1 AND g.product_id {chosen}

@@ -213,6 +213,7 @@ TABLES: dict[str, Table] = {
                 ("clip_i", "DOUBLE", "last validation CLIP-I against the references"),
                 ("dino_i", "DOUBLE", "last validation DINO against the references"),
                 ("images", "INT", "training examples (positives + negatives)"),
+                ("device", "STRING", "where its task trained it: cuda:<n> or cpu"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["product_id", "arm", "training_set_version", "config_hash"],
@@ -224,13 +225,17 @@ TABLES: dict[str, Table] = {
             [
                 ("image_id", "STRING", "sha256 of the image's pixels"),
                 ("product_id", "STRING", "products.product_id"),
-                ("task_key", "STRING", "hash of adapter version, prompt, seed and parameters"),
+                ("task_key", "STRING", "hash of adapter version, prompt (or scene), seed and parameters"),
                 ("arm", "STRING", "ours or baseline (adapters.arm)"),
                 ("adapter_model", "STRING", "MLflow registered model"),
                 ("adapter_version", "STRING", "its version (the champion when generated)"),
                 ("run_id", "STRING", "MLflow run that trained the adapter"),
                 ("token", "STRING", "the adapter's rare token"),
-                ("prompt_id", "STRING", "prompt_bank.prompt_id of the target prompt"),
+                ("origin", "STRING", "bank (the batch pipeline's approved target prompts) or on_demand (a "
+                                     "request: recontext imagine, the serving model); NULL in rows written before "
+                                     "requests existed (bank)"),
+                ("prompt_id", "STRING", "prompt_bank.prompt_id of the target prompt; NULL on demand"),
+                ("scene", "STRING", "on demand: the scene text asked for; NULL for the bank"),
                 ("prompt", "STRING", "the prompt with the class noun (used for CLIP-T)"),
                 ("generation_prompt", "STRING", "the prompt given to the model (with the token)"),
                 ("seed", "INT", "generator seed"),
@@ -254,10 +259,13 @@ TABLES: dict[str, Table] = {
                 ("score", "DOUBLE", "the aggregate: weighted sum of metric columns (generation.rank_weights) "
                                     "or the learned ranker's pass probability"),
                 ("ranked_by", "STRING", "the aggregate used: 'sum', or 'recontext-ranker v<N>'"),
-                ("rank", "INT", "rank within the product among generations above the threshold"),
+                ("rank", "INT", "rank within the product among generations above the threshold (on demand: "
+                                "within the request)"),
                 ("kept", "BOOLEAN", "in the product's top N"),
                 ("reason", "STRING", "why not kept: below the score threshold, or over the top N"),
                 ("adapter_version", "STRING", "adapter version that generated it"),
+                ("origin", "STRING", "generations.origin: bank (the batch ranking) or on_demand (one request's "
+                                     "ranking); NULL in rows written before requests existed (bank)"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["product_id", "image_id"],

@@ -26,6 +26,11 @@ def registered_model_name(product_id: str, arm: str = OURS) -> str:
     return f"recontext-{product_id}" if arm == OURS else f"recontext-{product_id}-{arm}"
 
 
+def store_uri(settings: Settings) -> str:
+    """The embedded store's URI (tracking and registry) of a home."""
+    return f"sqlite:///{settings.home / 'mlflow' / 'mlflow.db'}"
+
+
 def configure(settings: Settings) -> str:
     """Point MLflow at the store and return the experiment id (created on first use)."""
     import logging
@@ -39,7 +44,7 @@ def configure(settings: Settings) -> str:
     uri = _USER_TRACKING_URI
     if not uri:
         store.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{store / 'mlflow.db'}"
+        uri = store_uri(settings)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.get_experiment_by_name(settings.training.experiment)

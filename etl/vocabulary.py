@@ -53,3 +53,13 @@ def aggregate_score(frame, weights: dict):
 # what an adapter generates.
 REFERENCE = "reference"
 GENERATED = "generated"
+
+# Where a generation came from: the batch pipeline's approved target prompts, or a request
+# (`recontext imagine`, the serving model). Batch ranking and Table 2 read the bank's only.
+BANK, ON_DEMAND = "bank", "on_demand"
+
+
+def from_bank(alias: str) -> str:
+    """SQL predicate on `alias`.origin: the prompt bank's rows (rows written before the column
+    existed read NULL, and all of those came from the bank)."""
+    return f"coalesce({alias}.origin, '{BANK}') = '{BANK}'"

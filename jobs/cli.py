@@ -78,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--wait", action="store_true", help="wait for a run already using this home")
         command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1])
 
+    imagine = commands.add_parser("imagine", help="generate, score and rank images of a product in a scene, on demand")
+    imagine.add_argument("product_id")
+    imagine.add_argument("scene", help='where the product is, e.g. "on a marble kitchen counter, morning light"')
+    imagine.add_argument("-n", type=int, default=4, help="images to generate (default 4)")
+    imagine.add_argument("--keep", type=int, help="best images to keep (default: generation.keep_top, at most n)")
+    imagine.add_argument("--seed", type=int, help="first seed; image i uses seed + i (default: generation.seed)")
+    imagine.add_argument("--arm", choices=("ours", "baseline"), default="ours")
+    imagine.add_argument("--out", help="folder for the kept PNGs (default: <home>/imagined/<product_id>)")
+    imagine.add_argument("--format", choices=("table", "json"), default="table")
+    imagine.set_defaults(run=cmd_imagine)
+
+    service = commands.add_parser("service", help="the MLflow serving model (recontext-service)")
+    service_actions = service.add_subparsers(required=True, metavar="ACTION")
+    register = service_actions.add_parser("register", help="log and register recontext-service for this home")
+    register.set_defaults(run=cmd_service_register)
+
     stages = commands.add_parser("stages", help="the stage graph: steps, dependencies, reads, writes, models, device")
     stages.add_argument("--format", choices=("table", "json"), default="table")
     stages.set_defaults(run=cmd_stages)
@@ -168,6 +184,52 @@ def cmd_models(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_imagine(settings: Settings, args) -> int:
+    from pathlib import Path
+
+    from training.imagine import imagine
+    from etl.vocabulary import RANKING_METRICS
+
+    images = imagine(_lake(settings), args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
+    out = Path(args.out) if args.out else settings.home / "imagined" / args.product_id
+    out.mkdir(parents=True, exist_ok=True)
+    kept = images[images.kept.astype(bool)]
+    rows = []
+    for image in kept.itertuples():
+        path = out / f"{image.image_id[:16]}.png"
+        path.write_bytes(image.image)
+        rows.append({"path": str(path), "rank": int(image.rank), "score": round(float(image.score), 4),
+                     **{m: _json_value(getattr(image, m)) for m in RANKING_METRICS}, "image_id": image.image_id,
+                     "seed": int(image.seed), "size": f"{image.width}x{image.height}",
+                     "adapter": f"{image.adapter_model} v{image.adapter_version}", "prompt": image.prompt})
+    if args.format == "json":
+        json.dump({"product_id": args.product_id, "scene": images.scene.iloc[0], "generated": len(images),
+                   "kept": rows}, sys.stdout)
+        print()
+        return 0
+    first = images.iloc[0]
+    print(f"{len(images)} images of {args.product_id} ({first.adapter_model} v{first.adapter_version}, "
+          f"{first.width}x{first.height}); kept {len(rows)}:")
+    for row in rows:
+        print(f"  #{row['rank']} score {row['score']:.3f} ({', '.join(f'{m} {row[m]:.3f}' for m in RANKING_METRICS)})"
+              f" seed {row['seed']}: {row['path']}")
+    dropped = images[~images.kept.astype(bool)]
+    for image in dropped.itertuples():
+        print(f"  not kept, seed {image.seed}: {image.reason}")
+    return 0
+
+
+def cmd_service_register(settings: Settings, args) -> int:
+    from etl import tracking
+    from jobs.service import SERVICE_NAME, register_service
+
+    version = register_service(settings)
+    print(f"{SERVICE_NAME} version {version} is @champion; serve it with:\n"
+          f"  MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI') or tracking.store_uri(settings)} "
+          f"mlflow models serve -m models:/{SERVICE_NAME}@champion --env-manager local -p 5000")
+    return 0
+
+
 def _lake(settings: Settings):
     from etl.lakehouse import Lakehouse
 
@@ -240,10 +302,12 @@ def _print_adapters(lake) -> None:
 
 
 def _print_ranking(lake) -> None:
+    from etl.vocabulary import from_bank
+
     print(lake.spark.sql(
         "SELECT r.product_id, count(*) AS generated, sum(CAST(r.kept AS INT)) AS kept, round(max(r.score), 3) AS "
         "best_score, first(r.adapter_version) AS adapter_version FROM ranked_generations r "
-        "GROUP BY r.product_id ORDER BY r.product_id").toPandas().to_string(index=False))
+        f"WHERE {from_bank('r')} GROUP BY r.product_id ORDER BY r.product_id").toPandas().to_string(index=False))
     _print_notice(lake)
 
 

@@ -2,7 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.pop("SPARK_REMOTE", None)  # tests run on the embedded engine
+os.environ.pop("SPARK_REMOTE", None)  # tests run on the embedded engine, unless they ask for spark_remote
 os.environ.pop("RECONTEXT_HOME", None)
 
 import pytest  # noqa: E402
@@ -47,3 +47,39 @@ def demo_home(tmp_path_factory):
     assert "products=4, product_images=5" in result.stdout
     assert "images and mean scores per product and kind" in result.stdout
     return home
+
+
+@pytest.fixture(scope="session")
+def spark_remote(tmp_path_factory):
+    """A real Apache Spark Connect server with Delta (`python -m jobs.spark_local`), started once.
+
+    Skipped where `jobs/spark_jars.sh` has not set Spark up, unless RECONTEXT_REAL_SPARK=1 (CI),
+    where a server that does not start is a failure."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from jobs import spark_local
+
+    required = os.environ.get("RECONTEXT_REAL_SPARK") == "1"
+    try:
+        spark_local.spark_home(), spark_local.delta_jars()
+    except SystemExit as missing:
+        if required:
+            raise
+        pytest.skip(f"real Spark not set up: {missing}")
+    log = tmp_path_factory.mktemp("spark") / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "jobs.spark_local", "--log", str(log)],
+                              stdout=subprocess.PIPE, text=True)
+    first = []
+    reader = threading.Thread(target=lambda: first.append(server.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=360)
+    url = first[0].strip() if first else ""
+    if not url.startswith("sc://"):
+        server.kill()
+        pytest.fail(f"jobs.spark_local printed no sc:// URL ({url!r}); log: {log.read_text()[-3000:] if log.exists() else ''}")
+    yield url
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=120) == 0, f"the Spark server did not stop cleanly; log: {log}"

@@ -82,14 +82,17 @@ def product_shot(width: int = 160, height: int = 120, seed: int = 0) -> Image.Im
     return image
 
 
-def recontext(*args, home, timeout=1200):
-    """The `recontext` command in a new process, as a user runs it."""
+def recontext(*args, home, timeout=1200, remote=None):
+    """The `recontext` command in a new process, as a user runs it (on the Spark Connect server
+    `remote`, else the embedded engine)."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("SPARK_REMOTE", None)
+    if remote:
+        env["SPARK_REMOTE"] = remote
     env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process writes it
     return subprocess.run([sys.executable, "-m", "jobs.cli", "--home", str(home), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)

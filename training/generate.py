@@ -1,15 +1,22 @@
 """Generation with the champion adapters -> `generations` (paper 2.5; the ranking that follows
 is training/ranking.py).
 
-Generation is a driver loop over products and arms (each loads its adapter from the MLflow
-registry by the `champion` alias onto the worker's one base pipeline, prompts in batches; the baseline arm, when trained, gets the
-same prompts and seeds): approved target prompts of the product's type
-x seeds. A task key hashes adapter version, prompt, seed and parameters, so a re-run generates
-nothing twice and promoting another version makes the next run generate with it.
+The driver picks, per product and arm, the champion adapter from the MLflow registry (the
+baseline arm, when trained, gets the same prompts and seeds): approved target prompts of the
+product's type x seeds, minus the tasks already done, and downloads the adapter under the home.
+Then one Spark task per product and arm (training/fanout.py, `training.parallel_products` at
+once, each on its own device) uses its worker's one base pipeline on the task's device (udfs/zoo.py), applies the adapter
+(fused on GPUs), renders in batches and returns the image rows; the driver MERGEs them. A task key hashes adapter version, prompt, seed
+and parameters, so a re-run generates nothing twice and promoting another version makes the
+next run generate with it.
+
+`render` is the one place images come out of a pipeline; on-demand requests
+(training/imagine.py) call it too.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,18 +24,22 @@ import logging
 import pandas as pd
 import torch
 
-from etl.config import GenerationSettings
+from etl.config import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
-from etl.progress import Progress
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
 from etl.step import CHAMPIONS, Step
+from etl.tables import TABLES
 from etl import tracking
+from etl.vocabulary import BANK
+from training.fanout import fan_out, parallelism, with_slots
+from udfs.device import task_device
 from udfs.diffusion import adapter_loaded
 from udfs.imaging import encode_png, pixel_hash
 from udfs.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
+RESULT_SCHEMA = f"{TABLES['generations'].data_schema()}, error STRING"
 
 
 def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, int]:
@@ -41,11 +52,10 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
     targets = approved_prompts(lake, "target")
     done = {r["task_key"] for r in lake.spark.sql("SELECT DISTINCT task_key FROM generations").collect()}
-    rows, failures = [], []
+    specs, failures = [], []
     pairs = [(p, a) for p, a in sorted(set(zip(adapters.product_id, adapters.arm)))
              if lake.products is None or p in lake.products]
-    meter = Progress(len(pairs), "adapters", progress)
-    for product_id, arm in meter.track(pairs, lambda pair: f"{pair[0]} ({pair[1]})"):
+    for product_id, arm in pairs:
         found = tracking.champion(product_id, arm)
         if found is None:
             continue  # only products with a champion adapter are generated
@@ -62,49 +72,106 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
         tasks = [t for t in tasks if t["task_key"] not in done]
         if not tasks:
             continue
+        source = f"adapter:{name}/{version}"
         try:
             if token is None:
                 raise ValueError(f"version {version} of {name} is not in the adapters table")
-            adapter = mlflow.diffusers.load_model(f"models:/{name}@{tracking.CHAMPION}")
-            rows += generate_images(zoo, adapter.adapter_path, tasks, settings)
+            local = lake.settings.home / "generation" / "adapters" / name / version  # the home: every worker sees it
+            local.mkdir(parents=True, exist_ok=True)
+            adapter = mlflow.diffusers.load_model(f"models:/{name}/{version}", dst_path=str(local))
         except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
-            log.exception("generation for %s failed", product_id)
-            failures.append((product_id, f"adapter:{name}/{version}", "generation_failed",
+            failures.append((product_id, source, "generation_failed",
                              f"generation failed ({type(err).__name__}: {err}); it is retried on the next run"))
+            continue
+        specs.append({"product_id": product_id, "arm": arm, "adapter": adapter.adapter_path, "source": source,
+                      "tasks": json.dumps(tasks)})
+    rows = []
+    if specs:
+        parallel = parallelism(lake.settings)
+        progress(f"  generating for {len(specs)} adapter(s) in {min(parallel, len(specs))} parallel task(s)")
+        frame = lake.spark.createDataFrame(with_slots(pd.DataFrame(specs)),
+                                           "product_id STRING, arm STRING, adapter STRING, source STRING, "
+                                           "tasks STRING, slot BIGINT")
+        results = fan_out(lake.spark, frame, parallel, functools.partial(_generate_task, lake.settings, zoo),
+                          RESULT_SCHEMA)
+        for failed in results[results.error.notna()].itertuples():
+            failures.append((failed.product_id, failed.adapter_model, "generation_failed",
+                             f"generation failed ({failed.error}); it is retried on the next run"))
+        rows = results[results.error.isna()]
+        progress(f"    {len(rows)} image(s) from {len(specs) - len(results[results.error.notna()])} adapter(s)")
     written = 0
-    if rows:
-        written = lake.upsert_rows("generations", pd.DataFrame(rows).astype({"seed": "int32", "steps": "int32"}))
+    if len(rows):
+        written = lake.upsert_rows("generations", rows.drop(columns="error").astype({"seed": "int32", "steps": "int32"}))
     return {"generations": written, "quarantine": lake.quarantine(STAGE, failures)}
 
 
 def generate_images(zoo: ModelZoo, adapter_path, tasks: list[dict], settings: GenerationSettings) -> list[dict]:
-    """Images for `tasks` (generation_prompt, seed) from the worker's one base pipeline with the
-    adapter loaded (fused on GPUs), `settings.batch_size` prompts per call; each image has its
-    own seeded generator, so a batch draws the same starting noise as one image at a time."""
+    """`generations` rows for `tasks` (generation_prompt, seed) from the worker's one base
+    pipeline with the adapter loaded (fused on GPUs), `settings.batch_size` prompts per call."""
+    with zoo.exclusive("text2img"), adapter_on(zoo, adapter_path, settings) as pipeline:
+        images = render(pipeline, [t["generation_prompt"] for t in tasks], [t["seed"] for t in tasks],
+                        settings.steps, settings.guidance_scale, settings.resolution, settings.batch_size)
+        return [image_row(task, image, type(pipeline.scheduler).__name__) for task, image in zip(tasks, images)]
+
+
+def adapter_on(zoo: ModelZoo, adapter_path, settings: GenerationSettings):
+    """The zoo's base pipeline with the adapter for a block (hold zoo.exclusive("text2img")):
+    fused into the weights on CUDA under `fuse_lora = "auto"`."""
     base = zoo.load("text2img")
     fuse = settings.fuse_lora == "on" or (settings.fuse_lora == "auto" and base.device.type == "cuda")
-    rows = []
-    with zoo.exclusive("text2img"), adapter_loaded(base, adapter_path, fuse=fuse) as pipeline:
-        for start in range(0, len(tasks), settings.batch_size):
-            batch = tasks[start:start + settings.batch_size]
-            images = pipeline([t["generation_prompt"] for t in batch], num_inference_steps=settings.steps,
-                              guidance_scale=settings.guidance_scale, height=settings.resolution,
-                              width=settings.resolution,
-                              generator=[torch.Generator("cpu").manual_seed(t["seed"]) for t in batch]).images
-            rows += [{**task, "image_id": pixel_hash(image), "image": encode_png(image), "width": image.width,
-                      "height": image.height, "scheduler": type(pipeline.scheduler).__name__}
-                     for task, image in zip(batch, images)]
-    return rows
+    return adapter_loaded(base, adapter_path, fuse=fuse)
+
+
+def render(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
+           batch_size: int) -> list:
+    """One image per (prompt, seed), `batch_size` per pipeline call, at `size` x `size` pixels.
+    Each image has its own seeded generator, so its noise does not depend on its batch."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[chunk]]
+        images += pipeline(prompts[chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
+                           width=size, generator=generators).images
+    return images
+
+
+def prompts(token: str, class_noun: str, text: str) -> tuple[str, str]:
+    """(prompt, generation_prompt): the text with the class noun (what CLIP-T compares the image
+    with), and with the rare token too (what the adapter is given)."""
+    return f"a photo of a {class_noun}, {text}", f"a photo of {token} {class_noun}, {text}"
+
+
+def task_key(*identity) -> str:
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def image_row(task: dict, image, scheduler: str) -> dict:
+    """A `generations` row: the task's lineage and the image."""
+    return {**task, "image_id": pixel_hash(image), "image": encode_png(image), "width": image.width,
+            "height": image.height, "scheduler": scheduler}
+
+
+def _generate_task(settings: Settings, zoo: ModelZoo, spec, state: dict) -> list[dict] | dict:
+    """Spark task: one product's (and arm's) images with its adapter, on this task's device; a
+    failure becomes one row carrying `error` (its `adapter_model` says which adapter). The worker's
+    base pipeline for that device is loaded once (the zoo) and reused by its next tasks."""
+    device = task_device(zoo.models.device, int(spec.slot))
+    try:
+        rows = generate_images(zoo.on(device), spec.adapter, json.loads(spec.tasks), settings.generation)
+        return [{**row, "error": None} for row in rows]
+    except Exception as err:  # noqa: BLE001 - reported to the driver, which quarantines the product
+        log.exception("generation for %s (%s) on %s failed", spec.product_id, spec.arm, device)
+        return {"product_id": spec.product_id, "arm": spec.arm, "adapter_model": spec.source,
+                "error": f"{type(err).__name__}: {err}"}
 
 
 def _task(product_id, arm, name, version, run_id, token, class_noun, prompt, seed, settings: GenerationSettings) -> dict:
-    scene = prompt.text
-    identity = json.dumps([name, version, prompt.prompt_id, seed, settings.steps, settings.guidance_scale,
-                           settings.resolution])
-    return {"task_key": hashlib.sha256(identity.encode()).hexdigest(), "product_id": product_id, "arm": arm,
+    text, generation_prompt = prompts(token, class_noun, prompt.text)
+    return {"task_key": task_key(name, version, prompt.prompt_id, seed, settings.steps, settings.guidance_scale,
+                                 settings.resolution),
+            "product_id": product_id, "arm": arm, "origin": BANK, "scene": None,
             "adapter_model": name, "adapter_version": version, "run_id": run_id, "token": token,
-            "prompt_id": prompt.prompt_id, "prompt": f"a photo of a {class_noun}, {scene}",
-            "generation_prompt": f"a photo of {token} {class_noun}, {scene}", "seed": seed,
+            "prompt_id": prompt.prompt_id, "prompt": text, "generation_prompt": generation_prompt, "seed": seed,
             "steps": settings.steps, "guidance": float(settings.guidance_scale)}
 
 

@@ -36,6 +36,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from etl.config import TrainingSettings
+from udfs.device import BUILDING
 from udfs.diffusion import FAMILIES, Family
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -116,18 +117,19 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
     from peft import LoraConfig, inject_adapter_in_model
 
     alpha = lora_alpha(config)
-    torch.manual_seed(config.seed)  # the LoRA initialisation
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                target_modules=list(config.target_modules)))
     trained = {"unet": unet}
-    if config.train_text_encoder:
-        for name, encoder in zip(family.text_encoders, encoders):
-            # peft directly: transformers 5's add_adapter wants a peft release not yet published.
-            text_config = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                     target_modules=TEXT_ENCODER_TARGETS)
-            inject_adapter_in_model(text_config, encoder)
-            encoder.peft_config = {"default": text_config}
-            trained[name] = encoder
+    with BUILDING:  # parallel tasks share torch's global generator and module construction
+        torch.manual_seed(config.seed)  # the LoRA initialisation
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.target_modules)))
+        if config.train_text_encoder:
+            for name, encoder in zip(family.text_encoders, encoders):
+                # peft directly: transformers 5's add_adapter wants a peft release not yet published.
+                text_config = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                         target_modules=TEXT_ENCODER_TARGETS)
+                inject_adapter_in_model(text_config, encoder)
+                encoder.peft_config = {"default": text_config}
+                trained[name] = encoder
     if config.gradient_checkpointing or (config.gradient_checkpointing is None and config.resolution >= 768):
         unet.enable_gradient_checkpointing()
     trainable = [p for m in trained.values() for p in m.parameters() if p.requires_grad]

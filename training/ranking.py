@@ -1,6 +1,7 @@
 """Post-finetuning ranking -> `ranked_generations` (paper 2.5).
 
-Our arm only (the baseline has none): every generation is scored with the metrics job's
+Our arm only (the baseline has none), the prompt bank's generations only (a request ranks its own
+images: training/imagine.py): every generation is scored with the metrics job's
 columns, aggregated (sum of CLIP-T + CLIP-I + DINO by default, `generation.rank_weights`; or
 the learned ranker's pass probability with `generation.rank_aggregate = "learned"`), those below
 the threshold dropped and the top `generation.keep_top` per product kept.
@@ -16,7 +17,7 @@ from etl.lakehouse import Lakehouse
 from etl.step import CHAMPIONS, Step
 from etl.tables import TABLES
 from etl.training_set import keep_first
-from etl.vocabulary import EVALUATED, aggregate_score
+from etl.vocabulary import BANK, EVALUATED, aggregate_score, from_bank
 from etl import tracking
 from training.ranker import MODEL_NAME, features
 
@@ -27,8 +28,11 @@ def rank_generations(scores: pd.DataFrame, settings: GenerationSettings, ranker=
     image_id, adapter_version and the metric columns. The aggregate is the weighted sum, or with
     a learned `ranker` (model, version) its pass probability (threshold `min_pass_probability`).
     With `champions` ({product_id: version}) only the champion version's generations compete;
-    the others are never kept (reason: not the champion version)."""
+    the others are never kept (reason: not the champion version). Rows keep their `origin`
+    (default: the bank)."""
     scores = scores.copy()
+    if "origin" not in scores:
+        scores["origin"] = BANK
     stale = (pd.Series([champions.get(p) != v for p, v in zip(scores.product_id, scores.adapter_version)],
                        index=scores.index, dtype=bool) if champions is not None
              else pd.Series(False, index=scores.index))
@@ -52,21 +56,27 @@ def rank_generations(scores: pd.DataFrame, settings: GenerationSettings, ranker=
     return scores[TABLES["ranked_generations"].data_columns]
 
 
+def configured_ranker(lake: Lakehouse):
+    """The learned ranker (model, version) when `generation.rank_aggregate` is "learned", else None."""
+    aggregate = lake.settings.generation.rank_aggregate
+    if aggregate not in ("sum", "learned"):
+        raise UserError(f"generation.rank_aggregate must be 'sum' or 'learned', not {aggregate!r}")
+    if aggregate == "sum":
+        return None
+    from training.ranker import load_champion
+
+    tracking.configure(lake.settings)
+    return load_champion()
+
+
 def run_ranking(lake: Lakehouse, zoo=None) -> dict[str, int]:
     settings = lake.settings.generation
-    if settings.rank_aggregate not in ("sum", "learned"):
-        raise UserError(f"generation.rank_aggregate must be 'sum' or 'learned', not {settings.rank_aggregate!r}")
-    ranker = None
-    if settings.rank_aggregate == "learned":
-        from training.ranker import load_champion
-
-        tracking.configure(lake.settings)
-        ranker = load_champion()
+    ranker = configured_ranker(lake)
     metrics = ", ".join(f"m.{c}" for c in EVALUATED)
     scores = lake.spark.sql(
         f"""SELECT g.product_id, g.image_id, g.adapter_version, {metrics}
            FROM generations g JOIN image_metrics m ON m.image_id = g.image_id AND m.product_id = g.product_id
-           WHERE g.arm = 'ours'"""
+           WHERE g.arm = 'ours' AND {from_bank("g")}"""
     ).toPandas()
     if scores.empty:
         return {"ranked_generations": 0}

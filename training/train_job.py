@@ -1,11 +1,13 @@
 """Training job: `training_images` (a pinned Delta version) -> one LoRA adapter per product,
 tracked and registered in MLflow, recorded in `adapters`.
 
-Fan-out is a driver loop over products (one product at a time uses the whole machine or GPU;
-on a cluster, run one job per product group, e.g. a Databricks for-each task). A product whose
-adapter exists for the same training-set version and config is skipped; a failure on one
-product is recorded in `quarantine` and the others go on; a killed run resumes from its last
-checkpoint under `<home>/training/`.
+Fan-out: one Spark task per product (training/fanout.py), `training.parallel_products` at once,
+each on its own device (udfs.device.task_device). A task trains one product from the rows packed
+into its input row and returns a result row (token sweep, losses, validations, paths); the
+driver then logs and registers it in MLflow and MERGEs `adapters`, so the tracking store has one
+writer. A product whose adapter exists for the same training-set version and config is skipped;
+a failure on one product is recorded in `quarantine` and the others go on; a killed run resumes
+from its last checkpoint under `<home>/training/`.
 
 The baseline arm (`run_baseline_training`) trains the same products with standard DreamBooth +
 LoRA (its own [baseline] settings: rank 64, the prior-preservation loss) on the reference photos
@@ -15,10 +17,13 @@ only (no augmentation, no filtering, no captions, no token sweep), registered as
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import resource
 import shutil
+import time
 import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from etl.image_sets import IMAGE_BYTES
-from etl.config import TrainingSettings
+from etl.config import Settings, TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.metrics import cosine
 from etl.progress import Progress
@@ -39,8 +44,10 @@ from etl.prompt_bank import class_noun as noun_of
 from etl.step import REGISTERED_MODELS, Step
 from etl.tables import sql_literal
 from etl import tracking
+from training.fanout import fan_out, parallelism, with_slots
 from training.lora import Example, instance_prompt, lora_alpha, train_lora
 from training.tokens import by_association, rare_token_candidates
+from udfs.device import task_device
 from udfs.diffusion import adapter_loaded
 from udfs.imaging import decode_rgb
 from udfs.zoo import ModelZoo
@@ -49,19 +56,20 @@ log = logging.getLogger(__name__)
 STAGE, BASELINE_STAGE = "train", "train_baseline"
 
 
-def arm_config(lake: Lakehouse, arm: str) -> TrainingSettings:
+def arm_config(settings: Settings, arm: str) -> TrainingSettings:
     """The training settings of an arm: [training] for ours; for the baseline its own rank,
     alpha, steps and learning rate from [baseline] (the rest follows [training])."""
     if arm == tracking.OURS:
-        return lake.settings.training
-    baseline = lake.settings.baseline
-    return dataclasses.replace(lake.settings.training, rank=baseline.rank, alpha=baseline.alpha, steps=baseline.steps,
+        return settings.training
+    baseline = settings.baseline
+    return dataclasses.replace(settings.training, rank=baseline.rank, alpha=baseline.alpha, steps=baseline.steps,
                                learning_rate=baseline.learning_rate, token_candidates=1)
 
 
 def config_hash(lake: Lakehouse, zoo: ModelZoo, arm: str = tracking.OURS) -> str:
-    fields = {**asdict(arm_config(lake, arm)), "base_model": zoo.name("text2img"),
+    fields = {**asdict(arm_config(lake.settings, arm)), "base_model": zoo.name("text2img"),
               **({"baseline": asdict(lake.settings.baseline)} if arm == tracking.BASELINE else {})}
+    del fields["parallel_products"]  # how many at once does not change an adapter
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -77,8 +85,12 @@ def run_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = No
     digests = _digests(config_hash(lake, zoo), selected)
     done = _trained(lake, tracking.OURS)
     todo = sorted(p for p, d in digests.items() if (p, d) not in done)
-    return _train_products(lake, zoo, _only(todo, products or lake.products),
-                           lambda p: (*_examples(lake, p), version, digests[p]), tracking.OURS, progress)
+    examples = lake.spark.sql(f"""
+        SELECT t.product_id, array_sort(collect_list(named_struct('image_id', t.image_id, 'kind', t.kind,
+               'is_positive', t.is_positive, 'caption', t.caption, 'image', i.image))) AS examples
+        FROM _training_set t JOIN ({IMAGE_BYTES}) i ON i.image_id = t.image_id GROUP BY t.product_id""")
+    return _train_products(lake, zoo, _only(todo, products or lake.products), examples, version, digests,
+                           tracking.OURS, progress)
 
 
 def _digests(base_digest: str, rows: pd.DataFrame) -> dict[str, str]:
@@ -107,108 +119,187 @@ def run_baseline_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | 
     digests = _digests(config_hash(lake, zoo, tracking.BASELINE), references)  # new photos retrain the baseline
     done = _trained(lake, tracking.BASELINE)
     todo = sorted(p for p, d in digests.items() if (p, d) not in done)
-    return _train_products(lake, zoo, _only(todo, products or lake.products),
-                           lambda p: (*_reference_examples(lake, p), version, digests[p]), tracking.BASELINE,
-                           progress)
+    # The baseline's training set: the product's reference photos, no captions.
+    examples = lake.spark.sql("""
+        SELECT product_id, array_sort(collect_list(named_struct('image_id', image_id, 'kind', 'reference',
+               'is_positive', true, 'caption', CAST(NULL AS STRING), 'image', image))) AS examples
+        FROM product_images GROUP BY product_id""")
+    return _train_products(lake, zoo, _only(todo, products or lake.products), examples, version, digests,
+                           tracking.BASELINE, progress)
 
 
 def _only(todo: list[str], products) -> list[str]:
     return [p for p in todo if p in set(products)] if products else todo
 
 
-def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], inputs, arm: str, progress) -> dict[str, int]:
+RESULT_SCHEMA = "product_id STRING, arm STRING, device STRING, error STRING, result STRING"
+
+
+def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], examples, version: int,
+                    digests: dict[str, str], arm: str, progress) -> dict[str, int]:
+    """Driver: skip what a killed run registered, fan the rest out (one task per product), then
+    log, register and record each result in product order."""
     experiment = tracking.configure(lake.settings)
-    written, failures = 0, []
-    for product_id in Progress(len(todo), f"products ({arm})", progress).track(todo):
-        try:
-            rows, references, version, digest = inputs(product_id)
-            with zoo.exclusive("text2img"):  # the worker's one base pipeline, one product at a time
-                row = train_product(lake, zoo, product_id, rows, references, version, digest, experiment, arm,
-                                    progress)
-            written += lake.upsert_rows("adapters", pd.DataFrame([row]).astype({"images": "int32"}))
-        except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
-            log.exception("training %s (%s) failed", product_id, arm)
-            failures.append((product_id, f"{arm}:training", "training_failed",
-                             f"training the {arm} adapter failed ({type(err).__name__}: {err}); "
-                             "it is retried on the next run"))
+    written, failures, specs = 0, [], []
+    scenes = approved_prompts(lake, "scene")
+    for product_id in todo:
+        row = _adapter_row(product_id, arm, version, digests[product_id])
+        registered = tracking.registered_version(row["model_name"], _training_key(row))
+        if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
+            progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
+            written += _write(lake, _recorded(row, *registered))
+            continue
+        title, product_type = _title_and_type(lake, product_id)
+        specs.append({"product_id": product_id, "spec": json.dumps({
+            "arm": arm, "version": version, "digest": digests[product_id], "title": title,
+            "class_noun": noun_of(product_type),
+            "scenes": scenes[scenes.product_type == product_type].text.head(
+                arm_config(lake.settings, arm).validation_images).tolist(),
+            "work": str(lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digests[product_id]}")})})
+    if specs:
+        rows = lake.spark.createDataFrame(with_slots(pd.DataFrame(specs)), "product_id STRING, spec STRING, slot BIGINT")
+        parallel = parallelism(lake.settings)
+        progress(f"  training {len(specs)} product(s) ({arm}) in {min(parallel, len(specs))} parallel task(s)")
+        results = fan_out(lake.spark, rows.join(examples, "product_id"), parallel,
+                          functools.partial(_train_task, lake.settings, zoo, arm), RESULT_SCHEMA)
+        meter = Progress(len(results), f"products ({arm})", progress)
+        for result in meter.track(results.sort_values("product_id").itertuples(index=False),
+                                  lambda r: r.product_id):
+            try:
+                if result.error is not None:
+                    raise TaskFailed(result.error)
+                spec = next(json.loads(s["spec"]) for s in specs if s["product_id"] == result.product_id)
+                row = _adapter_row(result.product_id, arm, version, spec["digest"])
+                written += _write(lake, _log_and_register(lake, zoo, row, spec, json.loads(result.result),
+                                                          result.device, experiment, progress))
+            except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
+                log.error("training %s (%s) failed: %s", result.product_id, arm, err)
+                failures.append((result.product_id, f"{arm}:training", "training_failed",
+                                 f"training the {arm} adapter failed ({err}); it is retried on the next run"))
     return {"adapters": written, "quarantine": lake.quarantine(STAGE if arm == tracking.OURS else BASELINE_STAGE,
                                                                 failures)}
 
 
-def _examples(lake: Lakehouse, product_id: str) -> tuple[pd.DataFrame, list[Image.Image]]:
-    rows = lake.spark.sql(
-        f"""SELECT t.image_id, t.kind, t.is_positive, t.caption, i.image FROM _training_set t
-            JOIN ({IMAGE_BYTES}) i ON i.image_id = t.image_id
-            WHERE t.product_id = {sql_literal(product_id)} ORDER BY t.image_id""").toPandas()
+class TaskFailed(RuntimeError):
+    """A product's task failed; its message is the task's `Type: message`."""
+
+
+def _write(lake: Lakehouse, row: dict) -> int:
+    return lake.upsert_rows("adapters", pd.DataFrame([row]).astype({"images": "int32"}))
+
+
+def _adapter_row(product_id: str, arm: str, version: int, digest: str) -> dict:
+    return {"product_id": product_id, "arm": arm, "training_set_version": version, "config_hash": digest,
+            "model_name": tracking.registered_model_name(product_id, arm),
+            "alias": tracking.CHAMPION if arm == tracking.BASELINE else tracking.CANDIDATE}
+
+
+def _training_key(row: dict) -> str:
+    return f"{row['product_id']}|{row['arm']}|{row['training_set_version']}|{row['config_hash']}"
+
+
+def _train_task(settings: Settings, zoo: ModelZoo, arm: str, row, _state: dict) -> dict:
+    """Spark task: one product on this task's device; a failure becomes the row's `error`."""
+    device = task_device(zoo.models.device, int(row.slot))
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        on_device = zoo.on(device)
+        started = time.perf_counter()
+        with on_device.exclusive("text2img"):  # the worker's one base pipeline: one product at a time
+            outcome = train_product(settings, on_device, row.product_id, pd.DataFrame(list(row.examples)),
+                                    json.loads(row.spec))
+        outcome["task_seconds"] = time.perf_counter() - started
+        outcome["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else
+                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        return {"product_id": row.product_id, "arm": arm, "device": device, "error": None,
+                "result": json.dumps(outcome)}
+    except Exception as err:  # noqa: BLE001 - reported to the driver, which quarantines the product
+        log.exception("training %s (%s) on %s failed", row.product_id, arm, device)
+        return {"product_id": row.product_id, "arm": arm, "device": device,
+                "error": f"{type(err).__name__}: {err}", "result": None}
+
+
+def train_product(settings: Settings, zoo: ModelZoo, product_id: str, rows: pd.DataFrame, spec: dict) -> dict:
+    """One adapter from `rows` (image, kind, is_positive, caption): token sweep (ours only),
+    training with checkpoints and validation; writes under spec["work"], touches no table or
+    tracking store, and returns what the driver logs and records."""
+    arm, class_noun = spec["arm"], spec["class_noun"]
+    config = arm_config(settings, arm)
     references = [decode_rgb(b) for b in rows[rows.kind == "reference"].image]
-    return rows, references
+    job = _ProductTraining(settings, zoo, product_id, class_noun, rows, _embed(zoo, references),
+                           Path(spec["work"]), spec["scenes"], config)
+    candidates = _candidate_tokens(zoo, product_id, spec["title"], class_noun, config.token_candidates)
+    token, sweep = job.sweep(candidates)
+    prior = job.class_examples() if arm == tracking.BASELINE and settings.baseline.prior_preservation else []
+    result = train_lora(job.pipeline, job.examples_for(token), config, job.work / "final", prior=prior,
+                        prior_loss_weight=settings.baseline.prior_loss_weight,
+                        validate=job.validator(token, save_images=True))
+    validations = result.validations
+    if not validations:
+        with adapter_loaded(job.pipeline, result.adapter_dir) as pipeline:
+            validations = [{"step": config.steps, **job.validator(token, save_images=True)(pipeline, config.steps)}]
+    return {"token": token, "tried_tokens": candidates, "sweep": sweep, "losses": result.losses,
+            "learning_rates": result.learning_rates, "grad_norms": result.grad_norms,
+            "validations": validations, "adapter_dir": str(result.adapter_dir), "examples": len(rows),
+            "positives": int(rows.is_positive.sum())}
 
 
-def _reference_examples(lake: Lakehouse, product_id: str) -> tuple[pd.DataFrame, list[Image.Image]]:
-    """The baseline's training set: the product's reference photos, no captions."""
-    rows = lake.spark.sql(
-        f"""SELECT image_id, 'reference' AS kind, true AS is_positive, CAST(NULL AS STRING) AS caption, image
-            FROM product_images WHERE product_id = {sql_literal(product_id)} ORDER BY image_id""").toPandas()
-    return rows, [decode_rgb(b) for b in rows.image]
-
-
-def train_product(lake: Lakehouse, zoo: ModelZoo, product_id: str, rows: pd.DataFrame, references: list[Image.Image],
-                  version: int, digest: str, experiment: str, arm: str = tracking.OURS, progress=print) -> dict:
-    """One adapter from `rows` (image, is_positive, caption): token sweep (ours only), training,
-    validation, registration; returns the `adapters` row."""
+def _log_and_register(lake: Lakehouse, zoo: ModelZoo, row: dict, spec: dict, outcome: dict, device: str,
+                      experiment: str, progress) -> dict:
+    """Driver: a task's outcome as today's MLflow records (run, nested sweep runs, per-step loss,
+    validation metrics and images), registered; returns the `adapters` row."""
     import mlflow
+    from mlflow.entities import Metric
 
-    config = arm_config(lake, arm)
-    title, product_type = _title_and_type(lake, product_id)
-    class_noun = noun_of(product_type)
-    scenes = approved_prompts(lake, "scene").query("product_type == @product_type").text.head(
-        config.validation_images).tolist()
-    job = _ProductTraining(lake, zoo, product_id, class_noun, rows, _embed(zoo, references),
-                           lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digest}", scenes, config)
-    row = {"product_id": product_id, "arm": arm, "training_set_version": version, "config_hash": digest,
-           "model_name": tracking.registered_model_name(product_id, arm),
-           "alias": tracking.CHAMPION if arm == tracking.BASELINE else tracking.CANDIDATE, "images": len(rows)}
-    training_key = f"{product_id}|{arm}|{version}|{digest}"
-    registered = tracking.registered_version(row["model_name"], training_key)
-    if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
-        progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
-        return _recorded(row, *registered)
-    candidates = _candidate_tokens(zoo, product_id, title, class_noun, config.token_candidates)  # 1 for the baseline
+    arm, product_id = row["arm"], row["product_id"]
+    config = arm_config(lake.settings, arm)
+    token_scores = {t: s["sweep_score"] for t, s in outcome["sweep"].items()}
     params = {**{k: str(v) for k, v in asdict(config).items()}, "lora_alpha": lora_alpha(config),
               "product_id": product_id, "arm": arm,
-              "training_set_version": version, "class_noun": class_noun, "base_model": zoo.name("text2img"),
-              "examples": len(rows), "positives": int(rows.is_positive.sum()),
+              "training_set_version": row["training_set_version"], "class_noun": spec["class_noun"],
+              "base_model": zoo.name("text2img"), "examples": outcome["examples"], "positives": outcome["positives"],
+              "device": device,
               **({f"baseline.{k}": str(v) for k, v in asdict(lake.settings.baseline).items()}
                  if arm == tracking.BASELINE else {})}
     run_name = product_id if arm == tracking.OURS else f"{product_id} {arm}"
-    with mlflow.start_run(experiment_id=experiment, run_name=run_name, log_system_metrics=True,
-                          tags={tracking.TRAINING_KEY: training_key}) as run:
+    progress(f"  train {product_id} ({arm}): token '{outcome['token']}', {outcome['examples']} examples, "
+             f"{config.steps} steps on {device}")
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name,
+                          tags={tracking.TRAINING_KEY: _training_key(row)}) as run:
         mlflow.log_params(params)
-        token, token_scores = job.sweep(candidates, experiment)
-        mlflow.log_params({"token": token, "tried_tokens": ",".join(candidates)})
+        for token, scores in outcome["sweep"].items():
+            with mlflow.start_run(experiment_id=experiment, run_name=f"{product_id} token {token}", nested=True):
+                mlflow.log_params({"token": token, "steps": config.sweep_steps})
+                mlflow.log_metrics({f"val_{k}": scores[k] for k in ("clip_i", "dino_i")}, step=config.sweep_steps)
+                mlflow.log_metrics({k: v for k, v in scores.items() if k.startswith("sweep_") and v is not None})
+        mlflow.log_params({"token": outcome["token"], "tried_tokens": ",".join(outcome["tried_tokens"])})
         mlflow.set_tag("token_scores", json.dumps(token_scores, sort_keys=True))
-        progress(f"  train {product_id} ({arm}): token '{token}', {len(rows)} examples, {config.steps} steps")
-        prior = job.class_examples() if arm == tracking.BASELINE and lake.settings.baseline.prior_preservation else []
-        result = train_lora(job.pipeline, job.examples_for(token), config, job.work / "final", prior=prior,
-                            prior_loss_weight=lake.settings.baseline.prior_loss_weight,
-                            on_step=lambda step, loss: mlflow.log_metric("loss", loss, step=step),
-                            validate=job.validator(token, log_images=True))
-        if result.validations:
-            final = result.validations[-1]
-        else:
-            with adapter_loaded(job.pipeline, result.adapter_dir) as pipeline:
-                final = job.validator(token, log_images=True)(pipeline, config.steps)
-        final_loss = float(np.mean(result.losses[-10:]))
-        mlflow.log_metrics({"final_loss": final_loss})
-        for step, (lr, norm) in enumerate(zip(result.learning_rates, result.grad_norms), start=1):
-            mlflow.log_metrics({"lr": lr, "grad_norm": norm}, step=step)
-        model_version = tracking.register_adapter(result.adapter_dir, job.base, product_id, arm, config.auto_promote)
-        # Registered: MLflow holds the adapter; the checkpoints (~150 MB each at rank 64) and
-        # sweep runs go. A run killed before `adapters` records it finds the version by its key.
-        shutil.rmtree(job.work, ignore_errors=True)
-        return {**row, "token": token, "token_scores": json.dumps(token_scores, sort_keys=True),
+        now = int(time.time() * 1000)
+        per_step = {"loss": outcome["losses"], "lr": outcome["learning_rates"], "grad_norm": outcome["grad_norms"]}
+        steps = [Metric(name, value, now, step) for name, values in per_step.items()
+                 for step, value in enumerate(values, start=1)]
+        for start in range(0, len(steps), 1000):  # the store's batch limit
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=steps[start:start + 1000])
+        for validation in outcome["validations"]:
+            mlflow.log_metrics({f"val_{k}": v for k, v in validation.items() if k != "step"}, step=validation["step"])
+        images = Path(spec["work"]) / "validation"
+        if images.is_dir():
+            mlflow.log_artifacts(str(images), artifact_path="validation")
+        final_loss = float(np.mean(outcome["losses"][-10:]))
+        mlflow.log_metrics({"final_loss": final_loss, "task_seconds": outcome["task_seconds"],
+                            "peak_memory_mb": outcome["peak_memory_mb"]})
+        model_version = tracking.register_adapter(outcome["adapter_dir"], str(zoo.path("text2img")), product_id, arm,
+                                                  config.auto_promote)
+        # Registered: MLflow holds the adapter; the checkpoints (~150 MB each at rank 64), sweep
+        # runs and validation images go. A run killed before `adapters` records it finds the
+        # version by its training key.
+        shutil.rmtree(spec["work"], ignore_errors=True)
+        final = outcome["validations"][-1]
+        return {**row, "token": outcome["token"], "token_scores": json.dumps(token_scores, sort_keys=True),
                 "run_id": run.info.run_id, "model_version": model_version, "final_loss": final_loss,
-                "clip_i": float(final["clip_i"]), "dino_i": float(final["dino_i"])}
+                "clip_i": float(final["clip_i"]), "dino_i": float(final["dino_i"]), "images": outcome["examples"],
+                "device": device}
 
 
 SHORTLIST = 8  # candidates drawn per token tried, before ranking them by association
@@ -235,14 +326,15 @@ def _recorded(row: dict, model_version: str, run) -> dict:
     return {**row, "token": run.data.params["token"], "token_scores": run.data.tags.get("token_scores", "{}"),
             "run_id": run.info.run_id, "model_version": model_version,
             "final_loss": run.data.metrics["final_loss"], "clip_i": run.data.metrics["val_clip_i"],
-            "dino_i": run.data.metrics["val_dino_i"]}
+            "dino_i": run.data.metrics["val_dino_i"], "images": int(run.data.params["examples"]),
+            "device": run.data.params.get("device")}
 
 
 @dataclass
 class _ProductTraining:
     """What one product's sweep and training share: its examples, references and work folder."""
 
-    lake: Lakehouse
+    settings: Settings
     zoo: ModelZoo
     product_id: str
     class_noun: str
@@ -253,43 +345,37 @@ class _ProductTraining:
     config: TrainingSettings  # the arm's (arm_config)
 
     @property
-    def base(self) -> str:
-        return str(self.zoo.path("text2img"))
-
-    @property
     def pipeline(self):
-        """The worker's one loaded base pipeline (sweep, training, validation and class images)."""
+        """The worker's one loaded base pipeline (sweep, training, validation, class images); the
+        task holds zoo.exclusive("text2img") around the product."""
         return self.zoo.load("text2img")
 
     def examples_for(self, token: str) -> list[Example]:
         return [Example(decode_rgb(r.image), instance_prompt(token, self.class_noun, r.caption) if r.is_positive
                         else (r.caption or self.class_noun)) for r in self.rows.itertuples()]
 
-    def validator(self, token: str, log_images: bool):
-        import mlflow
-
+    def validator(self, token: str, save_images: bool):
         config = self.config
 
         def validate(pipeline, step: int) -> dict:
             generator = torch.Generator("cpu").manual_seed(config.seed)
             images = pipeline([instance_prompt(token, self.class_noun)] * config.validation_images,
-                              num_inference_steps=self.lake.settings.augment.steps, height=config.resolution,
+                              num_inference_steps=self.settings.augment.steps, height=config.resolution,
                               width=config.resolution, generator=generator).images
-            scores = _scores(self.zoo, images, self.reference_vectors)
-            mlflow.log_metrics({f"val_{k}": v for k, v in scores.items()}, step=step)
-            if log_images:
+            if save_images:  # the driver logs them with the run
+                (self.work / "validation").mkdir(parents=True, exist_ok=True)
                 for i, image in enumerate(images):
-                    mlflow.log_image(image, artifact_file=f"validation/step_{step:06d}_{i}.png")
-            return scores
+                    image.save(self.work / "validation" / f"step_{step:06d}_{i}.png")
+            return _scores(self.zoo, images, self.reference_vectors)
         return validate
 
     def class_examples(self) -> list[Example]:
         """DreamBooth's prior-preservation images: what the base model makes of "a photo of a
         <class>" (baseline.class_images of them, seeded), captioned with that prompt."""
-        count, prompt = self.lake.settings.baseline.class_images, f"a photo of a {self.class_noun}"
+        count, prompt = self.settings.baseline.class_images, f"a photo of a {self.class_noun}"
         pipeline = self.pipeline
         generator = torch.Generator("cpu").manual_seed(self.config.seed)
-        images = pipeline([prompt] * count, num_inference_steps=self.lake.settings.augment.steps,
+        images = pipeline([prompt] * count, num_inference_steps=self.settings.augment.steps,
                           height=self.config.resolution, width=self.config.resolution, generator=generator).images
         return [Example(image, prompt) for image in images]
 
@@ -302,32 +388,28 @@ class _ProductTraining:
         config = self.config
         generator = torch.Generator("cpu").manual_seed(config.seed)
         images = pipeline([f"{instance_prompt(token, self.class_noun)}, {scene}" for scene in self.scenes],
-                          num_inference_steps=self.lake.settings.augment.steps, height=config.resolution,
+                          num_inference_steps=self.settings.augment.steps, height=config.resolution,
                           width=config.resolution, generator=generator).images
         clip = self.zoo.load("clip")
         texts = clip.embed_texts([f"a photo of a {self.class_noun}, {scene}" for scene in self.scenes])
         return float(np.mean(np.sum(clip.embed_images(images) * texts, axis=1)))
 
-    def sweep(self, candidates: list[str], experiment: str) -> tuple[str, dict[str, float]]:
+    def sweep(self, candidates: list[str]) -> tuple[str, dict[str, dict]]:
         """The rare-token sweep: a short run per candidate; the best validation CLIP-I + DINO on
-        the instance prompt plus CLIP-T on scene prompts wins."""
-        import mlflow
-
+        the instance prompt plus CLIP-T on scene prompts wins. Returns the token and, per token
+        tried, its validation scores and `sweep_score` (none for a single candidate)."""
         if len(candidates) == 1:
             return candidates[0], {}
-        config, scores_by_token = self.config, {}
+        config, tried = self.config, {}
         for token in candidates:
-            with mlflow.start_run(experiment_id=experiment, run_name=f"{self.product_id} token {token}", nested=True):
-                mlflow.log_params({"token": token, "steps": config.sweep_steps})
-                result = train_lora(self.pipeline, self.examples_for(token), config, self.work / "sweep" / token,
-                                    steps=config.sweep_steps)
-                with adapter_loaded(self.pipeline, result.adapter_dir) as pipeline:
-                    scores = self.validator(token, log_images=False)(pipeline, config.sweep_steps)
-                    scene_clip_t = self.scene_clip_t(token, pipeline)
-                scores_by_token[token] = scores["clip_i"] + scores["dino_i"] + (scene_clip_t or 0.0)
-                mlflow.log_metrics({"sweep_score": scores_by_token[token],
-                                    **({"sweep_scene_clip_t": scene_clip_t} if scene_clip_t is not None else {})})
-        return max(candidates, key=lambda t: (scores_by_token[t], t)), scores_by_token
+            result = train_lora(self.pipeline, self.examples_for(token), config, self.work / "sweep" / token,
+                                steps=config.sweep_steps)
+            with adapter_loaded(self.pipeline, result.adapter_dir) as pipeline:
+                scores = self.validator(token, save_images=False)(pipeline, config.sweep_steps)
+                scene_clip_t = self.scene_clip_t(token, pipeline)
+            tried[token] = {**scores, "sweep_score": scores["clip_i"] + scores["dino_i"] + (scene_clip_t or 0.0),
+                            "sweep_scene_clip_t": scene_clip_t}
+        return max(candidates, key=lambda t: (tried[t]["sweep_score"], t)), tried
 
 
 def _embed(zoo: ModelZoo, images: list[Image.Image]) -> dict[str, np.ndarray]:

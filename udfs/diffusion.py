@@ -11,7 +11,6 @@ the tiny builders write random-weight components with the real architectures in 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,9 @@ from pathlib import Path
 import torch
 
 from etl.errors import UserError
-from udfs.device import pick_device
+from udfs.device import BUILDING, pick_device
 
 TINY_TEXT_DIM = 32
-# Diffusion pipelines loaded from disk in this process, per role: every stage reuses the zoo's
-# one load per worker (udfs/zoo.py); the runner records the count per stage in job_runs.
-LOADS: Counter = Counter()
 
 
 @dataclass(frozen=True)
@@ -77,9 +73,9 @@ def load_pipeline(role: str, path: str | Path, device: str = "auto", dtype: torc
             else torch.float32
     kwargs = {"safety_checker": None, "requires_safety_checker": False} \
         if cls.__name__.startswith("StableDiffusion") and "XL" not in cls.__name__ else {}
-    pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
+    with BUILDING:  # one load at a time per process (udfs.device)
+        pipeline = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    LOADS[role] += 1
     return pipeline.to(target)
 
 

@@ -9,12 +9,14 @@ the same loader that real weights use.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
 import shutil
 import threading
 import uuid
+from collections import Counter
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,14 @@ def packaged_weights(role: str) -> Path:
 _loaded: dict[tuple, object] = {}
 _in_use: dict[tuple, threading.RLock] = {}
 _lock = threading.Lock()
+# role -> models loaded in this process: every stage and request reuses them (job_runs records
+# the diffusion pipelines' count per stage; the service reports it per request)
+LOADS: Counter = Counter()
+
+
+def diffusion_loads() -> int:
+    """Diffusion pipelines (the base models) loaded in this process so far."""
+    return sum(n for role, n in LOADS.items() if ROLES[role].loader.startswith("udfs.diffusion:"))
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,10 @@ class ModelZoo:
     def from_settings(cls, settings: Settings) -> "ModelZoo":
         tiny = Path(settings.models.tiny_dir) if settings.models.tiny_dir else settings.home / "models" / "tiny"
         return cls(settings.models, tiny)
+
+    def on(self, device: str) -> "ModelZoo":
+        """The same models on another device (a fanned-out task's GPU): loaded once per device."""
+        return dataclasses.replace(self, models=dataclasses.replace(self.models, device=device))
 
     def path(self, role: str) -> Path:
         configured = getattr(self.models, role).path
@@ -158,6 +172,7 @@ class ModelZoo:
         with _lock:
             if key not in _loaded:
                 _loaded[key] = self._load(role, self.path(role))
+                LOADS[role] += 1
                 _in_use[key] = threading.RLock()
             return _loaded[key]
 
@@ -168,8 +183,11 @@ class ModelZoo:
         return _in_use[self._key(role)]
 
     def _load(self, role: str, path: Path):
+        from udfs.device import BUILDING
+
         try:
-            return _resolve(ROLES[role].loader)(path, self.models)
+            with BUILDING:
+                return _resolve(ROLES[role].loader)(path, self.models)
         except Exception as err:
             raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
 

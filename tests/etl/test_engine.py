@@ -57,7 +57,7 @@ def test_compact_and_vacuum_keep_rows(lake):
         lake.upsert("products", lake.spark.sql(
             f"SELECT 'p{i}' AS product_id, 't' AS title, 'mug' AS product_type, '{{}}' AS attributes, "
             "'test' AS source, current_timestamp() AS ingested_at"))
-    assert [h["operation"] for h in lake.history("products")][:3] == ["MERGE"] * 3
+    assert [h["operation"] for h in lake.history("products")][:3] == ["WRITE"] * 3  # new keys are appended
     metrics = lake.compact("products")
     assert metrics["numFilesRemoved"] >= 3 and metrics["numFilesAdded"] == 1
     removed = lake.vacuum("products", retention_hours=0)
@@ -115,3 +115,10 @@ def test_a_home_from_an_older_version_gains_the_new_columns(tmp_path):
     new = pd.DataFrame([{**row, "prompt_id": "p2", "source": "seed"}])[TABLES["prompt_bank"].data_columns]
     assert lake.upsert_rows("prompt_bank", new) == 1
     assert sorted(lake.spark.sql("SELECT source FROM prompt_bank").toPandas().source.fillna("-")) == ["-", "seed"]
+
+
+def test_the_embedded_engine_is_told_apart_as_sail(lake):
+    from etl.engine import Engine
+
+    assert lake.engine == Engine.of(lake.spark) and lake.engine.sail
+    assert lake.spark.conf.get("spark.sql.session.timeZone") == "UTC"  # Sail's workaround, applied

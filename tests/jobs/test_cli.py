@@ -51,8 +51,8 @@ def test_tables_lists_counts_versions_operations(demo_home):
     result = recontext("tables", home=demo_home)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
-    assert lines["products"] == ["4", "1", "MERGE"]
-    assert lines["product_images"] == ["5", "1", "MERGE"]
+    assert lines["products"] == ["4", "1", "WRITE"]  # first rows of new keys are appended
+    assert lines["product_images"] == ["5", "1", "WRITE"]
     assert set(lines) == set(TABLES)
     for table in ("prompt_bank", "synthetic_images", "masks", "captions", "embeddings", "image_metrics",
                   "training_images", "adapters", "generations", "ranked_generations"):

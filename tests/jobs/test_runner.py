@@ -1,5 +1,5 @@
 """`recontext run`: the stage graph, incremental re-runs, --products, the home lock, and real
-SIGKILLs at several points of several stages."""
+SIGKILLs at several points of several stages (training and generation fanned out over 2 tasks)."""
 
 import json
 import os
@@ -20,7 +20,8 @@ from jobs.recovery import home_lock
 from sample_images import encode, product_shot, recontext, write_files
 
 PRODUCTS = ("mug-a", "mug-b")
-# Small but complete: every stage runs (prompts come from a CSV, so no LLM), tiny models.
+# Small but complete: every stage runs (prompts come from a CSV, so no LLM), tiny models;
+# training and generation run the two products as two parallel Spark tasks.
 CONFIG = """
 [ingest]
 sources = ["{catalog}"]
@@ -36,6 +37,7 @@ steps = 4
 checkpoint_every = 2
 validate_every = 100
 validation_images = 1
+parallel_products = 2
 [generation]
 prompts_per_product = 1
 seeds_per_prompt = 2
@@ -45,7 +47,7 @@ ranker_min_images = 1000
 """
 
 
-def make_home(root: Path, tiny_models: Path) -> Path:
+def make_home(root: Path, tiny_models: Path, remote: str | None = None) -> Path:
     home = root
     catalog = home / "catalog"
     for n, product in enumerate(PRODUCTS):
@@ -55,7 +57,7 @@ def make_home(root: Path, tiny_models: Path) -> Path:
     pd.DataFrame({"product_type": ["mug"] * 3, "purpose": ["scene", "scene", "target"],
                   "text": ["a marble kitchen counter", "a wooden desk by a window", "on a cafe table"],
                   "status": ["approved"] * 3}).to_csv(home / "prompts.csv", index=False)
-    result = recontext("prompts", "import", str(home / "prompts.csv"), home=home)
+    result = recontext("prompts", "import", str(home / "prompts.csv"), home=home, remote=remote)
     assert result.returncode == 0, result.stderr
     return home
 
@@ -131,15 +133,6 @@ def test_stages_describe_reads_writes_roles_and_device(tmp_path):
     assert "u2netp" in by_name["references"]["roles"]  # the configured segmenter, resolved
 
 
-@pytest.fixture(scope="module")
-def reference_home(tmp_path_factory, tiny_models):
-    """An uninterrupted `run all`, then a second one with nothing new."""
-    home = make_home(tmp_path_factory.mktemp("uninterrupted"), tiny_models)
-    first = recontext("run", "all", home=home)
-    assert first.returncode == 0, first.stdout + first.stderr
-    return home, tables(home)  # the tables before later tests add photos
-
-
 def test_run_all_then_nothing_new_skips_every_stage(reference_home):
     home, _ = reference_home
     before = {name: DeltaTable(home / "lakehouse" / name).version() for name in TABLES if name != "job_runs"}
@@ -199,9 +192,16 @@ def test_a_second_run_on_the_same_home_fails_clearly_or_waits(tmp_path):
     assert job_runs(home).status.tolist() == ["succeeded"]
 
 
-def _run_until_killed(home: Path, stage: str, delay: float) -> str:
-    """Start `run all`; SIGKILL it `delay` seconds after it announces `stage`."""
+def _run_until_killed(home: Path, marker: str, delay: float, remote: str | None = None) -> str:
+    """Start `run all` (on the Spark Connect server `remote`, else embedded); SIGKILL it `delay`
+    seconds after it prints a line holding `marker` (a stage name alone means "] <stage>:"; on a
+    Spark server, after job_runs records that stage running: a slower engine must not be killed
+    before the stage has begun to write)."""
+    stage = marker if " " not in marker and ":" not in marker else None
+    marker = f"] {marker}:" if stage else marker
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if remote:
+        env["SPARK_REMOTE"] = remote
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--home", str(home), "run", "all"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                start_new_session=True)
@@ -210,12 +210,18 @@ def _run_until_killed(home: Path, stage: str, delay: float) -> str:
     def read():
         for line in process.stdout:
             seen.append(line)
-            if f"] {stage}:" in line:
+            if marker in line:
                 announced.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     assert announced.wait(timeout=600), "".join(seen)
+    deadline = time.monotonic() + 600
+    while remote and stage and time.monotonic() < deadline and process.poll() is None:
+        runs = job_runs(home)
+        if ((runs.stage == stage) & (runs.status == "running")).any():
+            break
+        time.sleep(1)
     time.sleep(delay)
     try:
         os.killpg(process.pid, signal.SIGKILL)  # the whole process group: the engine dies with it
@@ -229,8 +235,11 @@ def _run_until_killed(home: Path, stage: str, delay: float) -> str:
 def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_home, tmp_path, tiny_models):
     _, expected = reference_home
     home = make_home(tmp_path, tiny_models)
-    for stage, delay in (("references", 1.0), ("outpaint", 2.0), ("train", 4.0), ("generate", 3.0)):
-        _run_until_killed(home, stage, delay)
+    # The training kill lands while the two products train in two parallel tasks (or, on a slow
+    # machine, while the driver registers their results).
+    for marker, delay in (("] references:", 1.0), ("] outpaint:", 2.0),
+                          ("training 2 product(s) (ours) in 2 parallel task(s)", 2.0), ("] generate:", 3.0)):
+        _run_until_killed(home, marker, delay)
     final = recontext("run", "all", home=home)
     assert final.returncode == 0, final.stdout + final.stderr
     runs = job_runs(home)
@@ -251,6 +260,7 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
     for product in PRODUCTS:  # no half-written or duplicate adapter versions were registered
         for name in (f"recontext-{product}", f"recontext-{product}-baseline"):
             assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")] == ["1"]
+    assert set(got["adapters"].device) == {"cpu"}
 
 
 def test_maintain_compacts_vacuums_and_prunes_only_orphans(reference_home):

@@ -1,11 +1,13 @@
 """The training job through MLflow: adapters registered per product with aliases, loaded back
-through mlflow.diffusers and pyfunc, skipped when already trained, failures isolated."""
+through mlflow.diffusers and pyfunc, skipped when already trained, failures isolated, and the
+fan-out over Spark tasks training the same adapters as one task at a time."""
 
 import json
 import os
 
 import mlflow
 import pytest
+import torch
 from deltalake import DeltaTable
 from mlflow import MlflowClient
 from safetensors.torch import load_file
@@ -54,7 +56,8 @@ def test_one_registered_adapter_per_product(trained):
         assert len(json.loads(row.token_scores)) == 2 and row.token in json.loads(row.token_scores)
         run = client.get_run(row.run_id)
         assert run.data.params["token"] == row.token and "loss" in run.data.metrics
-        assert "val_clip_i" in run.data.metrics and any(k.startswith("system/") for k in run.data.metrics)
+        assert "val_clip_i" in run.data.metrics and run.data.metrics["task_seconds"] > 0
+        assert row.device == "cpu" and run.data.params["device"] == "cpu"
         history = client.get_metric_history(row.run_id, "loss")
         assert [m.step for m in history] == list(range(1, 7))
         nested = client.search_runs([run.info.experiment_id],
@@ -62,6 +65,12 @@ def test_one_registered_adapter_per_product(trained):
         assert sorted(r.data.params["token"] for r in nested) == sorted(json.loads(row.token_scores))
         artifacts = [a.path for a in client.list_artifacts(row.run_id, "validation")]
         assert artifacts and all(p.endswith(".png") for p in artifacts)
+
+
+def registered_adapter(name: str, version: str) -> dict:
+    """The adapter's tensors as MLflow's registry holds them (training deletes its own copy)."""
+    path = mlflow.diffusers.load_model(f"models:/{name}/{version}").adapter_path
+    return load_file(path if path.endswith(".safetensors") else f"{path}/{ADAPTER_FILE}")
 
 
 def test_adapter_loads_back_through_mlflow(trained):
@@ -96,20 +105,45 @@ def test_same_version_and_config_is_skipped(trained):
     assert run_training(lake, zoo, progress=lambda _: None) == {"adapters": 0, "quarantine": 0}
 
 
-def test_a_failing_product_is_recorded_and_others_go_on(trained, monkeypatch):
+def fanned_out(lake: Lakehouse, tasks: int) -> Lakehouse:
+    """The same home and engine session, training `tasks` products at once."""
+    settings = Settings.load(lake.settings.home, models={"tiny_dir": str(lake.settings.models.tiny_dir)},
+                             training={**TRAINING, "parallel_products": tasks})
+    return Lakehouse(settings, spark=lake.spark)
+
+
+def test_a_failing_product_in_a_fanned_out_batch_is_recorded_and_others_go_on(trained, monkeypatch):
     lake, zoo, _ = trained
+    lake = fanned_out(lake, 2)
     import training.train_job as job
 
     real = job.train_product
     monkeypatch.setattr(job, "config_hash", lambda *_: "other-config")  # forces a retrain of both
 
-    def flaky(lake, zoo, product_id, *args, **kwargs):
+    def flaky(settings, zoo, product_id, *args, **kwargs):  # runs inside the Spark task
         if product_id == "mug-a":
             raise RuntimeError("CUDA out of memory")
-        return real(lake, zoo, product_id, *args, **kwargs)
+        return real(settings, zoo, product_id, *args, **kwargs)
 
     monkeypatch.setattr(job, "train_product", flaky)
     assert job.run_training(lake, zoo, progress=lambda _: None) == {"adapters": 1, "quarantine": 1}
     failure = DeltaTable(lake.location("quarantine")).to_pandas().query("stage == 'train'").iloc[0]
     assert failure.product_id == "mug-a" and "CUDA out of memory" in failure.reason
     assert str(MlflowClient().get_model_version_by_alias("recontext-mug-b", "candidate").version) == "2"
+
+
+def test_two_tasks_train_the_same_adapters_as_one(trained, monkeypatch):
+    lake, zoo, _ = trained
+    import training.train_job as job
+
+    monkeypatch.setattr(job, "config_hash", lambda *_: "fanned-out")  # a new config: both retrain
+    messages = []
+    assert job.run_training(fanned_out(lake, 2), zoo, progress=messages.append) == {"adapters": 2, "quarantine": 0}
+    assert "  training 2 product(s) (ours) in 2 parallel task(s)" in messages
+    adapters = DeltaTable(lake.location("adapters")).to_pandas().query("arm == 'ours'")
+    for product_id, rows in adapters.groupby("product_id"):
+        versions = rows.assign(v=rows.model_version.astype(int)).sort_values("v")
+        one_task, two_tasks = versions.iloc[0], versions.iloc[-1]  # the fixture's loop, this fan-out
+        assert one_task.model_version == "1" and two_tasks.device == "cpu"
+        loop, fanned = (registered_adapter(r.model_name, r.model_version) for r in (one_task, two_tasks))
+        assert loop.keys() == fanned.keys() and all(torch.equal(loop[k], fanned[k]) for k in loop)

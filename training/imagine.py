@@ -1,0 +1,215 @@
+"""On-demand recontextualization: a product and a scene in, ranked faithful images out.
+
+    from training.imagine import imagine
+    imagine(lake, "coffee-cup", "on a marble kitchen counter, morning light", n=8, keep=2)
+
+One request takes the batch pipeline's path for one product: the prompt from the product's
+champion adapter (its rare token, class noun, then the scene), `n` images from
+training.generate.render at the resolution the adapter was trained at, the metrics of
+etl/metrics.py (`score_product`: the new images' embeddings, made here by the models the
+embeddings job uses, against the product's stored reference embeddings), ranked by
+training.ranking.rank_generations among the request's images. The scene passes the prompt bank's
+checks first (etl/prompt_bank.scene_refusal); a refused scene is an error, never edited.
+
+Written with lineage (origin 'on_demand', the scene, seed and adapter version): `generations`,
+`image_metrics` and `ranked_generations`. Batch ranking, evaluation (Table 2) and the report
+read the prompt bank's generations only. Reads: products, product_classes, adapters,
+embeddings, the registry's champions. Models: text2img, clip, dino and the segmenter, loaded
+once per process by the zoo (udfs/zoo.py LOADS counts them): a notebook's or a server's next
+request reuses them. Not a pipeline step: nothing in the stage graph depends on requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import pandas as pd
+
+from etl import tracking
+from etl.errors import UserError
+from etl.lakehouse import Lakehouse
+from etl.metrics import metric_constants, score_product
+from etl.prompt_bank import class_noun, resolved_types, scene_refusal
+from etl.tables import sql_list, sql_literal
+from etl.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
+from training.generate import adapter_on, image_row, prompts, render, task_key
+from training.ranking import configured_ranker, rank_generations
+from udfs.imaging import decode_rgb, segment
+from udfs.zoo import ModelZoo
+
+log = logging.getLogger(__name__)
+MAX_IMAGES = 64  # per request: a larger ask is a batch job (approve target prompts, `recontext generate`)
+REFUSED = 2  # exit code of a refused request (bad input the caller can fix)
+# What a request returns per image: ranking, metrics, the PNG, lineage.
+OUTPUT = ["product_id", "rank", "kept", "score", "ranked_by", "reason", *METRIC_COLUMNS, "image_id", "image", "width",
+          "height", "seed", "scene", "prompt", "generation_prompt", "arm", "adapter_model", "adapter_version", "steps",
+          "guidance", "task_key"]
+_adapter_dirs: dict[tuple[str, str], str] = {}  # (model, version) -> downloaded adapter, once per process
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A product's champion adapter and what a prompt and an image size need from it."""
+
+    product_id: str
+    arm: str
+    name: str
+    version: str
+    run_id: str
+    token: str
+    class_noun: str
+    resolution: int  # the training resolution (its MLflow run's `resolution` parameter)
+
+
+class Imaginer:
+    """Answers requests on one home; models stay loaded in the process between requests."""
+
+    def __init__(self, lake: Lakehouse, zoo: ModelZoo | None = None):
+        self.lake = lake
+        self.zoo = zoo or ModelZoo.from_settings(lake.settings)
+        tracking.configure(lake.settings)
+
+    def adapter(self, product_id: str, arm: str = tracking.OURS) -> Adapter:
+        """The product's current champion (resolved per request, so a promotion takes effect at once)."""
+        from mlflow import MlflowClient
+
+        types = resolved_types(self.lake).where(f"product_id = {sql_literal(product_id)}").collect()
+        if not types:
+            known = [r["product_id"] for r in self.lake.spark.sql(
+                "SELECT product_id FROM products ORDER BY product_id LIMIT 20").collect()]
+            raise UserError(f"unknown product {product_id!r}; products: {', '.join(known) or '(none)'}", REFUSED)
+        champion = tracking.champion(product_id, arm)
+        if champion is None:
+            raise UserError(f"{product_id} has no @champion adapter in arm {arm!r}: train it (`recontext train "
+                            f"--products {product_id}`) and promote a version (`recontext promote {product_id} "
+                            "VERSION`)", REFUSED)
+        name, version, run_id = champion
+        tokens = self.lake.spark.sql(
+            f"SELECT token FROM adapters WHERE product_id = {sql_literal(product_id)} AND arm = {sql_literal(arm)} "
+            f"AND model_version = {sql_literal(version)}").collect()
+        if not tokens:
+            raise UserError(f"version {version} of {name} is not in the adapters table (registered by another "
+                            "home?); promote one this home trained")
+        params = MlflowClient().get_run(run_id).data.params
+        resolution = int(params.get("resolution", self.lake.settings.generation.resolution))
+        return Adapter(product_id, arm, name, version, run_id, tokens[0]["token"],
+                       class_noun(types[0]["product_type"]), resolution)
+
+    def __call__(self, product_id: str, scene: str, n: int = 4, keep: int | None = None, seed: int | None = None,
+                 arm: str = tracking.OURS) -> pd.DataFrame:
+        """Generate, score, rank and record `n` images of the product in the scene; returns one row
+        per image (kept first, by rank) with its PNG bytes, metrics, score and lineage."""
+        settings = self.lake.settings.generation
+        keep = min(settings.keep_top, n) if keep is None else keep
+        seed = settings.seed if seed is None else seed
+        if not 1 <= n <= MAX_IMAGES:
+            raise UserError(f"n must be between 1 and {MAX_IMAGES}, not {n}", REFUSED)
+        if not 1 <= keep <= n:
+            raise UserError(f"keep must be between 1 and n ({n}), not {keep}", REFUSED)
+        if arm not in (tracking.OURS, tracking.BASELINE):
+            raise UserError(f"arm must be {tracking.OURS} or {tracking.BASELINE}, not {arm!r}", REFUSED)
+        adapter = self.adapter(product_id, arm)
+        scene = " ".join(str(scene).split())
+        reason = scene_refusal(self.lake, scene, adapter.class_noun)
+        if reason:
+            raise UserError(f"scene refused: {reason}: {scene!r}", REFUSED)
+        text, generation_prompt = prompts(adapter.token, adapter.class_noun, scene)
+        tasks = [{"task_key": task_key(adapter.name, adapter.version, f"scene:{scene}", s, settings.steps,
+                                       settings.guidance_scale, adapter.resolution),
+                  "product_id": product_id, "arm": arm, "origin": ON_DEMAND, "scene": scene,
+                  "adapter_model": adapter.name, "adapter_version": adapter.version, "run_id": adapter.run_id,
+                  "token": adapter.token, "prompt_id": None, "prompt": text, "generation_prompt": generation_prompt,
+                  "seed": s, "steps": settings.steps, "guidance": float(settings.guidance_scale)}
+                 for s in range(seed, seed + n)]
+        images, scheduler = self._generate(adapter, generation_prompt, [t["seed"] for t in tasks])
+        generated = pd.DataFrame([image_row(t, image, scheduler) for t, image in zip(tasks, images)])
+        # Two seeds can give the same pixels: one image, scored and ranked once (both tasks are kept).
+        unique = generated.drop_duplicates("image_id")
+        metrics = self._score(product_id, list(unique.image_id), [decode_rgb(b) for b in unique.image], text)
+        ranked = rank_generations(metrics.assign(adapter_version=adapter.version, origin=ON_DEMAND),
+                                  dataclasses.replace(settings, keep_top=keep), configured_ranker(self.lake),
+                                  {product_id: adapter.version})
+        self._record(generated, metrics, ranked)
+        out = ranked.drop(columns=["product_id", "adapter_version", "origin"]).merge(
+            metrics[["image_id", *METRIC_COLUMNS]], on="image_id").merge(unique, on="image_id")
+        return out[OUTPUT].sort_values(["kept", "rank", "score", "image_id"], ascending=[False, True, False, True],
+                               na_position="last").reset_index(drop=True)
+
+    def _generate(self, adapter: Adapter, generation_prompt: str, seeds: list[int]) -> tuple[list, str]:
+        """The images, and the scheduler that made them."""
+        import mlflow
+
+        settings = self.lake.settings.generation
+        key = (adapter.name, adapter.version)
+        if key not in _adapter_dirs:
+            _adapter_dirs[key] = mlflow.diffusers.load_model(f"models:/{adapter.name}/{adapter.version}").adapter_path
+        # The zoo's pipeline is shared by the process: the adapter is on it only while this request renders.
+        with self.zoo.exclusive("text2img"), adapter_on(self.zoo, _adapter_dirs[key], settings) as pipeline:
+            images = render(pipeline, [generation_prompt] * len(seeds), seeds, settings.steps,
+                            settings.guidance_scale, adapter.resolution, settings.batch_size)
+            return images, type(pipeline.scheduler).__name__
+
+    def _score(self, product_id: str, image_ids: list[str], images: list, text: str) -> pd.DataFrame:
+        """image_metrics rows of the new images: score_product over the product's stored reference
+        vectors and the new images' vectors, made as the masks and embeddings jobs make them."""
+        zoo, method = self.zoo, self.zoo.models.segmenter
+        clip, dino, segmenter = zoo.load("clip"), zoo.load("dino"), zoo.load(method)
+        references = self._reference_vectors(product_id)
+        masks = segmenter.segment(images)
+        found = [i for i, m in enumerate(masks) if m.area_fraction > 0]  # segmented variants need a product
+        products = [segment(images[i], masks[i].mask) for i in found]
+        seg_clip = dict(zip(found, clip.embed_images(products))) if found else {}
+        seg_dino = dict(zip(found, dino.embed_images(products))) if found else {}
+        new = pd.DataFrame({
+            "image_id": image_ids, "product_id": product_id, "kind": GENERATED, "is_reference": False,
+            "clip_vector": list(clip.embed_images(images)), "dino_vector": list(dino.embed_images(images)),
+            "seg_clip_vector": [seg_clip.get(i) for i in range(len(images))],
+            "seg_dino_vector": [seg_dino.get(i) for i in range(len(images))],
+            "text": text, "text_source": "prompt", "text_vector": [clip.embed_texts([text])[0]] * len(images),
+            "mask": None, "source_mask": None, "iou_against": None})  # generated images have no source mask
+        scored = score_product(pd.concat([references, new], ignore_index=True), metric_constants(zoo))
+        return scored[scored.image_id.isin(image_ids)].reset_index(drop=True)
+
+    def _reference_vectors(self, product_id: str) -> pd.DataFrame:
+        """The product's reference photos with their stored CLIP and DINO vectors (full and segmented)."""
+        zoo, method = self.zoo, self.zoo.models.segmenter
+
+        def vectors(role: str, variant: str) -> str:
+            return (f"(SELECT image_id, vector FROM embeddings WHERE backbone = {sql_literal(zoo.name(role))} "
+                    f"AND variant = '{variant}' AND mask_method = {sql_literal('' if variant == 'full' else method)})")
+
+        references = self.lake.spark.sql(
+            f"""SELECT i.image_id, cf.vector AS clip_vector, df.vector AS dino_vector,
+                       cs.vector AS seg_clip_vector, ds.vector AS seg_dino_vector
+                FROM (SELECT DISTINCT image_id FROM product_images
+                      WHERE product_id = {sql_literal(product_id)} AND role = '{REFERENCE}') i
+                LEFT JOIN {vectors('clip', 'full')} cf ON cf.image_id = i.image_id
+                LEFT JOIN {vectors('dino', 'full')} df ON df.image_id = i.image_id
+                LEFT JOIN {vectors('clip', 'segmented')} cs ON cs.image_id = i.image_id
+                LEFT JOIN {vectors('dino', 'segmented')} ds ON ds.image_id = i.image_id""").toPandas()
+        if references.empty or references.clip_vector.isna().all():
+            raise UserError(f"{product_id}'s reference photos have no stored embeddings; run `recontext score` first")
+        return references.assign(product_id=product_id, kind=REFERENCE, is_reference=True, text=None,
+                                 text_source=None, text_vector=None, mask=None, source_mask=None, iou_against=None)
+
+    def _record(self, generated: pd.DataFrame, metrics: pd.DataFrame, ranked: pd.DataFrame) -> None:
+        """Lineage rows. An image the prompt bank also made (same pixels) keeps its batch ranking."""
+        lake = self.lake
+        lake.upsert_rows("generations", generated.astype({"seed": "int32", "steps": "int32"}))
+        lake.upsert_rows("image_metrics", metrics)
+        product = sql_literal(ranked.product_id.iloc[0])
+        banked = {r["image_id"] for r in lake.spark.sql(
+            f"SELECT image_id FROM ranked_generations WHERE product_id = {product} AND coalesce(origin, '{BANK}') "
+            f"= '{BANK}' AND image_id IN ({sql_list(ranked.image_id)})").collect()}
+        if banked:
+            ranked = ranked[~ranked.image_id.isin(banked)]
+        if len(ranked):
+            lake.upsert_rows("ranked_generations", ranked)
+
+
+def imagine(lake: Lakehouse, product_id: str, scene: str, n: int = 4, keep: int | None = None,
+            seed: int | None = None, arm: str = tracking.OURS, zoo: ModelZoo | None = None) -> pd.DataFrame:
+    """One request, for notebooks and scripts: see Imaginer.__call__."""
+    return Imaginer(lake, zoo)(product_id, scene, n, keep, seed, arm)
