@@ -56,13 +56,14 @@ def adapters(lake: Lakehouse, experiment: str) -> dict[str, dict]:
     """Each product's adapter tensors from the run of `experiment`."""
     import mlflow
 
-    rows = lake.spark.sql("SELECT product_id, training_set_version, config_hash, run_id FROM adapters "
+    rows = lake.spark.sql("SELECT product_id, model_name, model_version, run_id FROM adapters "
                           "WHERE arm = 'ours'").collect()
     out = {}
     for r in rows:
         if mlflow.get_run(r.run_id).info.experiment_id == mlflow.get_experiment_by_name(experiment).experiment_id:
-            folder = lake.settings.home / "training" / r.product_id / f"ours-v{r.training_set_version}-{r.config_hash}"
-            out[r.product_id] = load_file(folder / "final" / "adapter" / ADAPTER_FILE)
+            # the registry's copy: training deletes its own folder once the adapter is registered
+            path = mlflow.diffusers.load_model(f"models:/{r.model_name}/{r.model_version}").adapter_path
+            out[r.product_id] = load_file(path if path.endswith(".safetensors") else f"{path}/{ADAPTER_FILE}")
     return out
 
 

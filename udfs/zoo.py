@@ -86,6 +86,18 @@ _lock = threading.Lock()
 LOADS: Counter = Counter()
 
 
+def resolved_device(device: str) -> str:
+    """`auto`, `cuda`, `cuda:0` or `cpu` as the one device it names on this machine."""
+    import torch
+
+    from udfs.device import pick_device
+
+    target = pick_device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return str(target)
+
+
 def diffusion_loads() -> int:
     """Diffusion pipelines (the base models) loaded in this process so far."""
     return sum(n for role, n in LOADS.items() if ROLES[role].loader.startswith("udfs.diffusion:"))
@@ -163,8 +175,9 @@ class ModelZoo:
                                 f"{', '.join(missing)}); {hint}")
 
     def _key(self, role: str) -> tuple:
-        models = self.models
-        return (role, str(self.path(role)), models.device, models.sam_variant, models.u2netp_runtime)
+        models = self.models  # the device as resolved: "auto" and "cpu" on a CPU box are one load
+        return (role, str(self.path(role)), resolved_device(models.device), models.sam_variant,
+                models.u2netp_runtime)
 
     def load(self, role: str):
         """The loaded model for a role, once per process (every UDF batch reuses it)."""

@@ -43,7 +43,8 @@ def request_home(demo_home, tmp_path_factory):
 def champion(home: Path, product_id: str):
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    store = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)  # earlier tests set another registry
     version = client.get_model_version_by_alias(f"recontext-{product_id}", "champion")
     return str(version.version), int(client.get_run(version.run_id).data.params["resolution"])
 
