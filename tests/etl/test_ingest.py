@@ -156,10 +156,10 @@ def test_abo_layout(lake, tmp_path):
     (root / "listings" / "metadata").mkdir(parents=True)
     (root / "images" / "metadata").mkdir(parents=True)
     images = {"IMG1": "8c/IMG1.jpg", "IMG2": "8c/IMG2.jpg", "IMG3": "aa/IMG3.jpg"}
-    for image_id, rel in images.items():
+    for seed, (image_id, rel) in enumerate(images.items()):  # distinct photos (equal ones would dedupe)
         path = root / "images" / "small" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode(photo(seed=hash(image_id) % 100), "JPEG"))
+        path.write_bytes(encode(photo(seed=seed), "JPEG"))
     with gzip.open(root / "images" / "metadata" / "images.csv.gz", "wt") as fh:
         fh.write("image_id,height,width,path\n")
         fh.writelines(f"{i},240,320,{p}\n" for i, p in images.items())
