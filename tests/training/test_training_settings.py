@@ -19,7 +19,7 @@ from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, checkpoints, instance_prompt, train_lora, training_pixels
 from udfs.diffusion import load_pipeline
 
-from test_lora import tiny_zoo
+from test_lora import kill_and_resume_is_exact, tiny_zoo
 
 EXAMPLES = [Example(product_shot(96, 96, seed=i), instance_prompt("mmes", "mug", f"caption {i}")) for i in range(3)]
 
@@ -136,16 +136,5 @@ def test_sdxl_adapter_round_trip_in_a_fresh_process(sdxl, tmp_path):
 
 def test_sdxl_kill_and_resume_gives_the_same_weights(sdxl, tmp_path):
     _, pipeline = sdxl
-    config = TrainingSettings(steps=6, checkpoint_every=3, sample_latents=True)
-    straight = train_lora(pipeline, EXAMPLES, config, tmp_path / "straight")
-
-    def crash(step, loss):
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(pipeline, EXAMPLES, config, tmp_path / "resumed", on_step=crash)
-    resumed = train_lora(pipeline, EXAMPLES, config, tmp_path / "resumed")
-    assert resumed.resumed_from == 3 and resumed.losses == straight.losses
-    a, b = (load_file(r.adapter_dir / ADAPTER_FILE) for r in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kill_and_resume_is_exact(pipeline, TrainingSettings(steps=6, checkpoint_every=3, sample_latents=True),
+                             tmp_path, 5, 3)
