@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _embedded_server = None
-_sessions: list[SparkSession] = []
+_sessions: list[tuple[str, SparkSession]] = []  # (Spark Connect URL, session) made by this process
 
 
 def embedded_url() -> str:
@@ -52,13 +52,21 @@ def embedded_url() -> str:
 
 def _shutdown() -> None:
     # Close client sessions first: a client left open retries against a stopped server.
-    for session in _sessions:
-        try:
-            session.stop()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
+    stop_sessions()
     if _embedded_server is not None:
         _embedded_server.stop()
+
+
+def stop_sessions(url: str | None = None) -> None:
+    """Stop this process's sessions (on the server `url`, else all). Before a Spark Connect server
+    stops: pyspark's own exit handler would otherwise call each open session's server, retrying
+    for minutes against one that is gone."""
+    for entry in [e for e in _sessions if url is None or e[0] == url]:
+        _sessions.remove(entry)
+        try:
+            entry[1].stop()
+        except Exception:  # noqa: BLE001 - best effort: the server may be gone already
+            pass
 
 
 def spark_session(settings: Settings) -> SparkSession:
@@ -74,8 +82,9 @@ def spark_session(settings: Settings) -> SparkSession:
     else:
         # A new session per lakehouse: getOrCreate would hand back a session registered for
         # another home (pyspark remembers the first one).
-        spark = SparkSession.builder.remote(settings.spark_remote or embedded_url()).create()
-        _sessions.append(spark)
+        url = settings.spark_remote or embedded_url()
+        spark = SparkSession.builder.remote(url).create()
+        _sessions.append((url, spark))
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.arrow_batch_rows))
     return spark
 
@@ -133,6 +142,11 @@ class Engine:
                 shutil.rmtree(path, ignore_errors=True)
         else:
             checkpointed = rows.localCheckpoint(eager=True)
+            # pyspark 4.2's Connect client binds a checkpoint to SparkSession.active() (the thread's
+            # first session: pyspark/sql/connect/conversion.py), not to the session that made it. In a
+            # process with a session per home its queries would go to a session that lacks it
+            # ("remote checkpoint relation does not exist"): bind it, and its release, to `spark`.
+            checkpointed._session = checkpointed._plan._spark_session = spark
             try:
                 yield checkpointed
             finally:

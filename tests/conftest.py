@@ -81,5 +81,8 @@ def spark_remote(tmp_path_factory):
         server.kill()
         pytest.fail(f"jobs.spark_local printed no sc:// URL ({url!r}); log: {log.read_text()[-3000:] if log.exists() else ''}")
     yield url
+    from etl.engine import stop_sessions
+
+    stop_sessions(url)  # this process's sessions there, while it still answers
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=120) == 0, f"the Spark server did not stop cleanly; log: {log}"

@@ -82,14 +82,14 @@ def product_shot(width: int = 160, height: int = 120, seed: int = 0) -> Image.Im
     return image
 
 
-def recontext(*args, home, timeout=1200, remote=None):
+def recontext(*args, home, timeout=1200, remote=None, env=None):
     """The `recontext` command in a new process, as a user runs it (on the Spark Connect server
-    `remote`, else the embedded engine)."""
+    `remote`, else the embedded engine; `env` adds environment variables)."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("SPARK_REMOTE", None)
     if remote:
         env["SPARK_REMOTE"] = remote

@@ -21,7 +21,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import resource
+import socket
 import shutil
 import time
 import dataclasses
@@ -205,11 +207,15 @@ def _train_task(settings: Settings, zoo: ModelZoo, arm: str, row, _state: dict) 
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         on_device = zoo.on(device)
+        # Where the task ran (MLflow tags): on Spark a Python worker process, on the embedded engine
+        # a thread of its server process.
+        process = {"task_host": socket.gethostname(), "task_pid": os.getpid(), "task_started": time.time()}
         started = time.perf_counter()
         with on_device.exclusive("text2img"):  # the worker's one base pipeline: one product at a time
             outcome = train_product(settings, on_device, row.product_id, pd.DataFrame(list(row.examples)),
                                     json.loads(row.spec))
         outcome["task_seconds"] = time.perf_counter() - started
+        outcome["process"] = process
         outcome["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else
                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
         return {"product_id": row.product_id, "arm": arm, "device": device, "error": None,
@@ -274,7 +280,7 @@ def _log_and_register(lake: Lakehouse, zoo: ModelZoo, row: dict, spec: dict, out
                 mlflow.log_metrics({f"val_{k}": scores[k] for k in ("clip_i", "dino_i")}, step=config.sweep_steps)
                 mlflow.log_metrics({k: v for k, v in scores.items() if k.startswith("sweep_") and v is not None})
         mlflow.log_params({"token": outcome["token"], "tried_tokens": ",".join(outcome["tried_tokens"])})
-        mlflow.set_tag("token_scores", json.dumps(token_scores, sort_keys=True))
+        mlflow.set_tags({"token_scores": json.dumps(token_scores, sort_keys=True), **outcome["process"]})
         now = int(time.time() * 1000)
         per_step = {"loss": outcome["losses"], "lr": outcome["learning_rates"], "grad_norm": outcome["grad_norms"]}
         steps = [Metric(name, value, now, step) for name, values in per_step.items()

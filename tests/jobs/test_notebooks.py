@@ -24,14 +24,18 @@ NOTEBOOKS = ROOT / "notebooks"
 PROBE = 'import sys, etl; sys.stdout.write(f"KERNEL-PROBE {sys.executable} | {etl.__file__}\\n")'
 
 
-def execute(name: str, home: Path, monkeypatch, **parameters) -> nbformat.NotebookNode:
+def execute(name: str, home: Path, monkeypatch, remote: str | None = None, **parameters) -> nbformat.NotebookNode:
     """Run notebooks/<name>.ipynb on `home` (parameters injected after its parameters cell, the way
-    papermill does) and return the executed notebook; a cell that raises fails the test."""
+    papermill does; on the Spark Connect server `remote`, else the kernel's embedded engine) and
+    return the executed notebook; a cell that raises fails the test."""
     for key, value in {"RECONTEXT_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
                        }.items():
         monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
-    monkeypatch.delenv("SPARK_REMOTE", raising=False)
+    if remote:
+        monkeypatch.setenv("SPARK_REMOTE", remote)
+    else:
+        monkeypatch.delenv("SPARK_REMOTE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)

@@ -6,14 +6,16 @@ own process), so these runs also show that no UDF leans on driver state.
 """
 
 import os
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
 from etl.tables import TABLES
 from sample_images import recontext
-from test_runner import PRODUCTS, _run_until_killed, job_runs, make_home, tables
+from test_runner import ONE_THREAD, PRODUCTS, _run_until_killed, job_runs, make_home, tables
 
 pytestmark = pytest.mark.real_spark
 
@@ -34,9 +36,13 @@ def assert_same_tables(got: dict[str, pd.DataFrame], expected: dict[str, pd.Data
 
 def test_two_homes_on_one_spark_server_keep_their_own_tables(spark_remote, tmp_path):
     """Spark shares one catalog among a server's sessions: each home gets its own database."""
+    from pyspark.sql import SparkSession
+
     from etl.config import Settings
     from etl.lakehouse import Lakehouse
 
+    # The thread's first session is pyspark's active one: the homes' sessions are not (Engine.staged).
+    decoy = SparkSession.builder.remote(spark_remote).create()
     first = Lakehouse(Settings.load(tmp_path / "a", spark_remote=spark_remote))
     second = Lakehouse(Settings.load(tmp_path / "b", spark_remote=spark_remote))
     assert first.engine.name == "spark" and first.engine.version.startswith("4.")
@@ -47,20 +53,24 @@ def test_two_homes_on_one_spark_server_keep_their_own_tables(spark_remote, tmp_p
     assert DeltaTable(tmp_path / "a" / "lakehouse" / "products").version() >= 1  # MERGE landed in a's folder
     again = Lakehouse(Settings.load(tmp_path / "a", spark_remote=spark_remote))  # a new session, same home
     assert again.table("products").count() == 1
+    decoy.stop()
 
 
 @pytest.mark.skipif(os.environ.get("RECONTEXT_REAL_SPARK_DEMO") != "1",
                     reason="the whole demo on real Spark takes too long for CI on 2 cores; RECONTEXT_REAL_SPARK_DEMO=1 runs it")
 def test_the_demo_on_real_spark_has_the_embedded_demos_tables(spark_remote, demo_home, tmp_path):
     """`recontext demo` (the sample catalog, `run all`, ratings, report) on real Spark writes every
-    data table as the embedded engine does; delta-rs reads them; `sql` and `tables` work there."""
+    data table with the embedded demo's row counts (its images are not the same bytes: the
+    embedded demo runs torch on every core, Spark's workers on one thread each); delta-rs reads
+    them; `sql` and `tables` work there."""
     home = tmp_path / "spark-demo"
     home.mkdir()
     (home / "config.toml").write_text((demo_home / "config.toml").read_text())  # demo_home's settings
     result = recontext("demo", home=home, remote=spark_remote, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "products=4, product_images=5" in result.stdout
-    assert_same_tables(tables(home), tables(demo_home))
+    rows = {name: len(frame) for name, frame in tables(home).items()}
+    assert rows == {name: len(frame) for name, frame in tables(demo_home).items()}
     for name in TABLES:  # delta-rs reads every table Spark wrote, with its history
         assert DeltaTable(home / "lakehouse" / name).history(1)
     listed = recontext("tables", home=home, remote=spark_remote)
@@ -71,26 +81,87 @@ def test_the_demo_on_real_spark_has_the_embedded_demos_tables(spark_remote, demo
     assert query.returncode == 0 and query.stdout.split() == ["n", str(len(tables(demo_home)["ranked_generations"]))]
 
 
-def test_runs_killed_on_real_spark_end_with_the_embedded_tables(spark_remote, reference_home, tmp_path, tiny_models):
-    """SIGKILL `run all` on real Spark in a UDF stage (references: masks, captions, embeddings in
-    Spark's Python workers) and in training, run again: the tables equal the embedded engine's
-    uninterrupted run."""
-    _, expected = reference_home
-    home = make_home(tmp_path, tiny_models, remote=spark_remote)
+@pytest.fixture(scope="module")
+def killed_on_spark(spark_remote, tmp_path_factory, tiny_models):
+    """A home whose `run all` on real Spark was SIGKILLed in a UDF stage (references: masks,
+    captions, embeddings in Spark's Python workers) and in training, then run again to the end."""
+    home = make_home(tmp_path_factory.mktemp("killed-on-spark"), tiny_models, remote=spark_remote)
     for stage, delay in (("references", 5.0), ("train", 4.0)):
         _run_until_killed(home, stage, delay, remote=spark_remote)
-    final = recontext("run", "all", home=home, remote=spark_remote, timeout=RUN_TIMEOUT)
+    final = recontext("run", "all", home=home, remote=spark_remote, timeout=RUN_TIMEOUT, env=ONE_THREAD)
     assert final.returncode == 0, final.stdout + final.stderr
+    return home
+
+
+def test_runs_killed_on_real_spark_end_with_the_embedded_tables(killed_on_spark, reference_home):
+    """The killed and re-run home's tables equal the embedded engine's uninterrupted run, its
+    adapters (trained two at a time in Spark's Python workers) are the embedded run's to the bit,
+    and no adapter version was registered twice."""
+    home, (reference, expected) = killed_on_spark, reference_home
     runs = job_runs(home)
     assert "running" not in set(runs.status)
     assert {"references", "train"} <= set(runs[runs.status == "killed"].stage), runs[["stage", "status"]]
     assert_same_tables(tables(home), expected)
+    names = [f"recontext-{product}{arm}" for product in PRODUCTS for arm in ("", "-baseline")]
+    spark_runs, spark_weights = registered(home, names)
+    _, embedded_weights = registered(reference, names)
+    for name in names:
+        assert list(spark_weights[name]) == list(embedded_weights[name]), name
+        for layer, weights in spark_weights[name].items():
+            np.testing.assert_array_equal(weights, embedded_weights[name][layer], err_msg=f"{name} {layer}")
+    # The baseline stage was never killed: its two products trained at once, in two worker processes.
+    tasks = [spark_runs[f"recontext-{product}-baseline"] for product in PRODUCTS]
+    assert len({t.data.tags["task_pid"] for t in tasks}) == 2
+    started = [float(t.data.tags["task_started"]) for t in tasks]
+    ended = [s + t.data.metrics["task_seconds"] for s, t in zip(started, tasks)]
+    assert max(started) < min(ended), "the two training tasks did not overlap"
+
+
+def test_maintain_tables_and_sql_on_real_spark(killed_on_spark, reference_home, spark_remote):
+    """`maintain` (delta-rs compacts and vacuums the tables Spark wrote, Spark checks the keys),
+    then Spark reads the rewritten tables: `tables` and `sql` agree with delta-rs."""
+    home, (_, expected) = killed_on_spark, reference_home
+    maintained = recontext("maintain", "--retention-hours", "0", home=home, remote=spark_remote)
+    assert maintained.returncode == 0 and "every declared key" in maintained.stdout, maintained.stdout + maintained.stderr
+    after = tables(home)
+    assert_same_tables(after, expected)
+    listed = recontext("tables", home=home, remote=spark_remote)
+    assert listed.returncode == 0, listed.stderr
+    counts = {words[0]: words[1] for words in map(str.split, listed.stdout.splitlines()) if len(words) > 1}
+    assert {name: counts.get(name) for name in after} == {name: str(len(frame)) for name, frame in after.items()}
+    query = recontext("sql", "SELECT count(*) AS n FROM ranked_generations", "--format", "csv", home=home,
+                      remote=spark_remote)
+    assert query.returncode == 0 and query.stdout.split() == ["n", str(len(after["ranked_generations"]))]
+
+
+@pytest.mark.parametrize("name", ["product_audit", "pipeline_health", "adapter_comparison"])
+def test_notebooks_on_real_spark(name, killed_on_spark, spark_remote, monkeypatch):
+    """The audit notebooks run top to bottom in a kernel whose session is on the Spark server."""
+    from test_notebooks import execute, text
+
+    nb = execute(name, killed_on_spark, monkeypatch, remote=spark_remote)
+    assert "Traceback" not in text(nb)
+    if name == "product_audit":
+        assert f"product {PRODUCTS[0]} " in text(nb)
+
+
+def registered(home, names):
+    """Version 1 of each registered adapter (asserting it is the only one): its MLflow run, and its
+    LoRA weights read from the store's files with safetensors."""
     from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from safetensors.numpy import load_file
 
     from etl import tracking
     from etl.config import Settings
 
     tracking.configure(Settings.load(home))
-    for product in PRODUCTS:  # no half-written or duplicate adapter versions were registered
-        for name in (f"recontext-{product}", f"recontext-{product}-baseline"):
-            assert [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")] == ["1"]
+    client, runs, weights = MlflowClient(), {}, {}
+    for name in names:
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert [str(v.version) for v in versions] == ["1"], name
+        runs[name] = client.get_run(versions[0].run_id)
+        folder = Path(download_artifacts(f"models:/{name}/1", dst_path=str(home / "downloaded" / name)))
+        [weights_file] = folder.rglob("*.safetensors")
+        weights[name] = dict(sorted(load_file(weights_file).items()))
+    return runs, weights
