@@ -1,12 +1,14 @@
 """Benchmark: `recontext demo` on the embedded engine (Sail) and on real Apache Spark, back to back.
 
-    jobs/spark_jars.sh && OMP_NUM_THREADS=1 python bench/bench_engines.py [--repeat 1] [--config FILE]
+    jobs/spark_jars.sh && python bench/bench_engines.py [--repeat 1] [--config FILE]
 
 Starts `python -m jobs.spark_local` once (its start is timed apart), then runs the demo as a user
 does, in a fresh home each time: embedded, then `SPARK_REMOTE=<url>`, alternating `--repeat`
 times. Reports wall seconds per engine, their ratio, and the row counts of the tables the issue
-names, which must agree. Tiny random-weight models: the figures say what the engine costs, not
-what real models cost.
+names, which must agree. Each engine as a user gets it: torch on every core in the embedded
+engine's process, one thread per task in Spark's Python workers (OMP_NUM_THREADS =
+spark.task.cpus). Tiny random-weight models: the figures say what the engine costs, not what
+real models cost.
 """
 
 from __future__ import annotations
