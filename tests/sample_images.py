@@ -82,17 +82,25 @@ def product_shot(width: int = 160, height: int = 120, seed: int = 0) -> Image.Im
     return image
 
 
-def recontext(*args, home, timeout=1200, remote=None, env=None):
-    """The `recontext` command in a new process, as a user runs it (on the Spark Connect server
-    `remote`, else the embedded engine; `env` adds environment variables)."""
+def cli_env(remote=None, env=None) -> dict:
+    """The environment of a `recontext` process: this one's, offline, on the Spark Connect server
+    `remote` (else the embedded engine), plus `env`."""
     import os
+
+    out = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    out.pop("SPARK_REMOTE", None)
+    if remote:
+        out["SPARK_REMOTE"] = remote
+    # tracking.configure() in this process sets it to the home it configured: a child process
+    # would register its adapters in that home's store instead of its own.
+    out.pop("MLFLOW_TRACKING_URI", None)
+    return out
+
+
+def recontext(*args, home, timeout=1200, remote=None, env=None):
+    """The `recontext` command in a new process, as a user runs it (see cli_env)."""
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    env.pop("SPARK_REMOTE", None)
-    if remote:
-        env["SPARK_REMOTE"] = remote
-    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process writes it
     return subprocess.run([sys.executable, "-m", "jobs.cli", "--home", str(home), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=cli_env(remote, env))

@@ -19,7 +19,7 @@ from deltalake import DeltaTable
 from jobs import bundle
 from jobs.cli import _parser, cmd_run
 from jobs.graph import Stage, load_stages
-from sample_images import encode, product_shot, write_files
+from sample_images import cli_env, encode, product_shot, write_files
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = yaml.safe_load((ROOT / "databricks.yml").read_text())
@@ -131,8 +131,7 @@ def test_targets_schedule_and_notifications():
 # --- the tasks' commands, for real, on the embedded engine ---
 
 def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("SPARK_REMOTE", None)
+    env = cli_env()
     env.pop("RECONTEXT_HOME", None)
     return env
 

@@ -17,7 +17,7 @@ from deltalake import DeltaTable
 from etl.tables import TABLES
 from jobs.graph import check_declarations, load_stages
 from jobs.recovery import home_lock
-from sample_images import encode, product_shot, recontext, write_files
+from sample_images import cli_env, encode, product_shot, recontext, write_files
 
 PRODUCTS = ("mug-a", "mug-b")
 # Image ids are sha256 of pixels, and torch's CPU kernels may round differently on another number
@@ -204,11 +204,9 @@ def _run_until_killed(home: Path, marker: str, delay: float, remote: str | None 
     before the stage has begun to write)."""
     stage = marker if " " not in marker and ":" not in marker else None
     marker = f"] {marker}:" if stage else marker
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **ONE_THREAD}
-    if remote:
-        env["SPARK_REMOTE"] = remote
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--home", str(home), "run", "all"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=cli_env(remote, {"PYTHONUNBUFFERED": "1", **ONE_THREAD}),
                                start_new_session=True)
     seen, announced = [], threading.Event()
 
