@@ -272,3 +272,16 @@ def _adapted_weights(pipeline) -> list[torch.Tensor]:
                 base = module.get_base_layer()
                 weights += [p for p in (getattr(base, "weight", None), getattr(base, "bias", None)) if p is not None]
     return weights
+
+
+def render(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
+           batch_size: int) -> list:
+    """One image per (prompt, seed), `batch_size` per pipeline call, at `size` x `size` pixels.
+    Each image has its own seeded generator, so its noise does not depend on its batch."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[chunk]]
+        images += pipeline(prompts[chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
+                           width=size, generator=generators).images
+    return images
