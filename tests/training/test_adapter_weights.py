@@ -32,7 +32,7 @@ def base_path(tiny_models):
 def test_base_weights_are_bit_identical_after_200_fused_adapters(base_path, tmp_path):
     maker = load_pipeline("text2img", base_path, "cpu")
     adapters = [random_adapter(maker, tmp_path / f"adapter-{i}", seed=i, strength=[0.01, 0.05][i % 2],
-                               text_encoder=i % 3 == 0) for i in range(6)]
+                               text_encoder=i == 0) for i in range(6)]
     shared = load_pipeline("text2img", base_path, "cpu", dtype=torch.bfloat16)  # a GPU worker's base
     probe = shared.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
     before = probe.detach().clone()
