@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import random_adapter
 from etl.config import TrainingSettings
+from random_adapters import random_adapter
 from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, instance_prompt, train_lora
 from udfs.diffusion import adapter_loaded, build_tiny_text2img, load_pipeline, render

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapters import random_adapter
 from etl.config import Settings, TrainingSettings
+from random_adapters import random_adapter
 from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, instance_prompt, train_lora
 from udfs.diffusion import adapter_loaded, load_pipeline
