@@ -435,9 +435,9 @@ TABLES: dict[str, Table] = {
                 ("error", "STRING", "the error, for a failed stage"),
                 ("host", "STRING", "machine that ran it"),
                 ("pid", "INT", "process id"),
-                ("base_model_loads", "INT", "diffusion pipelines loaded from disk by this process during the "
-                                            "stage (the zoo keeps one per worker; a Spark cluster's workers "
-                                            "load their own)"),
+                ("base_model_loads", "INT", "diffusion pipelines loaded from disk during the stage by any "
+                                            "process, driver or Spark worker (each records its loads under "
+                                            "<home>/logs/model_loads; the zoo keeps one per process)"),
             ],
             key=["run_id", "stage"],
         ),

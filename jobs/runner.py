@@ -31,7 +31,7 @@ from etl.step import CATALOG_FILES, CHAMPIONS
 from etl.tables import TABLES
 from jobs.graph import PIPELINE_FILE, Stage, load_stages, select
 from jobs.recovery import home_lock, recover, write_runs
-from udfs.zoo import diffusion_loads
+from udfs.zoo import LOAD_LOG, diffusion_loads_between
 
 log = logging.getLogger("recontext.run")
 
@@ -146,7 +146,7 @@ def _run_stage(lake: Lakehouse, zoo, stage: Stage, run_id: str, scope: int, incr
         return StageResult(stage.name, "skipped", 0.0, 0, {})
     write_runs(lake, pd.DataFrame([{**row, "status": "running"}]))
     log.info("stage started", extra={"run_id": run_id, "stage": stage.name})
-    clock, loads = time.perf_counter(), diffusion_loads()
+    clock, wall = time.perf_counter(), time.time()
     try:
         written = run_steps(lake, list(stage.steps), zoo, progress=lambda line: progress("  " + line))
         tables: dict[str, int] = {}
@@ -161,7 +161,7 @@ def _run_stage(lake: Lakehouse, zoo, stage: Stage, run_id: str, scope: int, incr
     seconds = time.perf_counter() - clock
     row.update(status=status, error=error, finished_at=datetime.now(timezone.utc), seconds=seconds,
                rows_written=sum(tables.values()), tables_written=json.dumps(tables, sort_keys=True),
-               base_model_loads=diffusion_loads() - loads,
+               base_model_loads=diffusion_loads_between(lake.settings.home / LOAD_LOG, wall, time.time()),
                inputs=json.dumps(fingerprint(lake, stage, before)) if status == "succeeded" else None)
     write_runs(lake, pd.DataFrame([row]))
     log.info("stage %s", status, extra={"run_id": run_id, "stage": stage.name, "seconds": round(seconds, 3),

@@ -8,7 +8,6 @@ os.environ.pop("RECONTEXT_HOME", None)
 import pytest  # noqa: E402
 
 from etl.config import Settings  # noqa: E402
-from etl.lakehouse import Lakehouse  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +29,8 @@ def settings(home, tiny_models):
 @pytest.fixture
 def lake(settings):
     """A lakehouse on a fresh home, in its own session of the shared embedded engine."""
+    from etl.lakehouse import Lakehouse  # imported here: the GPU tier runs where Spark is not installed
+
     return Lakehouse(settings)
 
 

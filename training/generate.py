@@ -10,8 +10,8 @@ once, each on its own device) uses its worker's one base pipeline on the task's 
 and parameters, so a re-run generates nothing twice and promoting another version makes the
 next run generate with it.
 
-`render` is the one place images come out of a pipeline; on-demand requests
-(training/imagine.py) call it too.
+`render` (udfs/diffusion.py) is the one place images come out of a pipeline; on-demand
+requests (training/imagine.py) call it too.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from etl import tracking
 from etl.vocabulary import BANK
 from training.fanout import fan_out, parallelism, with_slots
 from udfs.device import task_device
-from udfs.diffusion import adapter_loaded
+from udfs.diffusion import adapter_loaded, render
 from udfs.imaging import encode_png, pixel_hash
 from udfs.zoo import ModelZoo
 
@@ -120,19 +120,6 @@ def adapter_on(zoo: ModelZoo, adapter_path, settings: GenerationSettings):
     base = zoo.load("text2img")
     fuse = settings.fuse_lora == "on" or (settings.fuse_lora == "auto" and base.device.type == "cuda")
     return adapter_loaded(base, adapter_path, fuse=fuse)
-
-
-def render(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
-           batch_size: int) -> list:
-    """One image per (prompt, seed), `batch_size` per pipeline call, at `size` x `size` pixels.
-    Each image has its own seeded generator, so its noise does not depend on its batch."""
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[chunk]]
-        images += pipeline(prompts[chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
-                           width=size, generator=generators).images
-    return images
 
 
 def prompts(token: str, class_noun: str, text: str) -> tuple[str, str]:

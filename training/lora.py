@@ -11,12 +11,15 @@ The baseline arm, standard DreamBooth, passes `prior` examples (class images the
 made from "a photo of a <class>"): each step then adds a batch of them, and their loss, times
 `prior_loss_weight`, to the instance loss, as diffusers' reference trainer does. Latents
 (VAE in micro-batches) and frozen text states are computed once. Defaults follow diffusers'
-reference trainers: lora_alpha = rank, gradient clipping at 1.0, bf16 frozen weights with fp32
-LoRA weights on CUDA (fp16 with a GradScaler), SDPA attention (diffusers' default processor).
+reference trainers: lora_alpha = rank (the adapter file carries its LoRA config, so it loads at
+the scale it was trained at), gradient clipping at 1.0, bf16 frozen weights with fp32 LoRA
+weights on CUDA (fp16 with a GradScaler), SDPA attention (diffusers' default processor).
 Images keep their aspect ratio: the long side is resized to the resolution and the short side
-padded with the photo's own border colour (padding, not bucketing: one resolution, one batch). Every `checkpoint_every` steps the LoRA weights,
-optimizer state, data/noise generator state and loss history are written atomically; a run
-that finds a checkpoint resumes from it and ends with exactly the weights of an uninterrupted
+padded with the photo's own border colour (padding, not bucketing: one resolution, one batch).
+SDXL's size conditioning follows diffusers' SDXL trainer: each image's original size, the crop
+corner (0, 0: padding crops nothing) and the target size. Every `checkpoint_every` steps the LoRA
+weights, optimizer state, data/noise generator state and loss history are written atomically; a
+run that finds a checkpoint resumes from it and ends with exactly the weights of an uninterrupted
 run (CPU), the property users most often find broken in peers' scripts.
 """
 
@@ -147,6 +150,7 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
     token_ids = [getattr(pipeline, name)([e.caption for e in everything], padding="max_length",
                                          max_length=getattr(pipeline, name).model_max_length, truncation=True,
                                          return_tensors="pt").input_ids.to(target) for name in family.tokenizers]
+    time_ids = sdxl_time_ids([e.image for e in everything], config.resolution) if family.added_conditions else None
     frozen = None
     if not config.train_text_encoder:
         with torch.no_grad():
@@ -174,9 +178,9 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
             part = torch.arange(m * batch, (m + 1) * batch)
             if prior:
                 part = torch.cat([part, len(index) + part])
-            loss = _loss(family, unet, encoders, noise_scheduler, prediction_type, frozen, token_ids,
+            loss = _loss(family, unet, encoders, noise_scheduler, prediction_type, frozen, token_ids, time_ids,
                          rows[part], latents[part].to(target), noise[part].to(target), timesteps[part].to(target),
-                         config, target, weight_dtype, batch if prior else None, prior_loss_weight)
+                         target, weight_dtype, batch if prior else None, prior_loss_weight)
             scaled = loss / micro_batches
             (scaler.scale(scaled) if scaler else scaled).backward()
             micro_losses.append(float(loss.detach()))
@@ -217,8 +221,8 @@ def _weight_dtype(config: TrainingSettings, device: torch.device) -> torch.dtype
     return torch.bfloat16
 
 
-def _loss(family: Family, unet, encoders, noise_scheduler, prediction_type: str, frozen, token_ids, rows,
-          latents, noise, timesteps, config: TrainingSettings, target, weight_dtype, instances: int | None,
+def _loss(family: Family, unet, encoders, noise_scheduler, prediction_type: str, frozen, token_ids, time_ids,
+          rows, latents, noise, timesteps, target, weight_dtype, instances: int | None,
           prior_loss_weight: float) -> torch.Tensor:
     """The denoising loss of one micro-batch; with `instances`, its first `instances` rows are
     instance examples and the rest prior examples, whose loss is added times the weight."""
@@ -228,10 +232,8 @@ def _loss(family: Family, unet, encoders, noise_scheduler, prediction_type: str,
         states, pooled = _encode(family, encoders, [ids[rows] for ids in token_ids])
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     added = None
-    if family.added_conditions:  # SDXL: original size, crop corner (none: we pad) and target size
-        size = config.resolution
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=target).repeat(len(rows), 1)
-        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(weight_dtype)}
+    if family.added_conditions:
+        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids[rows].to(target, weight_dtype)}
     with _autocast(target, weight_dtype):
         prediction = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states=states.to(weight_dtype),
                           added_cond_kwargs=added).sample
@@ -240,6 +242,16 @@ def _loss(family: Family, unet, encoders, noise_scheduler, prediction_type: str,
         return F.mse_loss(prediction.float(), wanted.float())
     return (F.mse_loss(prediction[:instances].float(), wanted[:instances].float())
             + prior_loss_weight * F.mse_loss(prediction[instances:].float(), wanted[instances:].float()))
+
+
+def sdxl_time_ids(images: list[Image.Image], resolution: int) -> torch.Tensor:
+    """SDXL's size conditioning per training image, as diffusers' SDXL trainers compute it:
+    (original height, original width, crop top, crop left, target height, target width). The
+    original size is the photo's before resizing; `training_pixels` pads rather than crops, so
+    the crop corner is (0, 0). Generation passes the target size as the original size, crop
+    (0, 0): diffusers' default, "a full, uncropped image at least this large"."""
+    return torch.tensor([[image.height, image.width, 0, 0, resolution, resolution] for image in images],
+                        dtype=torch.float32)
 
 
 def training_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -299,15 +311,20 @@ def _autocast(device: torch.device, weight_dtype: torch.dtype):
 
 
 def _save_adapter(pipeline, trained: dict, adapter_dir: Path) -> None:
-    """diffusers' LoRA format, by the pipeline class's own writer (SDXL's adds text_encoder_2)."""
+    """diffusers' LoRA format, by the pipeline class's own writer (SDXL's adds text_encoder_2),
+    with each module's LoRA config (rank, alpha, target modules) as the file's adapter metadata,
+    as diffusers' trainers write it: without it `load_lora_weights` takes alpha = rank, and an
+    adapter trained with another alpha would load at another scale than it was trained at."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
               for name, module in trained.items()}
+    metadata = {f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict()
+                for name, module in trained.items()}
     scratch = adapter_dir.with_name(".adapter-tmp")
     shutil.rmtree(scratch, ignore_errors=True)
-    type(pipeline).save_lora_weights(scratch, **layers)
+    type(pipeline).save_lora_weights(scratch, **layers, **metadata)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     scratch.rename(adapter_dir)
 

@@ -68,10 +68,22 @@ def arm_config(settings: Settings, arm: str) -> TrainingSettings:
                                learning_rate=baseline.learning_rate, token_candidates=1)
 
 
+# Training settings that never change an adapter's weights, left out of its identity so that
+# changing them retrains nothing: bookkeeping (MLflow experiment, checkpoints, validation during
+# training, promotion), how the work is split (products at once, VAE micro-batches, gradient
+# checkpointing: the same arithmetic), and the training-set filter, whose effect is the selected
+# rows that each product's digest hashes. A setting not named here is in the identity.
+NOT_IN_ADAPTER_IDENTITY = frozenset({
+    "experiment", "checkpoint_every", "checkpoints_keep", "validate_every", "auto_promote",
+    "parallel_products", "vae_batch_size", "gradient_checkpointing",
+    "iou_threshold", "min_score_vs_references", "min_score", "positives_per_kind", "score_weights"})
+
+
 def config_hash(lake: Lakehouse, zoo: ModelZoo, arm: str = tracking.OURS) -> str:
-    fields = {**asdict(arm_config(lake.settings, arm)), "base_model": zoo.name("text2img"),
+    """The identity of an arm's adapters: the settings that change their weights, the base model."""
+    fields = {k: v for k, v in asdict(arm_config(lake.settings, arm)).items() if k not in NOT_IN_ADAPTER_IDENTITY}
+    fields = {**fields, "base_model": zoo.name("text2img"),
               **({"baseline": asdict(lake.settings.baseline)} if arm == tracking.BASELINE else {})}
-    del fields["parallel_products"]  # how many at once does not change an adapter
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

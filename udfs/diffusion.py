@@ -231,15 +231,57 @@ def load_image2video(path, models):
 
 @contextmanager
 def adapter_loaded(pipeline, adapter_path: str | Path, fuse: bool = False):
-    """The worker's base pipeline with a LoRA adapter for the duration of a block, then plain
-    again. `fuse` folds the adapter into the weights (faster steps); unfusing subtracts it back,
-    which is not bit-exact, so it is for GPUs, where generation is not bit-reproducible anyway."""
+    """The worker's base pipeline with a LoRA adapter for the duration of a block, then exactly
+    the base again.
+
+    `fuse` folds the adapter into the weights (no extra LoRA matmuls per step). Unfusing
+    subtracts the update back in the weights' own precision, which in bf16/fp16 is not exact:
+    the shared base would drift a little with every product and every service request. So the
+    original tensors of the layers the adapter touches are kept (a copy on their own device,
+    held only for the block) and put back after unfusing: the base stays bit-identical to a
+    fresh load after any number of adapters."""
     pipeline.load_lora_weights(str(adapter_path))
+    originals = {}
     try:
         if fuse:
+            originals = {id(w): (w, w.detach().clone()) for w in _adapted_weights(pipeline)}
             pipeline.fuse_lora()
         yield pipeline
     finally:
-        if fuse:
-            pipeline.unfuse_lora()
-        pipeline.unload_lora_weights()
+        try:
+            if fuse:
+                pipeline.unfuse_lora()
+        finally:
+            with torch.no_grad():
+                for weight, original in originals.values():
+                    weight.copy_(original)
+            pipeline.unload_lora_weights()
+
+
+def _adapted_weights(pipeline) -> list[torch.Tensor]:
+    """The base weights (and biases) of every layer a LoRA adapter wraps, in every component:
+    what fusing changes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    weights = []
+    for component in pipeline.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module in component.modules():
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                weights += [p for p in (getattr(base, "weight", None), getattr(base, "bias", None)) if p is not None]
+    return weights
+
+
+def render(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
+           batch_size: int) -> list:
+    """One image per (prompt, seed), `batch_size` per pipeline call, at `size` x `size` pixels.
+    Each image has its own seeded generator, so its noise does not depend on its batch."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[chunk]]
+        images += pipeline(prompts[chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
+                           width=size, generator=generators).images
+    return images

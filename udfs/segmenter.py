@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,7 +151,11 @@ def build_sam(variant: str):
 
 
 class SamSegmenter:
-    """SAM prompted with one box per image; the mask with the best predicted IoU is kept."""
+    """SAM prompted with one box per image; the mask with the best predicted IoU is kept.
+
+    SamPredictor keeps the current image's embedding between `set_image` and `predict`, and one
+    loaded model serves every task of a worker process (the embedded engine's UDF threads), so a
+    lock makes the pair one step: without it a task predicts on another task's image."""
 
     def __init__(self, checkpoint: str | Path, variant: str, device: str = "auto", mask_threshold: float = 0.0):
         import torch
@@ -162,14 +167,17 @@ class SamSegmenter:
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         model.mask_threshold = mask_threshold
         self.predictor = SamPredictor(model.to(pick_device(device)))
+        self._predicting = threading.Lock()
 
     def segment(self, images, boxes=None) -> list[MaskResult]:
         results = []
         for i, image in enumerate(images):
             width, height = image.size
             box = boxes[i] if boxes is not None and boxes[i] is not None else [0, 0, width, height]
-            self.predictor.set_image(np.asarray(image.convert("RGB")))
-            masks, scores, _ = self.predictor.predict(box=np.asarray(box, dtype=np.float32), multimask_output=True)
+            with self._predicting:
+                self.predictor.set_image(np.asarray(image.convert("RGB")))
+                masks, scores, _ = self.predictor.predict(box=np.asarray(box, dtype=np.float32),
+                                                          multimask_output=True)
             best = int(np.argmax(scores))
             results.append(MaskResult(masks[best].astype(bool), float(np.clip(scores[best], 0, 1))))
         return results

@@ -13,8 +13,12 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import json
+import os
 import shutil
+import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from functools import partial
@@ -81,9 +85,13 @@ def packaged_weights(role: str) -> Path:
 _loaded: dict[tuple, object] = {}
 _in_use: dict[tuple, threading.RLock] = {}
 _lock = threading.Lock()
-# role -> models loaded in this process: every stage and request reuses them (job_runs records
-# the diffusion pipelines' count per stage; the service reports it per request)
+# role -> models loaded in this process: every stage and request reuses them (the service reports
+# the count per request)
 LOADS: Counter = Counter()
+# Each process, driver or Spark worker, also appends one line per load to its own file under
+# <home>/logs/model_loads/, so a stage's loads are counted where they happen (job_runs), on the
+# embedded engine (one process) and on a cluster (workers) alike.
+LOAD_LOG = Path("logs") / "model_loads"
 
 
 def resolved_device(device: str) -> str:
@@ -98,9 +106,22 @@ def resolved_device(device: str) -> str:
     return str(target)
 
 
-def diffusion_loads() -> int:
-    """Diffusion pipelines (the base models) loaded in this process so far."""
-    return sum(n for role, n in LOADS.items() if ROLES[role].loader.startswith("udfs.diffusion:"))
+def _is_diffusion(role: str) -> bool:
+    return ROLES[role].loader.startswith("udfs.diffusion:")
+
+
+def diffusion_loads_between(load_log: Path, start: float, end: float) -> int:
+    """Diffusion pipelines (the base models) that any process recording into `load_log` loaded
+    between two `time.time()` stamps (the hosts' clocks are taken to agree)."""
+    loads = 0
+    for file in Path(load_log).glob("*.jsonl") if Path(load_log).is_dir() else []:
+        for line in file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line a killed process left half written
+                continue
+            loads += start <= record["at"] <= end and record["role"] in ROLES and _is_diffusion(record["role"])
+    return loads
 
 
 @dataclass(frozen=True)
@@ -109,11 +130,12 @@ class ModelZoo:
 
     models: ModelSettings
     tiny_dir: Path
+    load_log: Path | None = None  # where each process records its loads (LOAD_LOG under the home)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ModelZoo":
         tiny = Path(settings.models.tiny_dir) if settings.models.tiny_dir else settings.home / "models" / "tiny"
-        return cls(settings.models, tiny)
+        return cls(settings.models, tiny, settings.home / LOAD_LOG)
 
     def on(self, device: str) -> "ModelZoo":
         """The same models on another device (a fanned-out task's GPU): loaded once per device."""
@@ -186,8 +208,17 @@ class ModelZoo:
             if key not in _loaded:
                 _loaded[key] = self._load(role, self.path(role))
                 LOADS[role] += 1
+                self._record_load(role)
                 _in_use[key] = threading.RLock()
             return _loaded[key]
+
+    def _record_load(self, role: str) -> None:
+        if self.load_log is None:
+            return
+        self.load_log.mkdir(parents=True, exist_ok=True)
+        host, pid = socket.gethostname(), os.getpid()
+        with open(self.load_log / f"{host}-{pid}.jsonl", "a") as log:
+            log.write(json.dumps({"role": role, "at": time.time(), "host": host, "pid": pid}) + "\n")
 
     def exclusive(self, role: str) -> threading.RLock:
         """Hold while calling a loaded model that keeps state between steps (diffusers pipelines

@@ -20,7 +20,7 @@ from jobs.steps import SCORING, run_steps
 from sample_images import encode, product_shot, write_files
 from etl import tracking
 from training.lora import ADAPTER_FILE
-from training.train_job import run_training
+from training.train_job import config_hash, run_training
 from udfs.zoo import ModelZoo
 
 TRAINING = {"token_candidates": 2, "sweep_steps": 3, "steps": 6, "checkpoint_every": 3, "validate_every": 3,
@@ -103,6 +103,19 @@ def test_promote_sets_champion(trained):
 def test_same_version_and_config_is_skipped(trained):
     lake, zoo, _ = trained
     assert run_training(lake, zoo, progress=lambda _: None) == {"adapters": 0, "quarantine": 0}
+
+
+def test_settings_that_do_not_change_the_weights_retrain_nothing(trained):
+    lake, zoo, _ = trained
+    cosmetic = {**TRAINING, "validate_every": 2, "checkpoint_every": 5, "checkpoints_keep": 3, "vae_batch_size": 1,
+                "experiment": "recontext-renamed"}
+    settings = Settings.load(lake.settings.home, models={"tiny_dir": str(lake.settings.models.tiny_dir)},
+                             training=cosmetic)
+    assert run_training(Lakehouse(settings, spark=lake.spark), zoo, progress=lambda _: None) == \
+        {"adapters": 0, "quarantine": 0}
+    weights = Settings.load(lake.settings.home, models={"tiny_dir": str(lake.settings.models.tiny_dir)},
+                            training={**TRAINING, "alpha": 1})
+    assert config_hash(Lakehouse(weights, spark=lake.spark), zoo) != config_hash(lake, zoo)  # alpha does
 
 
 def fanned_out(lake: Lakehouse, tasks: int) -> Lakehouse:

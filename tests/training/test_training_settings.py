@@ -138,3 +138,22 @@ def test_sdxl_kill_and_resume_gives_the_same_weights(sdxl, tmp_path):
     _, pipeline = sdxl
     kill_and_resume_is_exact(pipeline, TrainingSettings(steps=6, checkpoint_every=3, sample_latents=True),
                              tmp_path, 5, 3)
+
+
+def test_sdxl_size_conditioning_is_each_images_own(sdxl, tmp_path):
+    """As diffusers' SDXL trainer: (original height, width, crop top, left, target height, width)
+    per image; padding crops nothing, so the crop corner is (0, 0)."""
+    _, pipeline = sdxl
+    sizes = [(96, 150), (200, 80), (64, 64)]  # (width, height)
+    examples = [Example(product_shot(w, h, seed=i), instance_prompt("mmes", "mug")) for i, (w, h) in enumerate(sizes)]
+    seen = []
+    hook = pipeline.unet.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.extend(map(tuple, kwargs["added_cond_kwargs"]["time_ids"].tolist())),
+        with_kwargs=True)
+    try:
+        train_lora(pipeline, examples, TrainingSettings(steps=6, batch_size=3, resolution=64, checkpoint_every=1000),
+                   tmp_path)
+    finally:
+        hook.remove()
+    expected = {(float(h), float(w), 0.0, 0.0, 64.0, 64.0) for w, h in sizes}
+    assert len(seen) == 18 and set(seen) <= expected and len(set(seen)) >= 2

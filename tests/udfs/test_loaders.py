@@ -2,6 +2,7 @@
 loaded back through the production path gives the same outputs."""
 
 import io
+import socket
 
 import numpy as np
 import pytest
@@ -92,3 +93,35 @@ def test_broken_model_folder_is_a_clear_error(tmp_path):
     zoo.check("dino")  # the files are there...
     with pytest.raises(UserError, match=r"role 'dino' at .*dino failed to load"):
         zoo.load("dino")  # ...but they do not load
+
+
+def test_loads_are_counted_in_every_process_that_loads(tiny_models, tmp_path):
+    """A Spark worker is another process: it records its loads under the home as the driver does,
+    so a stage's count covers them (here a child process stands in for the worker)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from udfs.zoo import LOAD_LOG, diffusion_loads_between
+
+    settings = Settings.load(tmp_path / "home", models={"tiny_dir": str(tiny_models), "device": "cpu"})
+    ModelZoo.from_settings(settings).check("text2img", "sam")
+    started = time.time()
+    worker = textwrap.dedent(f"""
+        import os
+        from etl.config import Settings
+        from udfs.zoo import ModelZoo
+        settings = Settings.load({str(settings.home)!r}, models={{"tiny_dir": {str(tiny_models)!r}, "device": "cpu"}})
+        zoo = ModelZoo.from_settings(settings)
+        zoo.load("text2img"); zoo.load("sam")
+        print(os.getpid())
+    """)
+    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    log = settings.home / LOAD_LOG
+    assert diffusion_loads_between(log, started, time.time()) == 1  # the worker's base model; SAM is no base
+    assert diffusion_loads_between(log, time.time(), time.time() + 60) == 0
+    assert [f.name for f in log.glob("*.jsonl")] == [f"{socket.gethostname()}-{done.stdout.split()[-1]}.jsonl"]
