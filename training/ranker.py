@@ -59,11 +59,14 @@ def held_out(frame: pd.DataFrame, weights: dict, folds: int) -> dict:
 
 
 def rated(lake: Lakehouse) -> pd.DataFrame:
+    """Rated images with their metrics; an image in several evaluations is one example (its
+    latest verdict)."""
     metrics = ", ".join(f"m.{c}" for c in METRICS)
-    return lake.spark.sql(
+    frame = lake.spark.sql(
         f"""SELECT r.image_id, r.product_id, r.passed, r.ratings_source, {metrics} FROM rated_images r
             JOIN image_metrics m ON m.image_id = r.image_id AND m.product_id = r.product_id
-            WHERE r.passed IS NOT NULL ORDER BY r.image_id""").toPandas()
+            WHERE r.passed IS NOT NULL ORDER BY r.image_id, r.product_id, r.computed_at DESC""").toPandas()
+    return frame.drop_duplicates(["image_id", "product_id"]).reset_index(drop=True)
 
 
 def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
