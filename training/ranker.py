@@ -81,7 +81,8 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
         log.info("learned ranker not fit: %d rated images (%d needed, both verdicts)", len(frame),
                  settings.evaluation.ranker_min_images)
         return {"ranker_versions": 0}
-    digest = hashlib.sha256(frame[["image_id", "passed", *METRICS]].to_csv(index=False).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(frame[["image_id", "passed", "ratings_source", *METRICS]].to_csv(index=False)
+                            .encode()).hexdigest()[:16]  # people's ratings replacing synthetic ones: a refit
     experiment = tracking.configure(settings)
     if mlflow.search_runs([experiment], filter_string=f"tags.ratings_digest = '{digest}'").shape[0]:
         return {"ranker_versions": 0}  # fit on exactly these ratings already
