@@ -111,7 +111,8 @@ def evaluation_id(plan: pd.DataFrame) -> str:
     """The hash of what the plan freezes: products, prompt ids, seeds, generation and scoring
     settings, adapter versions."""
     frozen = plan[["product_id", "arm", "prompt_id", "seed", "adapter_model", "adapter_version", "steps",
-                   "guidance", "resolution", "scoring"]].astype(str).sort_values(["product_id", "arm", "prompt_id", "seed"])
+                   "guidance", "resolution", "scoring"]].astype(str)
+    frozen = frozen.sort_values(["product_id", "arm", "prompt_id", "seed"])
     return hashlib.sha256(frozen.to_csv(index=False).encode()).hexdigest()[:16]
 
 
@@ -177,7 +178,8 @@ def pending_tasks(lake: Lakehouse) -> tuple[pd.DataFrame, list[tuple]]:
         tasks = tasks[tasks.product_id.isin(lake.products)]
     done = {r["task_key"] for r in lake.spark.sql("SELECT DISTINCT task_key FROM generations").collect()}
     tasks = tasks[~tasks.task_key.isin(done)].drop_duplicates("task_key")
-    tasks = tasks.drop(columns=["resolution", "training", "scoring"]).astype({"seed": int, "steps": int, "guidance": float})
+    tasks = tasks.drop(columns=["resolution", "training", "scoring"])
+    tasks = tasks.astype({"seed": int, "steps": int, "guidance": float})
     return tasks.reset_index(drop=True), failures
 
 

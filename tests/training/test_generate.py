@@ -249,8 +249,8 @@ def test_a_retrained_arm_and_a_changed_bank_make_a_new_paired_evaluation(two_ver
     key = ["arm", "selection", "dataset", "product_id"]
     # (New images of the product make the metrics job recompute its image_metrics rows, which can
     # move a mean in its last bit: the same images and settings, not the same float sums.)
-    pd.testing.assert_frame_equal(metrics[metrics.evaluation_id == old][columns].sort_values(key).reset_index(drop=True),
-                                  metrics_before[columns].sort_values(key).reset_index(drop=True), rtol=1e-12)
+    now = metrics[metrics.evaluation_id == old][columns].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(now, metrics_before[columns].sort_values(key).reset_index(drop=True), rtol=1e-12)
     table = metrics[(metrics.evaluation_id == new) & (metrics.product_id == "(all)")].set_index(["arm", "selection"])
     assert table.loc[("ours", "all"), "images"] == table.loc[("baseline", "all"), "images"] == 2
     assert table.loc[("baseline", "all"), "training"].startswith("3 steps, rank 64")
