@@ -148,8 +148,9 @@ class TrainingSettings:
     validation_images: int = 2
     seed: int = 0
     experiment: str = "recontext"  # MLflow experiment
-    # A product's first adapter becomes @champion at once (unattended pipelines, tests); by
-    # default people review candidates and `recontext promote` one.
+    # A product's first adapter in each arm (ours, the baseline) becomes @champion at once
+    # (unattended pipelines, tests); by default people review candidates and `recontext promote`
+    # one. One rule for every arm, so no arm's champion is picked differently.
     auto_promote: bool = False
     # Products trained (and generated) at once, one Spark task each (training/fanout.py); unset =
     # one per GPU this process sees, 1 without GPUs. Not part of the config hash.

@@ -1,13 +1,14 @@
-"""Evaluation: the paper's Table 2 per arm, dataset and product, with the human pass rates and
-their correlation with the metric aggregate (appendix A.3). The questions and ratings live in
-etl/ratings.py, the rating package people fill in in etl/rating_package.py.
+"""Evaluation: the paper's Table 2 per evaluation, arm, dataset and product, with the human pass
+rates and their correlation with the metric aggregate (appendix A.3). The questions and ratings
+live in etl/ratings.py, the rating package people fill in in etl/rating_package.py.
 
-Both arms are measured alike: on the generations of their current `@champion` adapter version
-(the same approved prompts x seeds, so the same image count), selection `all`; ours is also
-measured on the images its ranking kept, selection `ranked`, and the ranking gain (pass rate of
-the kept images / pass rate of all - 1, the paper's +30.9%) follows. Generations of older
-versions stay in `generations` for lineage and are not evaluated, nor are on-demand generations
-(`recontext imagine`: other prompts, other counts per product).
+An evaluation is a pinned plan (etl/plans.py): the same products, prompts, seeds and generation
+settings for every arm, each arm's adapter version frozen. Each arm is measured on exactly the
+planned images, selection `all`; ours is also measured on the images its ranking of those
+images kept, selection `ranked`, and the ranking gain (pass rate of the kept images / pass rate
+of all - 1, the paper's +30.9%) follows. An evaluation with a planned image missing in any arm
+has no figures (`recontext evaluations` says what is missing): arms are never compared on
+unequal sets. On-demand generations (`recontext imagine`) are never evaluated.
 
 An image's verdict needs `evaluation.raters_per_image` raters (NULL until then). Under the
 default `evaluation.pass_rule = "all_questions"` (the paper: "a series of 8 questions all needed
@@ -15,13 +16,17 @@ to pass and we took a majority vote over 3 raters") a rater passes an image when
 answers are yes, and the image passes when a majority of its raters pass it; "per_question"
 passes it when every question has a yes from a majority. The per-product pass rate is the
 fraction of rated products with at least one passing image. Every row says whether its ratings
-came from people or from synthetic raters (`ratings_source`): figures from synthetic ratings
-say nothing about quality.
+came from people or from synthetic raters (`ratings_source`), the training settings of its arm,
+and whether a version it evaluates was promoted after results of the product were seen
+(`selected_after_results`): figures from synthetic ratings say nothing about quality.
 
-    SELECT * FROM evaluation_metrics WHERE product_id = '(all)' ORDER BY dataset, arm, selection
+    SELECT * FROM evaluation_metrics WHERE product_id = '(all)' ORDER BY evaluation_id, dataset, arm, selection
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -29,10 +34,11 @@ import pandas as pd
 from etl import tracking
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
+from etl.plans import describe_training, pin, pinned, planned_images, status
 from etl.ratings import QUESTIONS
 from etl.step import CHAMPIONS, Step
-from etl.tables import TABLES
-from etl.vocabulary import EVALUATED, aggregate_score, from_bank
+from etl.tables import TABLES, sql_list, sql_literal
+from etl.vocabulary import EVALUATED, aggregate_score
 
 ALL = "(all)"
 PASS_RULES = ("all_questions", "per_question")
@@ -89,7 +95,11 @@ def summarize(images: pd.DataFrame) -> dict:
             "image_pass_rate": float(passed.mean()) if len(rated) else None,
             "product_pass_rate": float(per_product.mean()) if len(per_product) else None,
             "pearson_score_pass": pearson(rated.score, passed) if len(rated) else None,
-            "ratings_source": (sources.pop() if len(sources) == 1 else "mixed") if sources else None}
+            "ratings_source": (sources.pop() if len(sources) == 1 else "mixed") if sources else None,
+            "training": describe_training(images.drop_duplicates("product_id").training) if "training" in images
+            else None,
+            "selected_after_results": bool(images.selected_after_results.any())
+            if "selected_after_results" in images else None}
 
 
 def evaluation_rows(images: pd.DataFrame) -> pd.DataFrame:
@@ -117,55 +127,116 @@ def evaluation_rows(images: pd.DataFrame) -> pd.DataFrame:
 
 # --- the evaluate stage ---
 
-def evaluated_images(lake: Lakehouse) -> pd.DataFrame:
-    """Every prompt-bank generation of each product's current champion version per arm, with its arm,
-    dataset, whether the ranking kept it, and its metrics (no image bytes)."""
+def evaluated_images(lake: Lakehouse, plans: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The planned images of complete evaluations (or of the plan rows given), one row per
+    evaluation, arm and planned slot, with its dataset, prompt, the arm's training settings and
+    metrics (no image bytes)."""
+    if plans is None:
+        plans = pinned(lake)
+        states = status(lake, plans)
+        plans = plans[plans.evaluation_id.isin(states[states.complete].evaluation_id)]
+    slots = planned_images(lake, plans)
+    slots = slots[slots.image_id.notna()]
+    if slots.empty:
+        return pd.DataFrame(columns=["evaluation_id", "arm", "dataset", "product_id", "image_id", "prompt", *EVALUATED])
     metrics = ", ".join(f"m.{c}" for c in EVALUATED)
-    images = lake.spark.sql(
-        f"""SELECT g.arm, p.source AS dataset, g.product_id, g.image_id, g.prompt, g.adapter_version,
-                   coalesce(r.kept, false) AS kept, {metrics}
-            FROM generations g
-            JOIN image_metrics m ON m.image_id = g.image_id AND m.product_id = g.product_id
-            JOIN products p ON p.product_id = g.product_id
-            LEFT JOIN ranked_generations r ON r.image_id = g.image_id AND r.product_id = g.product_id
-                                           AND g.arm = 'ours'
-            WHERE {from_bank("g")}""").toPandas()
-    images = images.drop_duplicates(["arm", "product_id", "image_id"])
-    if images.empty:
-        return images
-    champions = tracking.champion_versions(lake.settings, zip(images.product_id, images.arm))
-    current = [champions.get((p, a)) == v for p, a, v in zip(images.product_id, images.arm, images.adapter_version)]
-    return images[current].reset_index(drop=True)
+    scored = lake.spark.sql(
+        f"""SELECT m.image_id, m.product_id, p.source AS dataset, {metrics}
+            FROM image_metrics m JOIN products p ON p.product_id = m.product_id
+            WHERE m.image_id IN ({sql_list(sorted(set(slots.image_id)))})""").toPandas()
+    columns = ["evaluation_id", "arm", "product_id", "prompt_id", "seed", "image_id", "prompt", "adapter_version",
+               "training", "scoring"]
+    # One order whatever the engine returns: the same images give bit-identical means.
+    return (slots[columns].merge(scored, on=["image_id", "product_id"])
+            .sort_values(["evaluation_id", "arm", "product_id", "prompt_id", "seed"]).reset_index(drop=True))
+
+
+def selected_after_results(lake: Lakehouse, plans: pd.DataFrame) -> set[tuple[str, str]]:
+    """(evaluation_id, product_id) pairs whose figures were selected after seeing results: an
+    adapter version the evaluation pinned for the product was promoted (`recontext promote`) while
+    another evaluation of the product already existed."""
+    promoted = lake.spark.sql("SELECT product_id, arm, model_version, after_evaluations FROM promotions "
+                              "WHERE after_evaluations <> ''").toPandas()
+    flagged = set()
+    for row in promoted.itertuples():
+        seen = set(row.after_evaluations.split(","))
+        using = plans[(plans.product_id == row.product_id) & (plans.arm == row.arm)
+                      & (plans.adapter_version == row.model_version) & ~plans.evaluation_id.isin(seen)]
+        flagged |= {(e, row.product_id) for e in using.evaluation_id}
+    return flagged
+
+
+def record_promotion(lake: Lakehouse, product_id: str, arm: str, version: str) -> list[str]:
+    """Record a promotion with the evaluations of the product that existed then; returns them."""
+    existing = sorted(r["evaluation_id"] for r in lake.spark.sql(
+        f"SELECT DISTINCT evaluation_id FROM evaluation_plans WHERE product_id = {sql_literal(product_id)}").collect())
+    lake.upsert_rows("promotions", pd.DataFrame([{"product_id": product_id, "arm": arm, "model_version": str(version),
+                                                  "after_evaluations": ",".join(existing)}]))
+    return existing
 
 
 def run_evaluation(lake: Lakehouse, zoo=None) -> dict[str, int]:
+    """Pin the current plan as an evaluation (if new), then compute Table 2 for every complete
+    evaluation, each with the scoring settings it was pinned with; incomplete ones get no rows."""
+    from training.ranking import configured_ranker, rank_generations  # training.ranker imports this module
+
     settings = lake.settings
+    written = {"evaluation_plans": pin(lake)[1]}
     images = evaluated_images(lake)
     if images.empty:
-        return {"evaluation_metrics": 0}
-    images["score"] = aggregate_score(images, settings.generation.rank_weights)
+        return {**written, "evaluation_metrics": 0}
+    flagged = selected_after_results(lake, pinned(lake, sorted(set(images.evaluation_id))))
+    images["selected_after_results"] = [(e, p) in flagged for e, p in zip(images.evaluation_id, images.product_id)]
     ratings = lake.spark.sql("SELECT rater, image_id, question, answer, source FROM human_ratings").toPandas()
-    judged = verdicts(ratings, settings.evaluation.raters_per_image, settings.evaluation.pass_rule)
-    images = images.merge(judged, on="image_id", how="left")
-    written = {}
-    rated = images[images.raters.notna()]
+    tables, rated = [], []
+    for evaluation, own in images.groupby("evaluation_id"):
+        scoring = json.loads(own.scoring.iloc[0])
+        generation = dataclasses.replace(settings.generation, **scoring["generation"])
+        own = own.assign(score=aggregate_score(own, generation.rank_weights))
+        judged = verdicts(ratings, scoring["raters_per_image"], scoring["pass_rule"])
+        own = own.merge(judged, on="image_id", how="left")
+        ours = own[own.arm == tracking.OURS]
+        kept = set()
+        if len(ours):  # the ranking of the evaluation's own images of ours
+            ranked = rank_generations(ours, generation, configured_ranker(lake, generation.rank_aggregate))
+            kept = set(ranked[ranked.kept.astype(bool)].image_id)
+        own["kept"] = (own.arm == tracking.OURS) & own.image_id.isin(kept)
+        rated.append(own[own.raters.notna()].drop_duplicates(["arm", "product_id", "image_id"]))
+        tables.append(evaluation_rows(own).assign(evaluation_id=evaluation))
+    rated = pd.concat(rated, ignore_index=True)
     if not rated.empty:
         written["rated_images"] = lake.upsert_rows("rated_images", rated.astype({"raters": "int32"}))
-    table = evaluation_rows(images).astype({"products": "int32", "images": "int32", "rated_images": "int32"})
+    table = pd.concat(tables, ignore_index=True).astype({"products": "int32", "images": "int32",
+                                                         "rated_images": "int32"})
     written["evaluation_metrics"] = lake.upsert_rows("evaluation_metrics", table)
     return written
 
 
-def comparison(lake: Lakehouse) -> pd.DataFrame:
-    """Ours against the baseline per dataset and selection: the table `recontext evaluate` prints."""
+def comparison(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFrame:
+    """The arms side by side per dataset and selection for one evaluation (default: the latest
+    complete one), with each arm's training settings: the table `recontext evaluate` prints."""
+    evaluation_id = evaluation_id or latest_complete(lake)
+    if evaluation_id is None:
+        return pd.DataFrame()
     columns = ", ".join(f"round({c}, 3) AS {c}" for c in [*EVALUATED, "image_pass_rate", "product_pass_rate",
                                                               "pearson_score_pass", "ranking_gain"])
     return lake.spark.sql(
-        f"SELECT dataset, arm, selection, products, images, {columns}, rated_images, ratings_source "
-        f"FROM evaluation_metrics WHERE product_id = '{ALL}' ORDER BY dataset, arm DESC, selection").toPandas()
+        f"SELECT evaluation_id, dataset, arm, selection, products, images, {columns}, rated_images, ratings_source, "
+        f"selected_after_results, training FROM evaluation_metrics WHERE product_id = '{ALL}' "
+        f"AND evaluation_id = {sql_literal(evaluation_id)} ORDER BY dataset, arm DESC, selection").toPandas()
+
+
+def latest_complete(lake: Lakehouse) -> str | None:
+    """The most recently pinned evaluation that has figures."""
+    states = status(lake)
+    computed = {r["evaluation_id"] for r in lake.spark.sql(
+        "SELECT DISTINCT evaluation_id FROM evaluation_metrics").collect()}
+    done = states[states.complete & states.evaluation_id.isin(computed)]
+    return done.evaluation_id.iloc[-1] if len(done) else None
 
 
 EVALUATE = Step("evaluate", run_evaluation,
-                reads=("generations", "image_metrics", "products", "ranked_generations", "human_ratings", CHAMPIONS),
-                writes=("rated_images", "evaluation_metrics"),
-                description="Table 2 metrics per arm, selection, dataset and product; pass rates; ranking gain")
+                reads=("generations", "image_metrics", "products", "human_ratings", "adapters", "prompt_bank",
+                       "product_classes", "evaluation_plans", "promotions", CHAMPIONS),
+                writes=("evaluation_plans", "rated_images", "evaluation_metrics"),
+                description="pin the evaluation plan; Table 2 per evaluation, arm, selection, dataset and product")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,12 +27,14 @@ import pandas as pd
 from PIL import Image
 
 from etl.errors import UserError
+from etl.plans import status
 from etl.step import REPORT_FILES, Step
 from etl.tables import TABLES, sql_list
 from etl.vocabulary import METRIC_COLUMNS, RANKING_METRICS, from_bank
 from udfs.augmentation import KINDS
 
-EVALUATION_COLUMNS = tuple(c for c in TABLES["evaluation_metrics"].data_columns if c != "product_id")
+EVALUATION_COLUMNS = tuple(c for c in TABLES["evaluation_metrics"].data_columns
+                           if c not in ("product_id", "evaluation_id", "selected_after_results"))
 WHOLE = {"products", "images", "rated_images", "rank", "raters", "n_references", "seed", "references compared"}
 MISSING = "—"
 
@@ -106,6 +109,7 @@ class _Data:
     generations: pd.DataFrame
     ratings: pd.DataFrame
     evaluation: pd.DataFrame
+    evaluations: pd.DataFrame  # etl.plans.status: every pinned evaluation, complete or what is missing
 
     def product(self, product_id: str) -> _Data:
         """The rows of one product (masks follow its reference images)."""
@@ -115,7 +119,7 @@ class _Data:
         references = own(self.references)
         return _Data(own(self.products), references, self.masks[self.masks.image_id.isin(references.image_id)],
                      own(self.metrics), own(self.augmentations), own(self.generations), own(self.ratings),
-                     own(self.evaluation))
+                     own(self.evaluation), self.evaluations)
 
 
 def _product_ids(lake, products: list[str] | None) -> list[str]:
@@ -165,15 +169,23 @@ def _load(lake, ids: list[str]) -> _Data:
                                                                ORDER BY task_key) AS n
                                   FROM generations WHERE {from_bank("generations")}) g
                             LEFT JOIN ranked_generations r
-                              ON r.product_id = g.product_id AND r.image_id = g.image_id AND g.arm <> 'baseline'
+                              ON r.product_id = g.product_id AND r.image_id = g.image_id
+                                 AND coalesce(r.arm, 'ours') = g.arm AND {from_bank("r")}
                             WHERE g.n = 1 AND g.product_id {chosen}
                             ORDER BY g.product_id, r.kept DESC NULLS LAST, r.rank NULLS LAST, g.seed, g.image_id"""),
-        ratings=sql(f"""SELECT image_id, product_id, raters, passed, failed_questions, ratings_source FROM rated_images
-                        WHERE product_id {chosen}"""),
-        evaluation=sql(f"""SELECT product_id, {', '.join(EVALUATION_COLUMNS)} FROM evaluation_metrics
-                           WHERE product_id = '(all)' OR product_id {chosen}
-                           ORDER BY dataset, arm, selection, product_id"""),
+        ratings=sql(f"""SELECT DISTINCT image_id, product_id, raters, passed, failed_questions, ratings_source
+                        FROM rated_images WHERE product_id {chosen}"""),
+        evaluation=sql(f"""SELECT product_id, evaluation_id, selected_after_results, {', '.join(EVALUATION_COLUMNS)}
+                           FROM evaluation_metrics
+                           WHERE evaluation_id IS NOT NULL AND (product_id = '(all)' OR product_id {chosen})
+                           ORDER BY dataset, arm DESC, selection, product_id"""),
+        evaluations=_covering(status(lake), ids),
     )
+
+
+def _covering(states: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
+    """The evaluations that include at least one of the reported products."""
+    return states[[bool(set(p) & set(ids)) for p in states.product_ids]] if len(states) else states
 
 
 # ---------------------------------------------------------------- image files
@@ -252,9 +264,11 @@ def _facts(pairs: list[tuple[str, object]]) -> str:
 
 def _index_page(data: _Data, ids: list[str], written_at: str, notice: str = "") -> str:
     body = ("<h1>recontext report</h1>\n<h2>Products</h2>\n" + _summary_table(data, ids)
-            + "\n<h2>Evaluation</h2>\n<p>Per arm, selection and dataset, over all of the dataset's products "
-              "(selection all: every generation of the champion version; ranked: the kept top N).</p>\n"
-            + _evaluation_table(data.evaluation[data.evaluation.product_id == "(all)"]))
+            + "\n<h2>Evaluations</h2>\n<p>Each evaluation is a pinned plan: every arm on the same products, "
+              "prompts and seeds, each arm's adapter version frozen. Per arm, selection and dataset, over all of "
+              "the dataset's products (selection all: every planned image; ranked: ours' kept top N), with the "
+              "arm's training settings.</p>\n"
+            + _evaluations(data, "(all)"))
     return _page("recontext report", body, written_at, notice)
 
 
@@ -277,13 +291,37 @@ def _summary_table(data: _Data, ids: list[str]) -> str:
                                   "generations kept / total", "best score"})
 
 
+def _evaluations(data: _Data, product_id: str) -> str:
+    """Every evaluation covering `product_id` ('(all)': every evaluation), newest first: its
+    '(all)' or product rows, or what is missing when incomplete; figures selected after results
+    were seen say so."""
+    if data.evaluations.empty:
+        return '<p class="muted">No evaluation yet.</p>'
+    parts = []
+    for state in data.evaluations.iloc[::-1].itertuples():
+        rows = data.evaluation[(data.evaluation.evaluation_id == state.evaluation_id)
+                               & (data.evaluation.product_id == product_id)]
+        if product_id != "(all)" and product_id not in state.product_ids:
+            continue
+        planned = ", ".join(f"{arm} {n}" for arm, n in json.loads(state.planned).items())
+        parts.append(f"<h3>Evaluation {_e(state.evaluation_id)}</h3>\n<p>pinned {_e(str(state.created_at)[:16])} "
+                     f"&middot; {_e(state.products)} product(s) &middot; planned images per arm: {_e(planned)}</p>\n")
+        if not state.complete:
+            parts.append('<p class="notice">Incomplete: no figures until every arm has every planned image. '
+                         "Missing:</p>\n<ul>" + "".join(f"<li>{_e(m)}</li>" for m in state.missing) + "</ul>\n")
+            continue
+        if rows.selected_after_results.fillna(False).astype(bool).any():
+            parts.append('<p class="notice">Selected after the fact: an adapter version evaluated here was promoted '
+                         "after results of its product had been seen.</p>\n")
+        parts.append(_evaluation_table(rows))
+    return "".join(parts) or '<p class="muted">No evaluation yet.</p>'
+
+
 def _evaluation_table(rows: pd.DataFrame) -> str:
     """evaluation_metrics rows; NULL shows as a dash."""
-    if rows.empty:
-        return '<p class="muted">No evaluation yet.</p>'
     columns = list(EVALUATION_COLUMNS)
     cells = [[_e(getattr(r, c), c in WHOLE) for c in columns] for r in rows.itertuples()]
-    return _table(columns, cells, set(columns) - {"arm", "dataset"})
+    return _table(columns, cells, set(columns) - {"arm", "dataset", "training", "selection", "ratings_source"})
 
 
 # ---------------------------------------------------------------- product page
@@ -296,7 +334,7 @@ def _product_page(data: _Data, images: _ImageFiles, written_at: str, notice: str
             f"<p>type {_e(product.product_type)} &middot; source {_e(product.source)}</p>\n"
             + _references_section(data, images) + _augmentations_section(data, images)
             + _generations_section(data, images) + _baseline_section(data, images)
-            + "<h2>Evaluation</h2>\n" + _evaluation_table(data.evaluation))
+            + "<h2>Evaluations</h2>\n" + _evaluations(data, product.product_id))
     return _page(f"{product.product_id} — recontext report", body, written_at, notice)
 
 
@@ -395,5 +433,5 @@ def run_report(lake, zoo=None) -> dict[str, int]:
 
 REPORT = Step("report", run_report,
               reads=("products", "product_images", "masks", "synthetic_images", "training_images", "image_metrics",
-                     "generations", "ranked_generations", "evaluation_metrics", "human_ratings"),
+                     "generations", "ranked_generations", "evaluation_metrics", "evaluation_plans", "human_ratings"),
               writes=(REPORT_FILES,), description="the static HTML report under <home>/report")

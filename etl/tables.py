@@ -266,9 +266,12 @@ TABLES: dict[str, Table] = {
                 ("adapter_version", "STRING", "adapter version that generated it"),
                 ("origin", "STRING", "generations.origin: bank (the batch ranking) or on_demand (one request's "
                                      "ranking); NULL in rows written before requests existed (bank)"),
+                ("arm", "STRING", "generations.arm of the adapter that made it (the batch ranking ranks ours); "
+                                  "NULL in rows written before the column existed (ours)"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
-            key=["product_id", "image_id"],
+            # One row per image and arm: identical pixels from two tasks are one ranked row.
+            key=["product_id", "arm", "image_id"],
             audit=("created_at",),
         ),
         _table(
@@ -372,9 +375,10 @@ TABLES: dict[str, Table] = {
         ),
         _table(
             "rated_images",
-            "Verdict per rated image (evaluation.pass_rule): by default a rater passes an image when all "
-            "eight answers are yes, and the image passes when a majority of its raters pass it.",
+            "Verdict per rated image of each evaluation (evaluation.pass_rule): by default a rater passes an "
+            "image when all eight answers are yes, and the image passes when a majority of its raters pass it.",
             [
+                ("evaluation_id", "STRING", "evaluation_plans.evaluation_id"),
                 ("image_id", "STRING", "generations.image_id"),
                 ("product_id", "STRING", "its product"),
                 ("arm", "STRING", "ours or baseline"),
@@ -382,19 +386,22 @@ TABLES: dict[str, Table] = {
                 ("passed", "BOOLEAN", "the verdict under evaluation.pass_rule"),
                 ("failed_questions", "STRING", "questions without a yes majority, comma separated"),
                 ("score", "DOUBLE", "automatic aggregate (generation.rank_weights) of the image"),
-                ("kept", "BOOLEAN", "kept by the ranking (ours); false for the baseline, which is not ranked"),
+                ("kept", "BOOLEAN", "kept by the ranking of the evaluation's images (ours); false for the "
+                                    "baseline, which is not ranked"),
                 ("ratings_source", "STRING", "human, synthetic or mixed: who answered"),
                 ("computed_at", "TIMESTAMP", "when this row was last written"),
             ],
-            key=["image_id", "product_id"],
+            key=["evaluation_id", "arm", "product_id", "image_id"],
             audit=("computed_at",),
         ),
         _table(
             "evaluation_metrics",
-            "The paper's Table 2 per arm, selection, dataset and product: mean metrics of the generations "
-            "of each arm's champion adapter version (selection 'all': every generation, the same prompts and "
-            "seeds in both arms; 'ranked': ours, the kept top N), with pass rates where ratings exist.",
+            "The paper's Table 2 per evaluation, arm, selection, dataset and product: mean metrics of the "
+            "images the evaluation's plan pinned (selection 'all': every planned image, the same prompts and "
+            "seeds in every arm; 'ranked': ours, the kept top N), with pass rates where ratings exist. Only "
+            "complete evaluations have rows.",
             [
+                ("evaluation_id", "STRING", "evaluation_plans.evaluation_id: the pinned plan these figures cover"),
                 ("arm", "STRING", "ours or baseline"),
                 ("selection", "STRING", "all (every generation of the champion version) or ranked (kept top N)"),
                 ("dataset", "STRING", "products.source the products came from"),
@@ -411,10 +418,62 @@ TABLES: dict[str, Table] = {
                                            "(the paper's +30.9%)"),
                 ("ratings_source", "STRING", "human, synthetic or mixed: who rated; figures from synthetic "
                                              "ratings say nothing about quality"),
+                ("training", "STRING", "the arm's training settings (steps, rank, alpha, lr, prior preservation, "
+                                       "examples) from its adapters' MLflow runs"),
+                ("selected_after_results", "BOOLEAN", "an adapter version it evaluates was promoted after an "
+                                                      "evaluation of its product existed: figures selected after "
+                                                      "seeing results"),
                 ("computed_at", "TIMESTAMP", "when this row was last written"),
             ],
-            key=["arm", "selection", "dataset", "product_id"],
+            key=["evaluation_id", "arm", "selection", "dataset", "product_id"],
             audit=("computed_at",),
+        ),
+        _table(
+            "evaluation_plans",
+            "Pinned evaluations: per evaluation, the images every arm must generate (products, prompts, "
+            "seeds, generation settings, each arm's adapter version), frozen when the evaluation was created.",
+            [
+                ("evaluation_id", "STRING", "hash of the plan's content: a changed bank, setting or champion "
+                                            "is a new evaluation"),
+                ("arm", "STRING", "ours, baseline, or another trained arm"),
+                ("product_id", "STRING", "products.product_id"),
+                ("prompt_id", "STRING", "prompt_bank.prompt_id of the target prompt"),
+                ("seed", "INT", "generator seed"),
+                ("task_key", "STRING", "generations.task_key of the image that fills this slot; NULL while the "
+                                       "arm has no champion for the product"),
+                ("adapter_model", "STRING", "MLflow registered model"),
+                ("adapter_version", "STRING", "the arm's @champion version when pinned; NULL when it had none"),
+                ("run_id", "STRING", "MLflow run that trained the adapter"),
+                ("token", "STRING", "the adapter's rare token"),
+                ("origin", "STRING", "always bank"),
+                ("scene", "STRING", "always NULL (bank prompts)"),
+                ("prompt", "STRING", "the prompt with the class noun (used for CLIP-T)"),
+                ("generation_prompt", "STRING", "the prompt given to the model (with the token)"),
+                ("steps", "INT", "inference steps"),
+                ("guidance", "DOUBLE", "classifier-free guidance scale"),
+                ("resolution", "INT", "pixels per side"),
+                ("training", "STRING", "JSON: the adapter's training settings (steps, rank, alpha, lr, prior, "
+                                       "examples) from its MLflow run"),
+                ("scoring", "STRING", "JSON: the ranking and pass-rule settings its figures are computed with"),
+                ("created_at", "TIMESTAMP", "when the evaluation was pinned"),
+            ],
+            key=["evaluation_id", "arm", "product_id", "prompt_id", "seed"],
+            audit=("created_at",),
+        ),
+        _table(
+            "promotions",
+            "Every `recontext promote`: which version became an arm's champion, and which evaluations of the "
+            "product existed then (a promotion after them selects on seen results).",
+            [
+                ("product_id", "STRING", "products.product_id"),
+                ("arm", "STRING", "ours or baseline"),
+                ("model_version", "STRING", "the version made @champion"),
+                ("after_evaluations", "STRING", "evaluation ids of the product that existed, comma separated; "
+                                                "'' when none"),
+                ("promoted_at", "TIMESTAMP", "when"),
+            ],
+            key=["product_id", "arm", "model_version", "after_evaluations"],
+            audit=("promoted_at",),
         ),
         _table(
             "job_runs",

@@ -57,8 +57,9 @@ def configure(settings: Settings) -> str:
 def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = OURS,
                      auto_promote: bool = False) -> str:
     """Log the adapter with the mlflow.diffusers flavor in the active run, register it, alias it
-    `candidate` (the baseline arm, which nobody reviews, is its own champion at once; with
-    `auto_promote` so is a product's first adapter); returns the new version."""
+    `candidate`; with `auto_promote` a product's first adapter in the arm becomes its champion.
+    One policy for every arm: the baseline is promoted by the same rule as ours, so neither
+    arm's champion is chosen differently from the other's."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -72,7 +73,7 @@ def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = O
     mlflow.set_tag("base_pipeline", family.text2img)
     version = str(info.registered_model_version)
     client = MlflowClient()
-    client.set_registered_model_alias(name, CHAMPION if arm == BASELINE else CANDIDATE, version)
+    client.set_registered_model_alias(name, CANDIDATE, version)
     if auto_promote and CHAMPION not in client.get_registered_model(name).aliases:
         client.set_registered_model_alias(name, CHAMPION, version)
     return version
@@ -95,18 +96,19 @@ def registered_version(name: str, training_key: str):
     return None
 
 
-def promote(settings: Settings, product_id: str, version: str) -> None:
-    """Give `version` of the product's adapter the `champion` alias (moving it from any other)."""
+def promote(settings: Settings, product_id: str, version: str, arm: str = OURS) -> None:
+    """Give `version` of the product's adapter in `arm` the `champion` alias (moving it from any
+    other). `recontext promote` also records it (etl.evaluation.record_promotion)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     configure(settings)
-    name = registered_model_name(product_id)
+    name = registered_model_name(product_id, arm)
     try:
         MlflowClient().get_model_version(name, str(version))
     except MlflowException:
         raise UserError(f"no version {version} of {name} in the registry; see `recontext sql \"SELECT "
-                        f"product_id, model_version FROM adapters\"`") from None
+                        f"product_id, arm, model_version FROM adapters\"`") from None
     MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
 
 

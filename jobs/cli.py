@@ -101,7 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     promote = commands.add_parser("promote", help="make a registered adapter version the product's champion")
     promote.add_argument("product_id")
     promote.add_argument("version")
+    promote.add_argument("--arm", choices=("ours", "baseline"), default="ours")
     promote.set_defaults(run=cmd_promote)
+
+    evaluations = commands.add_parser("evaluations", help="pinned evaluations: plan size per arm, complete or "
+                                                          "what is missing")
+    evaluations.add_argument("--format", choices=("table", "json"), default="table")
+    evaluations.set_defaults(run=cmd_evaluations)
 
     prompts = commands.add_parser("prompts", help="review the prompt bank")
     actions = prompts.add_subparsers(required=True, metavar="ACTION")
@@ -313,13 +319,26 @@ def _print_ranking(lake) -> None:
 
 def _print_evaluation(lake) -> None:
     from etl.evaluation import comparison
+    from etl.plans import status
 
-    print("\nours vs baseline (means over the champion versions' generations; selection 'all' = every generation, "
-          "'ranked' = the kept top N; evaluation_metrics has per-product rows):")
+    states = status(lake)
+    for r in states[~states.complete.astype(bool)].itertuples() if len(states) else []:
+        print(f"\nevaluation {r.evaluation_id} is incomplete (no figures until every arm has every planned image):")
+        print("\n".join(f"  missing: {line}" for line in r.missing))
     table = comparison(lake)
-    print(table.to_string(index=False) if len(table) else "(nothing evaluated yet: no generations)")
-    if len(table):
-        _print_notice(lake, ratings=True)
+    if not len(table):
+        print("\n(no complete evaluation yet: `recontext evaluations` says what is missing)")
+        return
+    print(f"\nevaluation {table.evaluation_id.iloc[0]}: the arms on the same pinned prompts and seeds (selection "
+          "'all' = every planned image, 'ranked' = ours' kept top N; evaluation_metrics has per-product rows):")
+    print(table.drop(columns=["evaluation_id", "training"]).to_string(index=False))
+    print("training settings per arm:")
+    for row in table.drop_duplicates("arm").itertuples():
+        print(f"  {row.arm}: {row.training}")
+    if table.selected_after_results.fillna(False).astype(bool).any():
+        print("NOTE: a version evaluated here was promoted after results of its product were seen: these figures "
+              "were selected after the fact")
+    _print_notice(lake, ratings=True)
 
 
 def cmd_ratings_export(settings: Settings, args) -> int:
@@ -375,10 +394,43 @@ def cmd_check(settings: Settings, args) -> int:
 
 
 def cmd_promote(settings: Settings, args) -> int:
-    from etl.tracking import promote, registered_model_name
+    from etl.tracking import registered_model_name
 
-    promote(settings, args.product_id, args.version)
-    print(f"{registered_model_name(args.product_id)} version {args.version} is now @champion")
+    seen = _promote(_lake(settings), args.product_id, args.version, args.arm)
+    print(f"{registered_model_name(args.product_id, args.arm)} version {args.version} is now @champion")
+    if seen:
+        print(f"recorded: promoted after {len(seen)} evaluation(s) of {args.product_id} existed; evaluations of this "
+              "version are marked selected after seeing results")
+    return 0
+
+
+def _promote(lake, product_id: str, version: str, arm: str) -> list[str]:
+    """Promote and record it (with the product's evaluations that existed then)."""
+    from etl.evaluation import record_promotion
+    from etl.tracking import promote
+
+    promote(lake.settings, product_id, version, arm)
+    return record_promotion(lake, product_id, arm, version)
+
+
+def cmd_evaluations(settings: Settings, args) -> int:
+    from etl.plans import status
+
+    states = status(_lake(settings))
+    if args.format == "json":
+        rows = [{"evaluation_id": r.evaluation_id, "created_at": str(r.created_at), "products": int(r.products),
+                 "planned_images": json.loads(r.planned), "status": "complete" if r.complete else "incomplete",
+                 "missing": list(r.missing)} for r in states.itertuples()]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if states.empty:
+        print("no evaluations yet: `recontext evaluate` pins one")
+    for r in states.itertuples():
+        planned = ", ".join(f"{arm} {n}" for arm, n in json.loads(r.planned).items())
+        print(f"{r.evaluation_id}  {r.created_at:%Y-%m-%d %H:%M}  {r.products} product(s), planned images: {planned}"
+              f"  {'complete' if r.complete else 'INCOMPLETE'}")
+        for line in r.missing:
+            print(f"    missing: {line}")
     return 0
 
 
@@ -436,7 +488,6 @@ def cmd_demo(settings: Settings, args) -> int:
     from etl.sample_catalog import write_sample_catalog
     from jobs.graph import load_groups
     from jobs.runner import run
-    from etl.tracking import promote
 
     if args.base and args.base != settings.models.tiny_family:
         if (settings.home / "config.toml").exists():
@@ -472,11 +523,13 @@ def cmd_demo(settings: Settings, args) -> int:
     print("\ntraining a tiny LoRA adapter per product (MLflow store: <home>/mlflow):")
     run(lake, groups["train"])
     _print_adapters(lake)
-    adapters = lake.spark.sql("SELECT product_id, min(CAST(model_version AS INT)) AS version FROM adapters "
-                              "WHERE arm = 'ours' GROUP BY product_id").toPandas()
-    for row in adapters.itertuples():  # the demo promotes every first adapter; people review first
-        promote(settings, row.product_id, str(row.version))
-    print("\npromoted each product's first adapter to @champion; baseline arm, generation, ranking, evaluation:")
+    print("\ntraining the baseline arm (DreamBooth + LoRA, prior preservation):")
+    run(lake, ["train_baseline"])
+    adapters = lake.spark.sql("SELECT product_id, arm, min(CAST(model_version AS INT)) AS version FROM adapters "
+                              "GROUP BY product_id, arm").toPandas()
+    for row in adapters.itertuples():  # the demo promotes every first adapter of both arms; people review first
+        _promote(lake, row.product_id, str(row.version), row.arm)
+    print("\npromoted each product's first adapter of each arm to @champion; generation, ranking, evaluation:")
     run(lake, groups["evaluate"])
     _print_ranking(lake)
     _print_evaluation(lake)

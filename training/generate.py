@@ -1,9 +1,9 @@
 """Generation with the champion adapters -> `generations` (paper 2.5; the ranking that follows
 is training/ranking.py).
 
-The driver picks, per product and arm, the champion adapter from the MLflow registry (the
-baseline arm, when trained, gets the same prompts and seeds): approved target prompts of the
-product's type x seeds, minus the tasks already done, and downloads the adapter under the home.
+The driver takes the tasks of the generation plan (etl/plans.py: per product, each arm's
+`@champion` adapter on the same approved target prompts and seeds) and of every pinned
+evaluation, minus the tasks already done, and downloads each adapter under the home.
 Then one Spark task per product and arm (training/fanout.py, `training.parallel_products` at
 once, each on its own device) uses its worker's one base pipeline on the task's device (udfs/zoo.py), applies the adapter
 (fused on GPUs), renders in batches and returns the image rows; the driver MERGEs them. A task key hashes adapter version, prompt, seed
@@ -17,20 +17,16 @@ requests (training/imagine.py) call it too.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 
 import pandas as pd
-import torch
 
 from etl.config import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
-from etl.prompt_bank import approved_prompts, class_noun, resolved_types
+from etl.plans import pending_tasks, prompts, task_key  # noqa: F401 - prompts, task_key: imagine's too
 from etl.step import CHAMPIONS, Step
 from etl.tables import TABLES
-from etl import tracking
-from etl.vocabulary import BANK
 from training.fanout import fan_out, parallelism, with_slots
 from udfs.device import task_device
 from udfs.diffusion import adapter_loaded, render
@@ -43,38 +39,17 @@ RESULT_SCHEMA = f"{TABLES['generations'].data_schema()}, error STRING"
 
 
 def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, int]:
+    """Generate every planned image not made yet: the current plan's (each product's champion per
+    arm, etl/plans.py) and those of pinned evaluations still incomplete."""
     import mlflow
 
-    settings = lake.settings.generation
-    tracking.configure(lake.settings)
-    adapters = lake.spark.sql("SELECT product_id, arm, model_version, token FROM adapters").toPandas()
-    tokens = {(r.product_id, r.arm, str(r.model_version)): r.token for r in adapters.itertuples()}
-    types = dict(resolved_types(lake).toPandas().itertuples(index=False))
-    targets = approved_prompts(lake, "target")
-    done = {r["task_key"] for r in lake.spark.sql("SELECT DISTINCT task_key FROM generations").collect()}
-    specs, failures = [], []
-    pairs = [(p, a) for p, a in sorted(set(zip(adapters.product_id, adapters.arm)))
-             if lake.products is None or p in lake.products]
-    for product_id, arm in pairs:
-        found = tracking.champion(product_id, arm)
-        if found is None:
-            continue  # only products with a champion adapter are generated
-        name, version, run_id = found
-        token, product_type = tokens.get((product_id, arm, version)), types.get(product_id)
-        prompts = targets[targets.product_type == product_type].head(settings.prompts_per_product)
-        if prompts.empty:
-            failures.append((product_id, f"type:{product_type}", "no_approved_targets",
-                             f"no approved target prompts for product type '{product_type}'; approve some "
-                             "(recontext prompts ...) or import them from a CSV"))
-            continue
-        tasks = [_task(product_id, arm, name, version, run_id, token, class_noun(product_type), p, seed, settings)
-                 for p in prompts.itertuples() for seed in range(settings.seed, settings.seed + settings.seeds_per_prompt)]
-        tasks = [t for t in tasks if t["task_key"] not in done]
-        if not tasks:
-            continue
+    tasks, failures = pending_tasks(lake)
+    specs = []
+    for (product_id, arm, name, version), group in tasks.groupby(
+            ["product_id", "arm", "adapter_model", "adapter_version"], sort=True):
         source = f"adapter:{name}/{version}"
         try:
-            if token is None:
+            if group.token.isna().any():
                 raise ValueError(f"version {version} of {name} is not in the adapters table")
             local = lake.settings.home / "generation" / "adapters" / name / version  # the home: every worker sees it
             local.mkdir(parents=True, exist_ok=True)
@@ -84,7 +59,7 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
                              f"generation failed ({type(err).__name__}: {err}); it is retried on the next run"))
             continue
         specs.append({"product_id": product_id, "arm": arm, "adapter": adapter.adapter_path, "source": source,
-                      "tasks": json.dumps(tasks)})
+                      "tasks": group.astype(object).where(group.notna(), None).to_json(orient="records")})
     rows = []
     if specs:
         parallel = parallelism(lake.settings)
@@ -122,14 +97,6 @@ def adapter_on(zoo: ModelZoo, adapter_path, settings: GenerationSettings):
     return adapter_loaded(base, adapter_path, fuse=fuse)
 
 
-def prompts(token: str, class_noun: str, text: str) -> tuple[str, str]:
-    """(prompt, generation_prompt): the text with the class noun (what CLIP-T compares the image
-    with), and with the rare token too (what the adapter is given)."""
-    return f"a photo of a {class_noun}, {text}", f"a photo of {token} {class_noun}, {text}"
-
-
-def task_key(*identity) -> str:
-    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def image_row(task: dict, image, scheduler: str) -> dict:
@@ -152,17 +119,7 @@ def _generate_task(settings: Settings, zoo: ModelZoo, spec, state: dict) -> list
                 "error": f"{type(err).__name__}: {err}"}
 
 
-def _task(product_id, arm, name, version, run_id, token, class_noun, prompt, seed, settings: GenerationSettings) -> dict:
-    text, generation_prompt = prompts(token, class_noun, prompt.text)
-    return {"task_key": task_key(name, version, prompt.prompt_id, seed, settings.steps, settings.guidance_scale,
-                                 settings.resolution),
-            "product_id": product_id, "arm": arm, "origin": BANK, "scene": None,
-            "adapter_model": name, "adapter_version": version, "run_id": run_id, "token": token,
-            "prompt_id": prompt.prompt_id, "prompt": text, "generation_prompt": generation_prompt, "seed": seed,
-            "steps": settings.steps, "guidance": float(settings.guidance_scale)}
-
-
 GENERATE = Step("generate", run_generation,
-                reads=("adapters", "prompt_bank", "products", "product_classes", CHAMPIONS),
+                reads=("adapters", "prompt_bank", "products", "product_classes", "evaluation_plans", CHAMPIONS),
                 writes=("generations", "quarantine"), roles=("text2img",),
                 description="images from each product's champion adapter (and the baseline's)")

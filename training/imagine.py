@@ -128,11 +128,11 @@ class Imaginer:
         # Two seeds can give the same pixels: one image, scored and ranked once (both tasks are kept).
         unique = generated.drop_duplicates("image_id")
         metrics = self._score(product_id, list(unique.image_id), [decode_rgb(b) for b in unique.image], text)
-        ranked = rank_generations(metrics.assign(adapter_version=adapter.version, origin=ON_DEMAND),
+        ranked = rank_generations(metrics.assign(adapter_version=adapter.version, origin=ON_DEMAND, arm=adapter.arm),
                                   dataclasses.replace(settings, keep_top=keep), configured_ranker(self.lake),
                                   {product_id: adapter.version})
         self._record(generated, metrics, ranked)
-        out = ranked.drop(columns=["product_id", "adapter_version", "origin"]).merge(
+        out = ranked.drop(columns=["product_id", "adapter_version", "origin", "arm"]).merge(
             metrics[["image_id", *METRIC_COLUMNS]], on="image_id").merge(unique, on="image_id")
         return out[OUTPUT].sort_values(["kept", "rank", "score", "image_id"], ascending=[False, True, False, True],
                                na_position="last").reset_index(drop=True)
@@ -201,7 +201,8 @@ class Imaginer:
         lake.upsert_rows("image_metrics", metrics)
         product = sql_literal(ranked.product_id.iloc[0])
         banked = {r["image_id"] for r in lake.spark.sql(
-            f"SELECT image_id FROM ranked_generations WHERE product_id = {product} AND coalesce(origin, '{BANK}') "
+            f"SELECT image_id FROM ranked_generations WHERE product_id = {product} "
+            f"AND coalesce(arm, '{tracking.OURS}') = {sql_literal(ranked.arm.iloc[0])} AND coalesce(origin, '{BANK}') "
             f"= '{BANK}' AND image_id IN ({sql_list(ranked.image_id)})").collect()}
         if banked:
             ranked = ranked[~ranked.image_id.isin(banked)]

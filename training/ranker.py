@@ -59,11 +59,14 @@ def held_out(frame: pd.DataFrame, weights: dict, folds: int) -> dict:
 
 
 def rated(lake: Lakehouse) -> pd.DataFrame:
+    """Rated images with their metrics; an image in several evaluations is one example (its
+    latest verdict)."""
     metrics = ", ".join(f"m.{c}" for c in METRICS)
-    return lake.spark.sql(
+    frame = lake.spark.sql(
         f"""SELECT r.image_id, r.product_id, r.passed, r.ratings_source, {metrics} FROM rated_images r
             JOIN image_metrics m ON m.image_id = r.image_id AND m.product_id = r.product_id
-            WHERE r.passed IS NOT NULL ORDER BY r.image_id""").toPandas()
+            WHERE r.passed IS NOT NULL ORDER BY r.image_id, r.product_id, r.computed_at DESC""").toPandas()
+    return frame.drop_duplicates(["image_id", "product_id"]).reset_index(drop=True)
 
 
 def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
@@ -78,7 +81,8 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
         log.info("learned ranker not fit: %d rated images (%d needed, both verdicts)", len(frame),
                  settings.evaluation.ranker_min_images)
         return {"ranker_versions": 0}
-    digest = hashlib.sha256(frame[["image_id", "passed", *METRICS]].to_csv(index=False).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(frame[["image_id", "passed", "ratings_source", *METRICS]].to_csv(index=False)
+                            .encode()).hexdigest()[:16]  # people's ratings replacing synthetic ones: a refit
     experiment = tracking.configure(settings)
     if mlflow.search_runs([experiment], filter_string=f"tags.ratings_digest = '{digest}'").shape[0]:
         return {"ranker_versions": 0}  # fit on exactly these ratings already

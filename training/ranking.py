@@ -29,13 +29,19 @@ def rank_generations(scores: pd.DataFrame, settings: GenerationSettings, ranker=
     a learned `ranker` (model, version) its pass probability (threshold `min_pass_probability`).
     With `champions` ({product_id: version}) only the champion version's generations compete;
     the others are never kept (reason: not the champion version). Rows keep their `origin`
-    (default: the bank)."""
+    (default: the bank) and `arm` (default: ours).
+
+    The same pixels from two tasks (two prompts or seeds; tiny models do it) are one image: one
+    row per (product, arm, image), the champion version's row first, then the lowest task key."""
     scores = scores.copy()
-    if "origin" not in scores:
-        scores["origin"] = BANK
-    stale = (pd.Series([champions.get(p) != v for p, v in zip(scores.product_id, scores.adapter_version)],
-                       index=scores.index, dtype=bool) if champions is not None
-             else pd.Series(False, index=scores.index))
+    for column, default in (("origin", BANK), ("arm", tracking.OURS), ("task_key", "")):
+        if column not in scores:
+            scores[column] = default
+    scores["_stale"] = [champions is not None and champions.get(p) != v
+                        for p, v in zip(scores.product_id, scores.adapter_version)]
+    scores = (scores.sort_values(["product_id", "arm", "image_id", "_stale", "task_key"])
+              .drop_duplicates(["product_id", "arm", "image_id"]))
+    stale = scores.pop("_stale").astype(bool)
     if ranker is None:
         scores["score"], threshold = aggregate_score(scores, settings.rank_weights), settings.min_score
         scores["ranked_by"] = "sum"
@@ -48,17 +54,18 @@ def rank_generations(scores: pd.DataFrame, settings: GenerationSettings, ranker=
                                    for p in scores.product_id[stale]]
     below = ~stale & (scores.score < threshold)
     scores.loc[below, "reason"] = [f"score {s:.3f} below {threshold}" for s in scores.score[below]]
-    for _, group in scores[~below & ~stale].groupby("product_id"):
+    for _, group in scores[~below & ~stale].groupby(["product_id", "arm"]):
         ordered = group.sort_values(["score", "image_id"], ascending=[False, True])
         keep_first(scores, list(ordered.index), settings.keep_top, "kept",
                    lambda rank: f"over the top {settings.keep_top} (rank {rank})")
     scores["rank"] = scores["rank"].astype("Int32")
-    return scores[TABLES["ranked_generations"].data_columns]
+    return scores[TABLES["ranked_generations"].data_columns].reset_index(drop=True)
 
 
-def configured_ranker(lake: Lakehouse):
-    """The learned ranker (model, version) when `generation.rank_aggregate` is "learned", else None."""
-    aggregate = lake.settings.generation.rank_aggregate
+def configured_ranker(lake: Lakehouse, aggregate: str | None = None):
+    """The learned ranker (model, version) when `aggregate` (default: `generation.rank_aggregate`)
+    is "learned", else None."""
+    aggregate = aggregate or lake.settings.generation.rank_aggregate
     if aggregate not in ("sum", "learned"):
         raise UserError(f"generation.rank_aggregate must be 'sum' or 'learned', not {aggregate!r}")
     if aggregate == "sum":
@@ -74,7 +81,7 @@ def run_ranking(lake: Lakehouse, zoo=None) -> dict[str, int]:
     ranker = configured_ranker(lake)
     metrics = ", ".join(f"m.{c}" for c in EVALUATED)
     scores = lake.spark.sql(
-        f"""SELECT g.product_id, g.image_id, g.adapter_version, {metrics}
+        f"""SELECT g.product_id, g.arm, g.image_id, g.adapter_version, g.task_key, {metrics}
            FROM generations g JOIN image_metrics m ON m.image_id = g.image_id AND m.product_id = g.product_id
            WHERE g.arm = 'ours' AND {from_bank("g")}"""
     ).toPandas()

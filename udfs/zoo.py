@@ -163,13 +163,14 @@ class ModelZoo:
         return ROLES[role].packaged[3] if ROLES[role].packaged else f"tiny-{self._tiny_name(role)}"
 
     def fingerprint(self, role: str) -> str:
-        """`name@digest` of the weights a role loads: the digest covers every file's relative path,
-        size and modification time, so swapping weights under the same name or path changes it
-        (derived rows record it, and a change recomputes them)."""
+        """`name@digest` of the weights a role loads: the digest covers every file's relative path
+        and content, so swapping weights under the same name or path changes it, even a copy that
+        keeps names, sizes and modification times (`cp -p`, `rsync -a`); derived rows record it,
+        and a change recomputes them. Content hashes are cached per file (DIGEST_CACHE)."""
         path = self.path(role)
         if self.is_tiny(role) and not path.exists():
             self.check(role)
-        return f"{self.name(role)}@{_weights_digest(str(path))}"
+        return f"{self.name(role)}@{weights_digest(path, self.tiny_dir.parent / DIGEST_CACHE)}"
 
     def is_tiny(self, role: str) -> bool:
         return not getattr(self.models, role).path and not ROLES[role].packaged
@@ -236,15 +237,54 @@ class ModelZoo:
             raise UserError(f"model for role '{role}' at {path} failed to load: {type(err).__name__}: {err}") from err
 
 
-def _weights_digest(path: str) -> str:
+# Content hashes of weight files, beside the tiny models (<home>/models/): a file is read once,
+# until it changes. The cache key includes the inode and the status-change time, which no copy
+# can preserve: `cp -p` over a file changes its ctime, `rsync -a` renames a new inode into place.
+DIGEST_CACHE = "weight-digests.json"
+_DIGESTS: dict[str, str] = {}
+
+
+def weights_digest(path: Path, cache_file: Path | None = None) -> str:
+    """A digest of every file under `path` (or the file): relative name and sha256 of its bytes."""
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stored = _read_digests(cache_file)
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()
-        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{stat.st_size}|"
-                      f"{stat.st_mtime_ns}\n".encode())
+        key = f"{file.resolve()}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+        if key not in _DIGESTS:
+            _DIGESTS[key] = stored.get(key) or file_sha256(file)
+        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|{_DIGESTS[key]}\n".encode())
+    if cache_file is not None and any(k not in stored for k in _DIGESTS):
+        _write_digests(cache_file, {**stored, **_DIGESTS})
     return digest.hexdigest()[:12]
+
+
+def file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        while chunk := stream.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_digests(cache_file: Path | None) -> dict[str, str]:
+    try:
+        return json.loads(cache_file.read_text()) if cache_file is not None else {}
+    except (OSError, ValueError):  # none yet, or a torn write: hash again
+        return {}
+
+
+def _write_digests(cache_file: Path, digests: dict[str, str]) -> None:
+    """Replace the cache file atomically (parallel tasks may write it at once)."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = cache_file.with_name(f".{cache_file.name}.{uuid.uuid4().hex[:8]}")
+        scratch.write_text(json.dumps(digests, sort_keys=True))
+        scratch.replace(cache_file)
+    except OSError:  # a read-only home still works, hashing each process once
+        pass
 
 
 def _build_atomically(build: Callable[[Path], object], path: Path) -> None:

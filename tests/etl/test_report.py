@@ -67,14 +67,23 @@ def add_downstream_rows(lake) -> None:
         put(lake, "image_metrics", [dict(image_id=image_id, product_id="mug", kind="generated", clip_t=0.31,
                                          clip_i=0.72, dino_i=0.55)])
         if arm == "ours":
-            put(lake, "ranked_generations", [dict(product_id="mug", image_id=image_id, score=score, rank=rank,
-                                                  kept=kept, reason=reason, adapter_version="3")])
+            put(lake, "ranked_generations", [dict(product_id="mug", arm="ours", image_id=image_id, score=score,
+                                                  rank=rank, kept=kept, reason=reason, adapter_version="3")])
         if seed in (200, 203):
-            put(lake, "rated_images", [dict(image_id=image_id, product_id="mug", arm=arm, raters=3,
+            put(lake, "rated_images", [dict(evaluation_id="e1", image_id=image_id, product_id="mug", arm=arm, raters=3,
                                             passed=seed == 200, failed_questions="" if seed == 200 else "q3,q7",
                                             ratings_source="human")])
-    evaluation = dict(dataset="folder", products=2, images=3, clip_i=0.7, clip_t=0.3, dino_i=0.5, seg_clip_i=0.6,
-                      seg_clip_t=0.28, seg_dino_i=0.45, score=0.85)
+    # Two pinned evaluations: e0 lacks the baseline's champion (incomplete, no figures); e1 has
+    # every planned image, and a version it evaluates was promoted after results were seen.
+    put(lake, "evaluation_plans", [dict(evaluation_id="e0", arm="ours", product_id="mug", prompt_id="p1", seed=0,
+                                        task_key="g200", adapter_version="3"),
+                                   dict(evaluation_id="e0", arm="baseline", product_id="mug", prompt_id="p1", seed=0)])
+    put(lake, "evaluation_plans", [dict(evaluation_id="e1", arm=arm, product_id="mug", prompt_id="p1", seed=seed,
+                                        task_key=f"g{seed}", adapter_version="3")
+                                   for arm, seed in (("ours", 200), ("ours", 201), ("ours", 202), ("baseline", 203))])
+    evaluation = dict(evaluation_id="e1", dataset="folder", products=2, images=3, clip_i=0.7, clip_t=0.3, dino_i=0.5,
+                      seg_clip_i=0.6, seg_clip_t=0.28, seg_dino_i=0.45, score=0.85, selected_after_results=True,
+                      training="30 steps, rank 4, alpha 4, lr 0.001, prior none, 3-5 examples")
     put(lake, "evaluation_metrics", [
         {**evaluation, "arm": "ours", "product_id": "(all)", "rated_images": 1, "image_pass_rate": 1.0,
          "product_pass_rate": 1.0, "pearson_score_pass": None},
@@ -193,6 +202,17 @@ def test_product_page_shows_every_section_with_its_images(report, tmp_path):
     # The page really shows its pictures: noisy photos give thousands of colours.
     shot = screenshot(page, tmp_path)
     assert len(shot.getcolors(maxcolors=1 << 20)) > 1000
+
+
+def test_evaluations_are_listed_with_what_is_missing_and_selection_after_results(report):
+    _, index = report
+    text = Dom(index.read_text()).all_text
+    assert "Evaluation e0" in text and "Evaluation e1" in text
+    assert text.index("Evaluation e1") < text.index("Evaluation e0")  # newest first
+    assert "Incomplete" in text and "baseline mug: no @champion adapter" in text
+    assert "Selected after the fact" in text
+    assert "30 steps, rank 4, alpha 4, lr 0.001, prior none, 3-5 examples" in text  # beside the arm's figures
+    assert "planned images per arm: ours 3, baseline 1" in text
 
 
 def test_a_page_without_downstream_rows_says_so(report, tmp_path):

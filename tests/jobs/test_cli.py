@@ -110,3 +110,18 @@ def test_demo_figures_are_labelled_synthetic(demo_home):
     assert ("ours", "ranked") in rows and {r["ratings_source"] for r in rows.values()} == {"synthetic"}
     index = (demo_home / "report" / "index.html").read_text()
     assert "ratings on these pages are SYNTHETIC" in index and "tiny random-weight stand-ins" in index
+
+
+def test_the_demo_evaluation_is_one_pinned_plan_both_arms_complete(demo_home):
+    result = recontext("evaluations", "--format", "json", home=demo_home)
+    assert result.returncode == 0, result.stderr
+    (evaluation,) = json.loads(result.stdout)
+    assert evaluation["status"] == "complete" and evaluation["missing"] == []
+    planned = evaluation["planned_images"]
+    assert set(planned) == {"ours", "baseline"} and planned["ours"] == planned["baseline"] > 0
+    rows = json.loads(recontext("sql", "SELECT DISTINCT evaluation_id, arm, training FROM evaluation_metrics",
+                                "--format", "json", home=demo_home).stdout)
+    assert {r["evaluation_id"] for r in rows} == {evaluation["evaluation_id"]}
+    training = {r["arm"]: r["training"] for r in rows}
+    assert "prior none" in training["ours"] and "rank 64" in training["baseline"]
+    assert "prior weight" in training["baseline"]
