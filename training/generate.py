@@ -24,7 +24,7 @@ import pandas as pd
 
 from etl.config import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
-from etl.plans import pending_tasks, prompts, task_key  # noqa: F401 - prompts, task_key: imagine's too
+from etl.plans import pending_tasks
 from etl.step import CHAMPIONS, Step
 from etl.tables import TABLES
 from training.fanout import fan_out, parallelism, with_slots

@@ -34,7 +34,9 @@ from etl.metrics import metric_constants, score_product
 from etl.prompt_bank import class_noun, resolved_types, scene_refusal
 from etl.tables import sql_list, sql_literal
 from etl.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
-from training.generate import adapter_on, image_row, prompts, render, task_key
+from etl.plans import prompts, task_key
+from training.generate import adapter_on, image_row
+from udfs.diffusion import render
 from training.ranking import configured_ranker, rank_generations
 from udfs.imaging import decode_rgb, segment
 from udfs.zoo import ModelZoo
