@@ -24,12 +24,50 @@ def copy_home(source: Path, target: Path) -> Path:
     return target
 
 
-def delta_rows(home: Path, table: str, columns: list[str]) -> list[dict]:
-    """Rows of a table read by delta-rs in a child process (delta-rs with pyarrow can abort at
-    interpreter exit: NOTES.md 9), as JSON records (binary columns base64)."""
+def delta_rows(home: Path, table: str, columns: list[str], version: int | None = None) -> list[dict]:
+    """Rows of a table (at `version`, else the latest) read by delta-rs in a child process
+    (delta-rs with pyarrow can abort at interpreter exit: NOTES.md 9), as JSON records (binary
+    columns base64)."""
     code = ("import base64, json, os, sys\nfrom deltalake import DeltaTable\n"
-            f"frame = DeltaTable({str(Path(home) / 'lakehouse' / table)!r}).to_pandas(columns={columns!r})\n"
+            f"frame = DeltaTable({str(Path(home) / 'lakehouse' / table)!r}, version={version!r})"
+            f".to_pandas(columns={columns!r})\n"
             "frame = frame.map(lambda v: base64.b64encode(v).decode() if isinstance(v, bytes) else v)\n"
             "sys.stdout.write(frame.to_json(orient='records')); sys.stdout.flush(); os._exit(0)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
+
+
+OLD_LOG_AGE_DAYS = 40  # past Delta's default log retention (30 days)
+
+
+def home_made_before_checkpoints(home: Path, products: int = 25) -> list[dict]:
+    """A home as versions before checkpoints were on made it: every table created with
+    'delta.checkpointInterval'='1000000'; `products` written in one commit per product plus a
+    MERGE that retitles the first; the log files dated OLD_LOG_AGE_DAYS back. Returns `products`'
+    (product_id, title) rows as delta-rs reads them."""
+    import os
+    import time
+
+    import pandas as pd
+
+    from etl import lakehouse
+    from etl.config import Settings
+
+    current = lakehouse.TABLE_PROPERTIES
+    lakehouse.TABLE_PROPERTIES = {"delta.checkpointInterval": "1000000"}
+    try:
+        lake = lakehouse.Lakehouse(Settings.load(home))
+    finally:
+        lakehouse.TABLE_PROPERTIES = current
+    rows = [{"product_id": f"p{n:02d}", "title": f"mug {n}", "product_type": "mug", "attributes": "{}",
+             "source": "test"} for n in range(products)]
+    for row in rows:
+        assert lake.upsert_rows("products", pd.DataFrame([row])) == 1
+    assert lake.upsert_rows("products", pd.DataFrame([{**rows[0], "title": "retitled mug"}])) == 1
+    assert lake.history("products", 1)[0]["operation"] == "MERGE"
+    log = home / "lakehouse" / "products" / "_delta_log"
+    assert not list(log.glob("*checkpoint*"))
+    old = time.time() - OLD_LOG_AGE_DAYS * 86400
+    for name in (home / "lakehouse").glob("*/_delta_log/*"):
+        os.utime(name, (old, old))
+    return delta_rows(home, "products", ["product_id", "title"])

@@ -81,7 +81,7 @@ def run_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = No
     last adapter (the digest covers both), on a pinned version of `training_images`."""
     zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("training_images")).version()
-    pinned = lake.spark.read.format("delta").option("versionAsOf", version).load(lake.location("training_images"))
+    pinned = lake.at_version("training_images", version)
     pinned.where("selected").createOrReplaceTempView("_training_set")
     selected = lake.spark.sql("SELECT product_id, image_id, is_positive, caption FROM _training_set").toPandas()
     digests = _digests(config_hash(lake, zoo), selected)
