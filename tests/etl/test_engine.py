@@ -52,14 +52,19 @@ def test_unknown_table_is_an_error(lake):
         lake.table("nope")
 
 
-def test_compact_and_vacuum_keep_rows(lake):
-    for i in range(3):  # three commits, three small files
+def test_compact_cluster_and_vacuum_keep_rows(lake):
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    for i in (2, 0, 1):  # three commits, three small files, not in product order
         lake.upsert("products", lake.spark.sql(
             f"SELECT 'p{i}' AS product_id, 't' AS title, 'mug' AS product_type, '{{}}' AS attributes, "
             "'test' AS source, current_timestamp() AS ingested_at"))
     assert [h["operation"] for h in lake.history("products")][:3] == ["WRITE"] * 3  # new keys are appended
     metrics = lake.optimize("products")
     assert metrics["numFilesRemoved"] >= 3 and metrics["numFilesAdded"] == 1
+    [file] = DeltaTable(lake.location("products")).file_uris()
+    assert pq.read_table(file.removeprefix("file://")).column("product_id").to_pylist() == ["p0", "p1", "p2"]
     removed = lake.vacuum("products", retention_hours=0)
     assert len(removed) >= 3
     assert sorted(r.product_id for r in lake.table("products").collect()) == ["p0", "p1", "p2"]
