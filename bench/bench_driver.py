@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -32,38 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from homes import mlflow_server  # noqa: E402
-
-
-def outcomes(zoo, settings, products: list[str], work: Path) -> dict[str, dict]:
-    """Per product, a task's outcome as `_train_task` returns it, with a real tiny adapter."""
-    import numpy as np
-    from PIL import Image
-
-    from training.lora import Example, train_lora
-
-    config = settings.training
-    adapter = train_lora(zoo.load("text2img"), [Example(Image.new("RGB", (64, 64), "white"), "a photo of sks mug")],
-                         config, work / "adapter", steps=2).adapter_dir
-    rng = np.random.default_rng(0)
-    validation = [{"step": step, "clip_i": 0.8, "dino_i": 0.7}
-                  for step in range(config.validate_every, config.steps + 1, config.validate_every)]
-    tokens = [f"tok{n}" for n in range(config.token_candidates)]
-    result = {}
-    for product in products:
-        folder = work / product
-        shutil.copytree(adapter, folder / "final")
-        (folder / "validation").mkdir()
-        for n in range(config.validation_images):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "validation" / f"{n}.png")
-        result[product] = {
-            "token": tokens[0], "tried_tokens": tokens, "examples": 20, "positives": 16,
-            "sweep": {t: {"clip_i": 0.8, "dino_i": 0.7, "sweep_score": 1.5, "sweep_scene_clip_t": 0.2} for t in tokens},
-            "losses": rng.random(config.steps).tolist(), "learning_rates": [config.learning_rate] * config.steps,
-            "grad_norms": rng.random(config.steps).tolist(), "validations": validation,
-            "adapter_dir": str(folder / "final"), "task_seconds": 60.0, "peak_memory_mb": 900.0,
-            "process": {"task_host": "bench", "task_pid": 1, "task_started": time.time()}}
-    return result
+from homes import mlflow_server, task_outcomes  # noqa: E402
 
 
 def main() -> None:
@@ -87,7 +55,7 @@ def main() -> None:
         products = [f"product-{n:04d}" for n in range(args.products)]
         lake.upsert_rows("products", pd.DataFrame({"product_id": products, "title": "a bench mug",
                                                    "product_type": "mug", "attributes": "{}", "source": "bench"}))
-        tasks = outcomes(zoo, lake.settings, products, root / "work")
+        tasks = task_outcomes(zoo, lake.settings, products, root / "work")
         digests = {p: "d" * 16 for p in products}
         experiment = tracking.configure(lake.settings)
         quiet = lambda _: None  # noqa: E731

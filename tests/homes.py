@@ -115,3 +115,38 @@ def mlflow_server(folder: Path, timeout: float = 120):
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers (its own session)
         server.wait(timeout=60)
         log.close()
+
+
+def task_outcomes(zoo, settings, products: list[str], work: Path) -> dict[str, dict]:
+    """Per product, a training task's outcome shaped as `_train_task` returns it (the settings'
+    steps, sweep tokens, validations; validation PNGs under `work/<product>`), each with a copy
+    of one real tiny LoRA adapter (2 steps on the zoo's text2img)."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from training.lora import Example, train_lora
+
+    config = settings.training
+    adapter = train_lora(zoo.load("text2img"), [Example(Image.new("RGB", (64, 64), "white"), "a photo of sks mug")],
+                         config, work / "adapter", steps=2).adapter_dir
+    rng = np.random.default_rng(0)
+    validation = [{"step": step, "clip_i": 0.8, "dino_i": 0.7}
+                  for step in range(config.validate_every, config.steps + 1, config.validate_every)]
+    tokens = [f"tok{n}" for n in range(config.token_candidates)]
+    result = {}
+    for product in products:
+        folder = work / product
+        shutil.copytree(adapter, folder / "final")
+        (folder / "validation").mkdir()
+        for n in range(config.validation_images):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "validation" / f"{n}.png")
+        result[product] = {
+            "token": tokens[0], "tried_tokens": tokens, "examples": 20, "positives": 16,
+            "sweep": {t: {"clip_i": 0.8, "dino_i": 0.7, "sweep_score": 1.5, "sweep_scene_clip_t": 0.2} for t in tokens},
+            "losses": rng.random(config.steps).tolist(), "learning_rates": [config.learning_rate] * config.steps,
+            "grad_norms": rng.random(config.steps).tolist(), "validations": validation,
+            "adapter_dir": str(folder / "final"), "task_seconds": 60.0, "peak_memory_mb": 900.0,
+            "process": {"task_host": "bench", "task_pid": 1, "task_started": time.time()}}
+    return result
