@@ -190,7 +190,8 @@ class Lakehouse:
         return DeltaTable(self.location(_declared(name).name)).history(limit)
 
     def optimize(self, name: str) -> dict:
-        """Rewrite small files into larger ones (delta-rs OPTIMIZE); rows are unchanged. Tables
+        """Rewrite small files into larger ones (OPTIMIZE: delta-rs on the embedded engine, the
+        engine's own on Spark); rows are unchanged. Tables
         with a `product_id` are also clustered by it (Z-order), so a product's rows sit in few
         files and per-product reads skip the others, whatever the ids look like. Returns the
         numbers of files removed and added."""

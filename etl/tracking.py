@@ -78,8 +78,8 @@ def log_batch(client, run_id: str, metrics=(), params: dict | None = None, tags:
 
 @functools.cache
 def _adapter_requirements() -> list[str]:
-    """The pip requirements logged with every adapter: inferred once per process (MLflow's
-    inference reads installed package metadata, ~0.3-2 s per model logged)."""
+    """The pip requirements logged with every adapter, inferred once per process instead of once
+    per model (MLflow reads the installed packages' metadata for it)."""
     import mlflow
 
     return mlflow.diffusers.get_default_pip_requirements()
