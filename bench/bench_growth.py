@@ -4,7 +4,8 @@
     python bench/bench_growth.py --sizes 1000 10000
 
 For each size a fresh home is populated with that many reference images (4 per product) and
-the rows earlier runs would have left for them, written straight through the engine in the
+the rows earlier runs would have left for them (product ids are random 16-hex-digit hashes, new
+and stored alike, as real catalogs' ids are), written straight through the engine in the
 declared schemas (TABLES), in commits of 10,000 rows as a home that grew over time and was
 compacted would hold them: `products`, `product_images` (distinct 64x64 PNGs, image_id = the
 pixel hash the pipeline uses), `masks` (the segmenter's method, a real box and mask PNG, the current weights'
@@ -18,6 +19,7 @@ normally, and each step is timed. One torch/ONNX thread.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -40,7 +42,7 @@ from PIL import Image  # noqa: E402
 from etl.config import Settings  # noqa: E402
 from etl.ingest import ingest  # noqa: E402
 from etl.lakehouse import Lakehouse  # noqa: E402
-from etl.tables import TABLES  # noqa: E402
+from etl.tables import TABLES, sql_list  # noqa: E402
 from jobs.steps import run_steps  # noqa: E402
 from sample_images import encode, product_shot, write_files  # noqa: E402
 from udfs.imaging import encode_mask, pixel_hash  # noqa: E402
@@ -73,7 +75,7 @@ def populate(lake: Lakehouse, zoo: ModelZoo, images: int) -> None:
             image.save(buffer, "PNG")
             ids.append(pixel_hash(image))
             blobs.append(buffer.getvalue())
-            products.append(f"stored-{n // IMAGES_PER_PRODUCT:06d}")
+            products.append(product_id("stored", n // IMAGES_PER_PRODUCT))
         count = len(ids)
         frames = {
             "products": pd.DataFrame({"product_id": sorted(set(products)), "title": "a stored mug",
@@ -106,14 +108,23 @@ def populate(lake: Lakehouse, zoo: ModelZoo, images: int) -> None:
                 "delta").mode("append").save(lake.location(name))
 
 
+def product_id(kind: str, n: int) -> str:
+    """Ids drawn at random, as real catalogs have them (hashes): new products interleave with the
+    stored ones in every sort order, so no file is skipped for being outside their id range."""
+    return hashlib.sha256(f"{kind}-{n}".encode()).hexdigest()[:16]
+
+
+NEW_IDS = [product_id("new", n) for n in range(NEW_PRODUCTS)]
+
+
 def _unit(rng, count: int, width: int):
     vectors = rng.standard_normal((count, width)).astype(np.float32)
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tolist()
 
 
 def new_products(catalog: Path) -> None:
-    for n in range(NEW_PRODUCTS):
-        folder = catalog / f"new-{n:03d}"
+    for n, new_id in enumerate(NEW_IDS):
+        folder = catalog / new_id
         write_files(folder, {f"{s}.png": encode(product_shot(seed=1000 + 2 * n + s), "PNG") for s in (0, 1)})
         (folder / "product.json").write_text(json.dumps({"product_type": "mug", "title": f"new mug {n}"}))
 
@@ -134,7 +145,7 @@ def measure(root: Path, tiny: Path, catalog: Path, images: int) -> dict[str, flo
         written = run_steps(lake, [step], zoo, progress=lambda _: None)[step]
         seconds[step] = time.perf_counter() - started
         print(f"  {images}: {step} {seconds[step]:.1f} s {written}", flush=True)
-    metrics = lake.spark.sql("SELECT count(*) AS n FROM image_metrics WHERE product_id LIKE 'new-%' "
+    metrics = lake.spark.sql(f"SELECT count(*) AS n FROM image_metrics WHERE product_id IN ({sql_list(NEW_IDS)}) "
                              "AND clip_i IS NOT NULL").collect()[0]["n"]
     assert metrics == 2 * NEW_PRODUCTS, metrics
     seconds["total"] = sum(seconds.values())

@@ -9,6 +9,7 @@ engine lacks come from delta-rs.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from etl.config import Settings
 from etl.engine import Engine, spark_session
 from etl.tables import TABLES, Table, sql_list, sql_literal
 
-# Sail 0.7.2 fails time travel to versions before a checkpoint (NOTES.md 1): never checkpoint.
-# Spark does not need it, but a table outlives the engine that made it (a home made on a Spark
-# server may be opened by the embedded engine), so every engine creates tables this way.
-TABLE_PROPERTIES = "'delta.checkpointInterval'='1000000'"
+# A checkpoint every 10 commits (Spark's and Sail's default; delta-rs' is 100): a read replays at
+# most 10 JSON commits after the checkpoint, however long the table's history. Homes made before
+# these properties (checkpoints off, 'delta.checkpointInterval'='1000000') get them from
+# `recontext maintain`. Sail 0.7.2 cannot time travel to versions before the last checkpoint:
+# `at_version` reads those through delta-rs' file list.
+TABLE_PROPERTIES = {"delta.checkpointInterval": "10"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Lakehouse:
 
         The catalog of the embedded engine lives in memory, so this runs at every start.
         """
+        properties = ", ".join(f"{sql_literal(k)}={sql_literal(v)}" for k, v in TABLE_PROPERTIES.items())
         for table in TABLES.values():
             location = self.location(table.name)
             if (Path(location) / "_delta_log").is_dir():
@@ -93,11 +97,30 @@ class Lakehouse:
             self.spark.sql(
                 f"CREATE TABLE IF NOT EXISTS {table.name} ({table.ddl_columns()}) USING delta "
                 f"{partitioned} LOCATION '{location}' "
-                f"COMMENT {sql_literal(table.comment)} TBLPROPERTIES ({TABLE_PROPERTIES})"
+                f"COMMENT {sql_literal(table.comment)} TBLPROPERTIES ({properties})"
             )
 
     def table(self, name: str) -> DataFrame:
         return self.spark.table(_declared(name).name)
+
+    def at_version(self, name: str, version: int) -> DataFrame:
+        """Table `name` as of Delta `version` (time travel)."""
+        table, location = _declared(name), self.location(name)
+        if self.engine.sail and version < _last_checkpoint(location):
+            # Sail 0.7.2 fails time travel to most versions before the table's last checkpoint
+            # ("Missing commit file: expected version 0"; at or after it, it works). delta-rs lists
+            # that version's data files; tables here are unpartitioned, without deletion vectors
+            # or column mapping (checked), so those files hold exactly the version's rows.
+            snapshot = DeltaTable(location, version=version)
+            features = set(snapshot.protocol().reader_features or ())
+            if features & {"deletionVectors", "columnMapping"} or table.partition_by:
+                raise NotImplementedError(f"{name} v{version}: time travel before the last checkpoint on the "
+                                          f"embedded engine needs a plain table (has {sorted(features)})")
+            schema = ", ".join(f"{c.name} {c.type}" for c in table.columns)
+            files = snapshot.file_uris()
+            return (self.spark.read.schema(schema).parquet(*files) if files
+                    else self.spark.createDataFrame([], schema))
+        return self.spark.read.format("delta").option("versionAsOf", version).load(location)
 
     def upsert(self, name: str, rows: DataFrame) -> int:
         """MERGE `rows` into table `name` on its key; returns how many rows were written.
@@ -166,9 +189,34 @@ class Lakehouse:
         """Delta commits, newest first (the engine lacks DESCRIBE HISTORY)."""
         return DeltaTable(self.location(_declared(name).name)).history(limit)
 
-    def compact(self, name: str) -> dict:
-        """Rewrite small files into larger ones (delta-rs OPTIMIZE); rows are unchanged."""
-        return DeltaTable(self.location(_declared(name).name)).optimize.compact()
+    def optimize(self, name: str) -> dict:
+        """Rewrite small files into larger ones (OPTIMIZE: delta-rs on the embedded engine, the
+        engine's own on Spark); rows are unchanged. Tables
+        with a `product_id` are also clustered by it (Z-order), so a product's rows sit in few
+        files and per-product reads skip the others, whatever the ids look like. Returns the
+        numbers of files removed and added."""
+        table, location = _declared(name), self.location(name)
+        clustered = "product_id" in table.column_names
+        if not self.engine.sail:  # Spark and Databricks: their own OPTIMIZE (Z-order by Delta's curve)
+            metrics = self.spark.sql(f"OPTIMIZE delta.`{location}`"
+                                     + (" ZORDER BY (product_id)" if clustered else "")).collect()[0]["metrics"]
+            return {"numFilesRemoved": metrics["numFilesRemoved"], "numFilesAdded": metrics["numFilesAdded"]}
+        delta = DeltaTable(location)
+        return delta.optimize.z_order(["product_id"]) if clustered else delta.optimize.compact()
+
+    def checkpoint(self, name: str) -> dict[str, str]:
+        """Bring a table's log up to date: the table properties of TABLE_PROPERTIES (an older home's
+        tables never checkpoint), a checkpoint at the current version, and expired log files
+        (older than the table's delta.logRetentionDuration, 30 days by default, and before the
+        checkpoint) deleted. Returns the properties that were changed."""
+        delta = DeltaTable(self.location(_declared(name).name))
+        stored = delta.metadata().configuration
+        changed = {k: v for k, v in TABLE_PROPERTIES.items() if stored.get(k) != v}
+        if changed:
+            delta.alter.set_table_properties(changed)
+        delta.create_checkpoint()
+        delta.cleanup_metadata()
+        return changed
 
     def vacuum(self, name: str, retention_hours: int = 168) -> list[str]:
         """Delete files no longer referenced by versions newer than the retention."""
@@ -202,6 +250,12 @@ def _delta_type(sql_type: str):
     if sql_type.startswith("ARRAY<"):
         return ArrayType(_delta_type(sql_type[len("ARRAY<"):-1]), contains_null=True)
     return PrimitiveType(DELTA_TYPES[sql_type])
+
+
+def _last_checkpoint(location: str) -> int:
+    """Version of the table's last checkpoint (-1: none), from `_delta_log/_last_checkpoint`."""
+    marker = Path(location) / "_delta_log" / "_last_checkpoint"
+    return json.loads(marker.read_text())["version"] if marker.exists() else -1
 
 
 def _add_missing_columns(table: Table, location: str) -> None:

@@ -9,6 +9,7 @@ permissions work per product, the way the registry's UI lists them.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from etl.config import Settings
@@ -54,6 +55,36 @@ def configure(settings: Settings) -> str:
     return mlflow.create_experiment(settings.training.experiment, artifact_location=location)
 
 
+# A log_batch request's limits (MLflow's REST API): 1000 entities, of which at most 100 params
+# and 100 tags.
+BATCH_ENTITIES, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
+
+
+def log_batch(client, run_id: str, metrics=(), params: dict | None = None, tags: dict | None = None) -> None:
+    """Log metrics (mlflow.entities.Metric), params and tags of a run in as few requests as the
+    API's limits allow (one, for a product's run)."""
+    from mlflow.entities import Param, RunTag
+
+    params = [Param(k, str(v)) for k, v in (params or {}).items()]
+    tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    metrics = list(metrics)
+    while params or tags or metrics:
+        batch_params, params = params[:BATCH_PARAMS], params[BATCH_PARAMS:]
+        batch_tags, tags = tags[:BATCH_TAGS], tags[BATCH_TAGS:]
+        room = BATCH_ENTITIES - len(batch_params) - len(batch_tags)
+        batch_metrics, metrics = metrics[:room], metrics[room:]
+        client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
+
+
+@functools.cache
+def _adapter_requirements() -> list[str]:
+    """The pip requirements logged with every adapter, inferred once per process instead of once
+    per model (MLflow reads the installed packages' metadata for it)."""
+    import mlflow
+
+    return mlflow.diffusers.get_default_pip_requirements()
+
+
 def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = OURS,
                      auto_promote: bool = False) -> str:
     """Log the adapter with the mlflow.diffusers flavor in the active run, register it, alias it
@@ -68,7 +99,7 @@ def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = O
     name = registered_model_name(product_id, arm)
     family = family_of(base_model)  # recorded so a reader knows which pipeline class takes the adapter
     info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
-                                      registered_model_name=name,
+                                      registered_model_name=name, pip_requirements=_adapter_requirements(),
                                       metadata={"base_family": family.name, "base_pipeline": family.text2img})
     mlflow.set_tag("base_pipeline", family.text2img)
     version = str(info.registered_model_version)

@@ -142,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder (default: <home>/report)")
     report.set_defaults(run=cmd_report)
 
-    maintain = commands.add_parser("maintain", help="compact and vacuum tables, prune orphaned MLflow artifacts")
+    maintain = commands.add_parser("maintain", help="compact, cluster, vacuum and checkpoint tables; prune "
+                                   "orphaned MLflow artifacts")
     maintain.add_argument("--retention-hours", type=int,
                           help="keep files that versions this recent need (default: settings retention_hours)")
     maintain.set_defaults(run=cmd_maintain)

@@ -1,7 +1,10 @@
 """`recontext maintain`: keep a long-lived home small and fast.
 
-- Every table: compact small files (delta-rs OPTIMIZE; each MERGE adds files), then vacuum files
-  that no version within the retention needs (time travel stays possible inside the retention).
+- Every table: the table properties of `etl.lakehouse.TABLE_PROPERTIES` set (a home made before
+  checkpoints were on gets them here), a log checkpoint, expired log files deleted; then small
+  files compacted (OPTIMIZE; each MERGE adds files), clustered by `product_id` where the table
+  has one (Z-order), and files that no version within the retention needs vacuumed (time
+  travel stays possible inside the retention).
 - MLflow: artifact folders that no run or logged model of the tracking store owns (left by
   deleted or never-finished runs) are removed; so are the training checkpoints of adapters that
   are registered (they exist only to resume a killed training run).
@@ -24,6 +27,7 @@ from etl.tables import TABLES
 class MaintenanceReport:
     compacted: dict[str, int] = field(default_factory=dict)  # table -> files removed by compaction
     vacuumed: dict[str, int] = field(default_factory=dict)  # table -> files deleted
+    properties: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> table properties changed
     orphaned_artifacts: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     key_violations: dict[str, list[dict]] = field(default_factory=dict)  # table -> duplicated keys
@@ -31,6 +35,8 @@ class MaintenanceReport:
     def lines(self) -> list[str]:
         return [f"{t:<20} compacted {self.compacted.get(t, 0):>4} files, vacuumed {self.vacuumed.get(t, 0):>4}"
                 for t in sorted(set(self.compacted) | set(self.vacuumed))] + [
+            f"{t:<20} set " + ", ".join(f"{k}={v}" for k, v in props.items())
+            for t, props in sorted(self.properties.items()) if props] + [
             f"removed {len(self.orphaned_artifacts)} orphaned MLflow artifact folder(s), "
             f"{len(self.checkpoints)} training checkpoint folder(s) of registered adapters"] + check_lines(
             self.key_violations)
@@ -42,7 +48,10 @@ def maintain(lake: Lakehouse, retention_hours: int) -> MaintenanceReport:
     report = MaintenanceReport()
     with home_lock(lake.settings.home, f"maintain-{uuid.uuid4().hex[:6]}"):
         for name in TABLES:
-            metrics = lake.compact(name)
+            # Log first: expired logs can only go up to a checkpoint older than every version
+            # kept, so the checkpoint must precede optimize's commit.
+            report.properties[name] = lake.checkpoint(name)
+            metrics = lake.optimize(name)
             report.compacted[name] = int(metrics.get("numFilesRemoved", 0))
             report.vacuumed[name] = len(lake.vacuum(name, retention_hours))
         report.orphaned_artifacts = prune_mlflow_artifacts(lake)

@@ -44,7 +44,7 @@ from etl.progress import Progress
 from etl.prompt_bank import approved_prompts, resolved_types
 from etl.prompt_bank import class_noun as noun_of
 from etl.step import REGISTERED_MODELS, Step
-from etl.tables import sql_literal
+from etl.tables import sql_list
 from etl import tracking
 from training.fanout import fan_out, parallelism, with_slots
 from training.lora import Example, instance_prompt, lora_alpha, train_lora
@@ -93,7 +93,7 @@ def run_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = No
     last adapter (the digest covers both), on a pinned version of `training_images`."""
     zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("training_images")).version()
-    pinned = lake.spark.read.format("delta").option("versionAsOf", version).load(lake.location("training_images"))
+    pinned = lake.at_version("training_images", version)
     pinned.where("selected").createOrReplaceTempView("_training_set")
     selected = lake.spark.sql("SELECT product_id, image_id, is_positive, caption FROM _training_set").toPandas()
     digests = _digests(config_hash(lake, zoo), selected)
@@ -154,52 +154,76 @@ def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], examples, v
     """Driver: skip what a killed run registered, fan the rest out (one task per product), then
     log, register and record each result in product order."""
     experiment = tracking.configure(lake.settings)
-    written, failures, specs = 0, [], []
-    scenes = approved_prompts(lake, "scene")
-    for product_id in todo:
-        row = _adapter_row(product_id, arm, version, digests[product_id])
-        registered = tracking.registered_version(row["model_name"], _training_key(row))
-        if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
-            progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
-            written += _write(lake, _recorded(row, *registered))
-            continue
-        title, product_type = _title_and_type(lake, product_id)
-        specs.append({"product_id": product_id, "spec": json.dumps({
-            "arm": arm, "version": version, "digest": digests[product_id], "title": title,
-            "class_noun": noun_of(product_type),
-            "scenes": scenes[scenes.product_type == product_type].text.head(
-                arm_config(lake.settings, arm).validation_images).tolist(),
-            "work": str(lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digests[product_id]}")})})
+    written, specs = plan_products(lake, todo, version, digests, arm, progress)
+    failures = []
     if specs:
         rows = lake.spark.createDataFrame(with_slots(pd.DataFrame(specs)), "product_id STRING, spec STRING, slot BIGINT")
         parallel = parallelism(lake.settings)
         progress(f"  training {len(specs)} product(s) ({arm}) in {min(parallel, len(specs))} parallel task(s)")
         results = fan_out(lake.spark, rows.join(examples, "product_id"), parallel,
                           functools.partial(_train_task, lake.settings, zoo, arm), RESULT_SCHEMA)
-        meter = Progress(len(results), f"products ({arm})", progress)
-        for result in meter.track(results.sort_values("product_id").itertuples(index=False),
-                                  lambda r: r.product_id):
-            try:
-                if result.error is not None:
-                    raise TaskFailed(result.error)
-                spec = next(json.loads(s["spec"]) for s in specs if s["product_id"] == result.product_id)
-                row = _adapter_row(result.product_id, arm, version, spec["digest"])
-                written += _write(lake, _log_and_register(lake, zoo, row, spec, json.loads(result.result),
-                                                          result.device, experiment, progress))
-            except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
-                log.error("training %s (%s) failed: %s", result.product_id, arm, err)
-                failures.append((result.product_id, f"{arm}:training", "training_failed",
-                                 f"training the {arm} adapter failed ({err}); it is retried on the next run"))
+        recorded, failures = record_results(lake, zoo, arm, version, specs, results, experiment, progress)
+        written += recorded
     return {"adapters": written, "quarantine": lake.quarantine(STAGE if arm == tracking.OURS else BASELINE_STAGE,
                                                                 failures)}
+
+
+def plan_products(lake: Lakehouse, todo: list[str], version: int, digests: dict[str, str], arm: str,
+                  progress) -> tuple[int, list[dict]]:
+    """Driver, before the tasks: record the adapters a killed run registered but did not record;
+    returns how many, and the task spec of every other product."""
+    recorded, specs = [], []
+    scenes = approved_prompts(lake, "scene")
+    titles, types = _titles_and_types(lake, todo)
+    for product_id in todo:
+        row = _adapter_row(product_id, arm, version, digests[product_id])
+        registered = tracking.registered_version(row["model_name"], _training_key(row))
+        if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
+            progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
+            recorded.append(_recorded(row, *registered))
+            continue
+        product_type = types.get(product_id)
+        specs.append({"product_id": product_id, "spec": json.dumps({
+            "arm": arm, "version": version, "digest": digests[product_id], "title": titles.get(product_id, product_id),
+            "class_noun": noun_of(product_type),
+            "scenes": scenes[scenes.product_type == product_type].text.head(
+                arm_config(lake.settings, arm).validation_images).tolist(),
+            "work": str(lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digests[product_id]}")})})
+    return _write(lake, recorded), specs
+
+
+def record_results(lake: Lakehouse, zoo: ModelZoo, arm: str, version: int, specs: list[dict],
+                   results: pd.DataFrame, experiment: str, progress) -> tuple[int, list[tuple]]:
+    """Driver, after the tasks (`results`: RESULT_SCHEMA rows): log and register each product's
+    adapter in MLflow, then record them all in `adapters` in one write (a run killed before it
+    finds the registered versions by their training key); returns the rows written and the
+    failures (quarantine tuples)."""
+    rows, failures = [], []
+    meter = Progress(len(results), f"products ({arm})", progress)
+    spec_of = {s["product_id"]: json.loads(s["spec"]) for s in specs}
+    for result in meter.track(results.sort_values("product_id").itertuples(index=False),
+                              lambda r: r.product_id):
+        try:
+            if result.error is not None:
+                raise TaskFailed(result.error)
+            spec = spec_of[result.product_id]
+            row = _adapter_row(result.product_id, arm, version, spec["digest"])
+            rows.append(_log_and_register(lake, zoo, row, spec, json.loads(result.result), result.device,
+                                          experiment, progress))
+        except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
+            log.error("training %s (%s) failed: %s", result.product_id, arm, err)
+            failures.append((result.product_id, f"{arm}:training", "training_failed",
+                             f"training the {arm} adapter failed ({err}); it is retried on the next run"))
+    return _write(lake, rows), failures
 
 
 class TaskFailed(RuntimeError):
     """A product's task failed; its message is the task's `Type: message`."""
 
 
-def _write(lake: Lakehouse, row: dict) -> int:
-    return lake.upsert_rows("adapters", pd.DataFrame([row]).astype({"images": "int32"}))
+def _write(lake: Lakehouse, rows: list[dict]) -> int:
+    """`adapters` rows in one MERGE."""
+    return lake.upsert_rows("adapters", pd.DataFrame(rows).astype({"images": "int32"})) if rows else 0
 
 
 def _adapter_row(product_id: str, arm: str, version: int, digest: str) -> dict:
@@ -269,6 +293,7 @@ def _log_and_register(lake: Lakehouse, zoo: ModelZoo, row: dict, spec: dict, out
     validation metrics and images), registered; returns the `adapters` row."""
     import mlflow
     from mlflow.entities import Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     arm, product_id = row["arm"], row["product_id"]
     config = arm_config(lake.settings, arm)
@@ -283,30 +308,36 @@ def _log_and_register(lake: Lakehouse, zoo: ModelZoo, row: dict, spec: dict, out
     run_name = product_id if arm == tracking.OURS else f"{product_id} {arm}"
     progress(f"  train {product_id} ({arm}): token '{outcome['token']}', {outcome['examples']} examples, "
              f"{config.steps} steps on {device}")
+    # Batched: a tracking server answers each call over the network, and the driver logs the
+    # products one after another (bench/bench_driver.py).
+    client, now = mlflow.MlflowClient(), int(time.time() * 1000)
     with mlflow.start_run(experiment_id=experiment, run_name=run_name,
                           tags={tracking.TRAINING_KEY: _training_key(row)}) as run:
-        mlflow.log_params(params)
-        for token, scores in outcome["sweep"].items():
-            with mlflow.start_run(experiment_id=experiment, run_name=f"{product_id} token {token}", nested=True):
-                mlflow.log_params({"token": token, "steps": config.sweep_steps})
-                mlflow.log_metrics({f"val_{k}": scores[k] for k in ("clip_i", "dino_i")}, step=config.sweep_steps)
-                mlflow.log_metrics({k: v for k, v in scores.items() if k.startswith("sweep_") and v is not None})
-        mlflow.log_params({"token": outcome["token"], "tried_tokens": ",".join(outcome["tried_tokens"])})
-        mlflow.set_tags({"token_scores": json.dumps(token_scores, sort_keys=True), **outcome["process"]})
-        now = int(time.time() * 1000)
+        for token, scores in outcome["sweep"].items():  # a nested run per token tried
+            child = client.create_run(experiment, run_name=f"{product_id} token {token}",
+                                      tags={MLFLOW_PARENT_RUN_ID: run.info.run_id})
+            tracking.log_batch(client, child.info.run_id, params={"token": token, "steps": config.sweep_steps},
+                               metrics=[Metric(f"val_{k}", scores[k], now, config.sweep_steps)
+                                        for k in ("clip_i", "dino_i")]
+                               + [Metric(k, v, now, 0) for k, v in scores.items()
+                                  if k.startswith("sweep_") and v is not None])
+            client.set_terminated(child.info.run_id)
         per_step = {"loss": outcome["losses"], "lr": outcome["learning_rates"], "grad_norm": outcome["grad_norms"]}
-        steps = [Metric(name, value, now, step) for name, values in per_step.items()
-                 for step, value in enumerate(values, start=1)]
-        for start in range(0, len(steps), 1000):  # the store's batch limit
-            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=steps[start:start + 1000])
-        for validation in outcome["validations"]:
-            mlflow.log_metrics({f"val_{k}": v for k, v in validation.items() if k != "step"}, step=validation["step"])
+        final_loss = float(np.mean(outcome["losses"][-10:]))
+        metrics = ([Metric(name, value, now, step) for name, values in per_step.items()
+                    for step, value in enumerate(values, start=1)]
+                   + [Metric(f"val_{k}", v, now, validation["step"]) for validation in outcome["validations"]
+                      for k, v in validation.items() if k != "step"]
+                   + [Metric(k, v, now, 0) for k, v in (("final_loss", final_loss),
+                                                        ("task_seconds", outcome["task_seconds"]),
+                                                        ("peak_memory_mb", outcome["peak_memory_mb"]))])
+        tracking.log_batch(client, run.info.run_id, metrics=metrics,
+                           params={**params, "token": outcome["token"],
+                                   "tried_tokens": ",".join(outcome["tried_tokens"])},
+                           tags={"token_scores": json.dumps(token_scores, sort_keys=True), **outcome["process"]})
         images = Path(spec["work"]) / "validation"
         if images.is_dir():
             mlflow.log_artifacts(str(images), artifact_path="validation")
-        final_loss = float(np.mean(outcome["losses"][-10:]))
-        mlflow.log_metrics({"final_loss": final_loss, "task_seconds": outcome["task_seconds"],
-                            "peak_memory_mb": outcome["peak_memory_mb"]})
         model_version = tracking.register_adapter(outcome["adapter_dir"], str(zoo.path("text2img")), product_id, arm,
                                                   config.auto_promote)
         # Registered: MLflow holds the adapter; the checkpoints (~150 MB each at rank 64), sweep
@@ -332,11 +363,16 @@ def _candidate_tokens(zoo: ModelZoo, product_id: str, title: str, class_noun: st
     return [t for t, _ in by_association(shortlist, class_noun, title, zoo.load("clip").embed_texts)[:count]]
 
 
-def _title_and_type(lake: Lakehouse, product_id: str) -> tuple[str, str | None]:
-    product = lake.spark.sql(f"SELECT title FROM products WHERE product_id = {sql_literal(product_id)}").collect()
-    product_type = next((r["product_type"] for r in resolved_types(lake).where(
-        f"product_id = {sql_literal(product_id)}").collect()), None)
-    return (product[0]["title"] if product else product_id), product_type
+def _titles_and_types(lake: Lakehouse, products: list[str]) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Title and resolved type of each of `products`, in one query each."""
+    if not products:
+        return {}, {}
+    listed = sql_list(products)
+    titles = {r["product_id"]: r["title"] for r in lake.spark.sql(
+        f"SELECT product_id, title FROM products WHERE product_id IN ({listed})").collect()}
+    types = {r["product_id"]: r["product_type"] for r in resolved_types(lake).where(
+        f"product_id IN ({listed})").collect()}
+    return titles, types
 
 
 def _recorded(row: dict, model_version: str, run) -> dict:

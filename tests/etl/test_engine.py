@@ -52,17 +52,89 @@ def test_unknown_table_is_an_error(lake):
         lake.table("nope")
 
 
-def test_compact_and_vacuum_keep_rows(lake):
-    for i in range(3):  # three commits, three small files
+def test_compact_cluster_and_vacuum_keep_rows(lake):
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    for i in (2, 0, 1):  # three commits, three small files, not in product order
         lake.upsert("products", lake.spark.sql(
             f"SELECT 'p{i}' AS product_id, 't' AS title, 'mug' AS product_type, '{{}}' AS attributes, "
             "'test' AS source, current_timestamp() AS ingested_at"))
     assert [h["operation"] for h in lake.history("products")][:3] == ["WRITE"] * 3  # new keys are appended
-    metrics = lake.compact("products")
+    metrics = lake.optimize("products")
     assert metrics["numFilesRemoved"] >= 3 and metrics["numFilesAdded"] == 1
+    [file] = DeltaTable(lake.location("products")).file_uris()
+    assert pq.read_table(file.removeprefix("file://")).column("product_id").to_pylist() == ["p0", "p1", "p2"]
     removed = lake.vacuum("products", retention_hours=0)
     assert len(removed) >= 3
     assert sorted(r.product_id for r in lake.table("products").collect()) == ["p0", "p1", "p2"]
+
+
+def test_tables_checkpoint_and_every_version_reads_as_delta_rs_reads_it(lake):
+    """Checkpoints are on (every 10 commits); the embedded engine cannot time travel to versions
+    before the last one, so `at_version` reads those through delta-rs' file list: every version
+    reads the rows delta-rs' own time travel reads, and the table still merges."""
+    import pandas as pd
+
+    from homes import delta_rows
+
+    for n in range(23):
+        lake.upsert_rows("products", pd.DataFrame([{"product_id": f"p{n:02d}", "title": f"mug {n}",
+                                                    "product_type": "mug", "attributes": "{}", "source": "t"}]))
+    log = lake.settings.lakehouse / "products" / "_delta_log"
+    assert {p.name for p in log.glob("*.checkpoint.parquet")} == {f"{v:020d}.checkpoint.parquet" for v in (10, 20)}
+    for version in range(24):
+        got = sorted(r.product_id for r in lake.at_version("products", version).collect())
+        expected = sorted(r["product_id"] for r in delta_rows(lake.settings.home, "products", ["product_id"], version))
+        assert got == expected == [f"p{n:02d}" for n in range(version)], version
+    changed = pd.DataFrame([{"product_id": "p03", "title": "retitled", "product_type": "mug", "attributes": "{}",
+                             "source": "t"}])
+    assert lake.upsert_rows("products", changed) == 1
+    assert lake.history("products", 1)[0]["operation"] == "MERGE"
+    titles = {r.product_id: r.title for r in lake.table("products").collect()}
+    assert len(titles) == 23 and titles["p03"] == "retitled" and titles["p04"] == "mug 4"
+
+
+def test_maintain_upgrades_a_home_made_with_checkpoints_off(tmp_path):
+    """A home from before checkpoints were on: `recontext maintain` sets the checkpoint interval,
+    writes a checkpoint, deletes the expired logs before it, and the home reads the same rows;
+    later commits checkpoint on their own."""
+    import json
+
+    import pandas as pd
+    from deltalake import DeltaTable
+
+    from etl.tables import TABLES
+    from homes import delta_rows, home_made_before_checkpoints
+    from sample_images import recontext
+
+    home = tmp_path / "old"
+    before = home_made_before_checkpoints(home)
+    result = recontext("maintain", home=home)
+    assert result.returncode == 0, result.stderr
+    assert "products             set delta.checkpointInterval=10" in result.stdout
+    for name in TABLES:
+        delta = DeltaTable(str(home / "lakehouse" / name))
+        assert delta.metadata().configuration["delta.checkpointInterval"] == "10", name
+        log = home / "lakehouse" / name / "_delta_log"
+        checkpoint = json.loads((log / "_last_checkpoint").read_text())["version"]
+        assert (log / f"{checkpoint:020d}.checkpoint.parquet").exists(), name
+    log = home / "lakehouse" / "products" / "_delta_log"
+    checkpoint = json.loads((log / "_last_checkpoint").read_text())["version"]
+    assert checkpoint == 27  # create, 25 appends, a MERGE, the property
+    # The 40-day-old commits before the checkpoint are gone; what maintain wrote is not.
+    kept = sorted(int(p.stem) for p in log.glob("*.json"))
+    assert kept == list(range(27, DeltaTable(str(log.parent)).version() + 1))
+    before = sorted(before, key=lambda r: r["product_id"])
+    assert sorted(delta_rows(home, "products", ["product_id", "title"]), key=lambda r: r["product_id"]) == before
+    lake = Lakehouse(Settings.load(home))
+    stored = lake.spark.sql("SELECT product_id, title FROM products ORDER BY product_id").toPandas()
+    assert stored.to_dict("records") == before and before[0]["title"] == "retitled mug"
+    for n in range(10):  # the table checkpoints on its own now, and merges
+        lake.upsert_rows("products", pd.DataFrame([{"product_id": "p00", "title": f"title {n}", "product_type": "mug",
+                                                    "attributes": "{}", "source": "test"}]))
+    assert json.loads((log / "_last_checkpoint").read_text())["version"] > checkpoint
+    assert lake.spark.sql("SELECT title FROM products WHERE product_id = 'p00'").collect()[0]["title"] == "title 9"
 
 
 def test_embedded_sessions_survive_idling():

@@ -165,3 +165,27 @@ def registered(home, names):
         [weights_file] = folder.rglob("*.safetensors")
         weights[name] = dict(sorted(load_file(weights_file).items()))
     return runs, weights
+
+
+def test_maintain_on_spark_upgrades_a_home_made_with_checkpoints_off(spark_remote, tmp_path):
+    """An older home (checkpoints off, made on the embedded engine), maintained on real Spark
+    (OPTIMIZE ZORDER BY there): checkpointed, and Spark and delta-rs read the same rows."""
+    import json
+
+    from etl.config import Settings
+    from etl.lakehouse import Lakehouse
+    from homes import delta_rows, home_made_before_checkpoints
+
+    home = tmp_path / "old"
+    before = sorted(home_made_before_checkpoints(home), key=lambda r: r["product_id"])
+    result = recontext("maintain", home=home, remote=spark_remote, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in TABLES:
+        assert DeltaTable(home / "lakehouse" / name).metadata().configuration["delta.checkpointInterval"] == "10"
+        assert (home / "lakehouse" / name / "_delta_log" / "_last_checkpoint").exists(), name
+    assert sorted(delta_rows(home, "products", ["product_id", "title"]), key=lambda r: r["product_id"]) == before
+    lake = Lakehouse(Settings.load(home, spark_remote=spark_remote))
+    stored = lake.spark.sql("SELECT product_id, title FROM products ORDER BY product_id").toPandas()
+    assert stored.to_dict("records") == before
+    log = home / "lakehouse" / "products" / "_delta_log"
+    assert json.loads((log / "_last_checkpoint").read_text())["version"] >= 27
