@@ -112,7 +112,7 @@ class Imaginer:
             raise UserError(f"arm must be {tracking.OURS} or {tracking.BASELINE}, not {arm!r}", REFUSED)
         adapter = self.adapter(product_id, arm)
         scene = " ".join(str(scene).split())
-        reason = scene_refusal(self.lake, scene, adapter.class_noun)
+        reason = scene_refusal(self.lake, scene, adapter.class_noun, product_id)
         if reason:
             raise UserError(f"scene refused: {reason}: {scene!r}", REFUSED)
         text, generation_prompt = prompts(adapter.token, adapter.class_noun, scene)

@@ -1,0 +1,65 @@
+"""Brand refusal (etl/brands.py): across case, plurals, possessives and punctuation, in the
+prompt bank's curation, people's prompts and `recontext imagine` before anything starts."""
+
+import pandas as pd
+import pytest
+
+from etl.brands import brand_in, request_refusal
+from etl.config import PromptBankSettings
+from etl.errors import UserError
+from etl.prompt_bank import _seed_bank, import_csv, text_refusal
+from jobs.cli import main
+
+
+@pytest.mark.parametrize("text, found", [
+    ("next to a nike shoe", "nike"), ("NIKES on a shelf", "NIKES"), ("beside a Nike's box", "Nike"),
+    ("beside an iphone on a desk", "iphone"), ("two iPhones on a table", "iPhones"),
+    ("in a starbucks cafe", "starbucks"), ("a coca-cola crate", "coca cola"), ("a cocacola crate", "cocacola"),
+    ("beside a play station", "play station"), ("a hermès scarf on a chair", "hermes"),
+    ("l'oreal bottles on a vanity", "loreal"), ("on a lego castle", "lego"),
+    ("next to an Apple laptop", "Apple"), ("a GAP hoodie on a chair", "GAP"), ("beside a Target store", "Target"),
+])
+def test_brands_are_found_however_written(text, found):
+    assert brand_in(text) == found
+
+
+@pytest.mark.parametrize("text", [
+    "an apple on a plate", "a dove on the windowsill", "Shell on the sand", "a gap in the fence",
+    "a likeable kitchen", "on a swatch of fabric", "an off-white wall", "in a sunlit kitchen on a marble counter",
+])
+def test_ordinary_words_pass(text):
+    assert brand_in(text) is None
+
+
+def test_the_shipped_seed_prompts_name_no_brand():
+    bank = _seed_bank()
+    texts = [t for entry in [bank["generic"], *bank["types"].values()] for k in ("scenes", "targets")
+             for t in entry.get(k, [])]
+    assert len(texts) > 500 and [t for t in texts if brand_in(t)] == []
+
+
+def test_user_list_catalog_brands_and_the_own_brand_setting():
+    settings = PromptBankSettings(brands=("Stone & Beam",))
+    assert text_refusal("on a stone and beam shelf", "vase", [], set(), settings) is None  # "and" is not "&"
+    assert text_refusal("on a STONE & BEAM shelf", "vase", [], set(), settings) == "names a brand (STONE BEAM)"
+    assert text_refusal("on a rivet display shelf", "vase", [], {"Rivet"}, settings) == "names a brand (rivet)"
+    assert text_refusal("on a rivet display shelf", "vase", [], {"Rivet"}, settings, ("Rivet",)) is None
+    assert request_refusal("next to a nike shoe", PromptBankSettings()) == "names a brand (nike)"
+
+
+def test_peoples_prompts_naming_a_brand_are_refused(lake, tmp_path):
+    rows = pd.DataFrame({"product_type": ["mug"] * 3, "purpose": ["scene"] * 3,
+                         "status": ["approved", "approved", "rejected"],
+                         "text": ["a marble counter", "next to a nike shoe box", "an adidas bag on a bench"]})
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    with pytest.raises(UserError, match=r"row 3: names a brand \(nike\)") as refused:
+        import_csv(lake, tmp_path / "new.csv")
+    assert "adidas" not in str(refused.value)  # a rejected row may name one: it is never used
+
+
+@pytest.mark.parametrize("scene, brand", [("next to a nike shoe", "nike"), ("beside an iphone", "iphone")])
+def test_imagine_refuses_a_brand_before_anything_starts(tmp_path, capsys, scene, brand):
+    assert main(["--home", str(tmp_path / "home"), "imagine", "any-product", scene]) == 2
+    err = capsys.readouterr().err
+    assert f"names a brand ({brand})" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "home" / "lakehouse").exists()  # no engine, no tables
