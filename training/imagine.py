@@ -31,6 +31,7 @@ from etl import tracking
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.metrics import metric_constants, score_product
+from etl.brands import request_refusal
 from etl.prompt_bank import class_noun, resolved_types, scene_refusal
 from etl.tables import sql_list, sql_literal
 from etl.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
@@ -110,6 +111,8 @@ class Imaginer:
             raise UserError(f"keep must be between 1 and n ({n}), not {keep}", REFUSED)
         if arm not in (tracking.OURS, tracking.BASELINE):
             raise UserError(f"arm must be {tracking.OURS} or {tracking.BASELINE}, not {arm!r}", REFUSED)
+        if reason := request_refusal(scene, self.lake.settings.prompt_bank):  # a brand: refused before any lookup
+            raise UserError(f"scene refused: {reason}: {' '.join(str(scene).split())!r}", REFUSED)
         adapter = self.adapter(product_id, arm)
         scene = " ".join(str(scene).split())
         reason = scene_refusal(self.lake, scene, adapter.class_noun, product_id)

@@ -63,3 +63,17 @@ def test_imagine_refuses_a_brand_before_anything_starts(tmp_path, capsys, scene,
     err = capsys.readouterr().err
     assert f"names a brand ({brand})" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "home" / "lakehouse").exists()  # no engine, no tables
+
+
+def test_the_service_answers_a_brand_in_lower_case_with_a_refusal(lake):
+    """recontext-service's predict (what `mlflow models serve` calls): HTTP 400 naming the brand."""
+    from mlflow.exceptions import MlflowException
+
+    from jobs.service import RecontextService
+    from training.imagine import Imaginer
+
+    service = RecontextService()
+    service.imaginer = Imaginer(lake)
+    with pytest.raises(MlflowException, match=r"names a brand \(iphone\)") as refused:
+        service.predict(None, pd.DataFrame([{"product_id": "coffee-cup", "scene": "beside an iphone", "n": 2}]))
+    assert refused.value.get_http_status_code() == 400
