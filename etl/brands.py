@@ -119,3 +119,21 @@ def request_refusal(scene: str, settings) -> str | None:
     if settings.allow_own_brand:
         return None  # the product's own brand may pass: only the catalog knows which it is
     return brand_refusal(" ".join(str(scene).split()), settings.brands)
+
+
+def without_brands(text: str | None, extra: Iterable[str] = (), allowed: Iterable[str] = ()) -> str | None:
+    """The text with every brand it names taken out ("a nike shoe on a bench" -> "a shoe on a
+    bench"), for captions a model wrote: they keep describing the image without the name. None
+    when a name cannot be located in the text as written (then the caption is not used)."""
+    if text is None:
+        return None
+    for _ in range(20):
+        found = brand_in(text, extra, allowed)
+        if found is None:
+            return " ".join(text.split())
+        pattern = r"\b" + r"[\W_]*".join(re.escape(w) for w in found.split()) + r"(?:['’]?s)?\b"
+        stripped = re.sub(pattern, "", text, count=1)  # as written: "Apple" goes, "an apple" stays
+        if stripped == text:
+            return None
+        text = re.sub(r"\s+([,.;:])", r"\1", " ".join(stripped.split()))
+    return None

@@ -77,3 +77,34 @@ def test_the_service_answers_a_brand_in_lower_case_with_a_refusal(lake):
     with pytest.raises(MlflowException, match=r"names a brand \(iphone\)") as refused:
         service.predict(None, pd.DataFrame([{"product_id": "coffee-cup", "scene": "beside an iphone", "n": 2}]))
     assert refused.value.get_http_status_code() == 400
+
+
+def test_training_captions_lose_brands_unless_the_own_brand_is_allowed(lake, tmp_path):
+    import json
+
+    from deltalake import DeltaTable
+
+    from etl.config import Settings
+    from etl.ingest import ingest
+    from etl.lakehouse import Lakehouse
+    from jobs.steps import SCORING, run_steps
+    from sample_images import encode, product_shot, write_files
+    from udfs.zoo import ModelZoo
+
+    write_files(tmp_path / "catalog" / "shoe", {"a.png": encode(product_shot(seed=5), "PNG")})
+    (tmp_path / "catalog" / "shoe" / "product.json").write_text(json.dumps({"product_type": "sneaker",
+                                                                            "brand": "Rivet"}))
+    ingest(lake, tmp_path / "catalog")
+    zoo = ModelZoo.from_settings(lake.settings)
+    run_steps(lake, SCORING, zoo, progress=lambda _: None)
+    captions = lake.spark.sql("SELECT * FROM captions").toPandas()
+    lake.upsert_rows("captions", captions.assign(caption="a nike shoe beside a Rivet box, soft light"))
+
+    def training_captions(on):
+        run_steps(on, ["training_set"], zoo, progress=lambda _: None)
+        return set(DeltaTable(on.location("training_images")).to_pandas().caption)
+
+    assert training_captions(lake) == {"a shoe beside a box, soft light"}
+    own = Lakehouse(Settings.load(lake.settings.home, models={"tiny_dir": lake.settings.models.tiny_dir},
+                                  prompt_bank={"allow_own_brand": True}))
+    assert training_captions(own) == {"a shoe beside a Rivet box, soft light"}  # its own brand, by setting
