@@ -174,6 +174,8 @@ def set_type(lake: Lakehouse, product_id: str, product_type: str) -> int:
         raise UserError(f"unknown product {product_id!r}")
     if not product_type.strip():
         raise UserError("the product type must not be empty")
+    if brand := brand_in(product_type, [*catalog_brands(lake), *lake.settings.prompt_bank.brands]):
+        raise UserError(f"a type names a kind of product, not a brand ({brand}): prompts would name it")
     row = pd.DataFrame([(product_id, product_type.strip(), "human", 1.0, "")],
                        columns=TABLES["product_classes"].data_columns)
     written = lake.upsert_rows("product_classes", row)
@@ -430,10 +432,15 @@ def set_status(lake: Lakehouse, prompt_ids: list[str], status: str, reason: str 
         raise UserError(f"status must be one of {', '.join(STATUSES)}, not '{status}'")
     ids = sql_list(prompt_ids)
     rows = lake.spark.sql(f"SELECT * FROM prompt_bank WHERE prompt_id IN ({ids})")
-    found = {r["prompt_id"] for r in rows.select("prompt_id").collect()}
-    missing = sorted(set(prompt_ids) - found)
+    found = {r["prompt_id"]: r["text"] for r in rows.select("prompt_id", "text").collect()}
+    missing = sorted(set(prompt_ids) - set(found))
     if missing:
         raise UserError(f"unknown prompt id(s): {', '.join(missing)}")
+    extra = [*catalog_brands(lake), *lake.settings.prompt_bank.brands]
+    branded = [f"{pid} names a brand ({brand})" for pid, text in sorted(found.items())
+               if status != "rejected" and (brand := brand_in(text, extra))]
+    if branded:
+        raise UserError(f"cannot mark {status}: {'; '.join(branded)}")
     updated = rows.selectExpr(*[
         f"{sql_literal(status)} AS status" if c == "status" else
         ("'human' AS reviewed_by" if c == "reviewed_by" else

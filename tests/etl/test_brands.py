@@ -7,7 +7,7 @@ import pytest
 from etl.brands import brand_in, request_refusal
 from etl.config import PromptBankSettings
 from etl.errors import UserError
-from etl.prompt_bank import _seed_bank, import_csv, text_refusal
+from etl.prompt_bank import _seed_bank, import_csv, set_status, text_refusal
 from jobs.cli import main
 
 
@@ -55,6 +55,12 @@ def test_peoples_prompts_naming_a_brand_are_refused(lake, tmp_path):
     with pytest.raises(UserError, match=r"row 3: names a brand \(nike\)") as refused:
         import_csv(lake, tmp_path / "new.csv")
     assert "adidas" not in str(refused.value)  # a rejected row may name one: it is never used
+    rows.loc[1, "status"] = "rejected"
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    assert import_csv(lake, tmp_path / "new.csv") == 3
+    bank = lake.spark.sql("SELECT prompt_id, text FROM prompt_bank").toPandas().set_index("text").prompt_id
+    with pytest.raises(UserError, match=r"names a brand \(adidas\)"):  # approving it later is refused too
+        set_status(lake, [bank["an adidas bag on a bench"]], "approved")
 
 
 @pytest.mark.parametrize("scene, brand", [("next to a nike shoe", "nike"), ("beside an iphone", "iphone")])

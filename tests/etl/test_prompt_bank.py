@@ -179,6 +179,8 @@ def test_classification_from_metadata_then_zero_shot(lake, tmp_path):
     assert DeltaTable(lake.location("quarantine")).to_pandas().empty
     with pytest.raises(UserError, match="unknown product"):
         set_type(lake, "nope", "mug")
+    with pytest.raises(UserError, match=r"not a brand \(iPhone\)"):
+        set_type(lake, "unknown", "iPhone")
 
 
 DEGENERATE = [  # approved by the curation before it checked for loops and adjective piles
