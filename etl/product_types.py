@@ -48,8 +48,8 @@ FOREIGN_WORDS = frozenset("""
     """.split())
 # Trailing words that are no noun: sizes, units, editions, model suffixes.
 TRAILING = frozenset("""
-    pro max plus mini ultra lite se xl xxl xs s m l edition series version gen generation inch inches in cm mm m
-    ml l oz lb lbs kg g gb tb mb pcs pc pieces piece count ct pack new
+    pro max plus mini ultra lite se xl xxl xs edition series version gen generation inch inches cm mm ml oz lb lbs
+    kg gb tb mb pcs pc pieces piece count ct pack new
     """.split())
 # Heads that name no kind of object: a title whose head is one of these gives no type.
 NOT_A_TYPE = frozenset("""
@@ -64,9 +64,11 @@ DESCRIPTIVE = frozenset("""
     linen velvet porcelain brass copper aluminium aluminum marble stone rubber silicone canvas denim suede
     small large big mini medium tall short long wide slim heavy light new modern vintage classic retro portable
     wireless waterproof electric digital smart adjustable foldable premium luxury deluxe soft hard hot cold
+    shiny fluffy cozy cosy sturdy fancy pretty sparkly glossy silky comfy sporty trendy natural floral universal
+    tropical vertical horizontal seasonal professional industrial original personal formal casual traditional
     men mens men's women womens women's kids kid's children's boys girls baby unisex adult outdoor indoor
     """.split())
-DESCRIPTIVE_SUFFIX = re.compile(r".{2,}(ed|ic|ical|less|ous|ful|ive|able|ible|ish|al|ary|y)$")
+DESCRIPTIVE_SUFFIX = re.compile(r".{2,}(ed|ic|ical|less|ous|ful|ive|able|ible|ish)$")
 # Nouns that are plural in the singular ("headphones", "jeans"): never singularized.
 PLURALIA = frozenset("""
     headphones earphones earbuds jeans pants trousers shorts leggings tights pajamas pyjamas scissors glasses
@@ -79,7 +81,6 @@ class Typing:
     product_type: str
     source: str  # attribute, title_head, title_similarity, title_open
     score: float  # confidence in [0, 1]
-    model: str = ""  # the model the score came from ('' when none)
 
 
 @functools.cache
@@ -171,7 +172,6 @@ def type_from_title(title: str | None, known: list[str], encoder, settings, refu
     phrase = head_phrase(title or "")
     if phrase is None:
         return None
-    name = getattr(encoder, "name", "all-MiniLM-L6-v2")
     keys = {t: _key(words(t)) for t in known if words(t)}
     mine = _key(phrase)
     heads = [t for t, k in keys.items() if mine[-len(k):] == k]  # known types the phrase ends with
@@ -179,22 +179,21 @@ def type_from_title(title: str | None, known: list[str], encoder, settings, refu
     if heads:
         best = max(heads, key=lambda t: len(keys[t]))  # "coffee cup" wins over "cup"
         vectors = encoder.embed([text, best])
-        return Typing(best, "title_head", round(0.5 + 0.45 * float(vectors[0] @ vectors[1]), 4), name)
+        return Typing(best, "title_head", round(0.5 + 0.45 * float(vectors[0] @ vectors[1]), 4))
     # A synonym of a known type, never one the phrase names as a modifier ("laptop" in "laptop
     # bag") or a sibling with the same head noun ("water bottle" is no "perfume bottle").
     candidates = [t for t, k in keys.items()
                   if not set(k) & set(mine) and not (set(words(t)) & set(phrase))]
-    scores = None
     if candidates:
         vectors = encoder.embed([text] + candidates)
         scores = vectors[1:] @ vectors[0]
         order = np.argsort(-scores)
         best, margin = float(scores[order[0]]), float(scores[order[0]] - (scores[order[1]] if len(order) > 1 else 0))
         if best >= settings.min_title_similarity and margin >= settings.min_title_margin:
-            return Typing(candidates[order[0]], "title_similarity", round(best, 4), name)
+            return Typing(candidates[order[0]], "title_similarity", round(best, 4))
     open_type = _open_type(phrase)
     if open_type is None or (refusal and refusal(open_type)):
         return None
     vectors = encoder.embed([open_type, text])
     score = round(0.9 * float(vectors[0] @ vectors[1]), 4)
-    return Typing(open_type, "title_open", score, name) if score >= settings.min_title_score else None
+    return Typing(open_type, "title_open", score) if score >= settings.min_title_score else None

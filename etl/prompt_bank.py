@@ -121,7 +121,7 @@ def run_classify(lake: Lakehouse, zoo: ModelZoo, known_types: tuple[str, ...] | 
                                     lambda text: brand_in(text, [*brands, *settings.brands]))
         if found:
             rows.append((product.product_id, found.product_type, found.source, found.score,
-                         found.model and zoo.name("sentence")))
+                         zoo.name("sentence") if found.source != "attribute" else ""))
     zero_shot = untyped[~untyped.product_id.isin([r[0] for r in rows])]
     if len(zero_shot):
         rows += _zero_shot(lake, zoo, list(zero_shot.product_id), known, failures)
