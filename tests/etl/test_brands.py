@@ -114,3 +114,25 @@ def test_training_captions_lose_brands_unless_the_own_brand_is_allowed(lake, tmp
     own = Lakehouse(Settings.load(lake.settings.home, models={"tiny_dir": lake.settings.models.tiny_dir},
                                   prompt_bank={"allow_own_brand": True}))
     assert training_captions(own) == {"a shoe beside a Rivet box, soft light"}  # its own brand, by setting
+
+
+def test_a_products_own_brand_passes_its_own_requests_only_by_setting(lake, tmp_path):
+    import json
+
+    from etl.config import Settings
+    from etl.ingest import ingest
+    from etl.lakehouse import Lakehouse
+    from etl.prompt_bank import scene_refusal
+    from sample_images import encode, product_shot, write_files
+
+    for n, (product_id, brand) in enumerate({"vase-r": "Rivet", "vase-a": "Acme"}.items()):
+        write_files(tmp_path / "catalog" / product_id, {"a.png": encode(product_shot(seed=n), "PNG")})
+        (tmp_path / "catalog" / product_id / "product.json").write_text(json.dumps({"product_type": "vase",
+                                                                                    "brand": brand}))
+    ingest(lake, tmp_path / "catalog")
+    scene = "beside a Rivet gift bag on a shelf"
+    assert scene_refusal(lake, scene, "vase", "vase-r") == "names a brand (Rivet)"
+    own = Lakehouse(Settings.load(lake.settings.home, prompt_bank={"allow_own_brand": True}))
+    assert scene_refusal(own, scene, "vase", "vase-r") is None
+    assert scene_refusal(own, scene, "vase", "vase-a") == "names a brand (Rivet)"  # another product's brand
+    assert scene_refusal(own, "beside a nike shoe on a shelf", "vase", "vase-r") == "names a brand (nike)"
