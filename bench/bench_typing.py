@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etl.brands import brand_in  # noqa: E402
 from etl.config import PromptBankSettings  # noqa: E402
-from etl.product_types import type_from_title  # noqa: E402
+from etl.product_types import MemoEncoder, type_from_title  # noqa: E402
 from etl.prompt_bank import UNKNOWN, seed_types  # noqa: E402
 from udfs.sentence import SentenceEncoder  # noqa: E402
 from udfs.zoo import packaged_weights  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     known = seed_types()
     rows = load_test_set()
-    encoder = SentenceEncoder(packaged_weights("sentence"))  # the real all-MiniLM-L6-v2
+    encoder = MemoEncoder(SentenceEncoder(packaged_weights("sentence")))  # the real all-MiniLM-L6-v2, as classify uses it
     settings = PromptBankSettings()
     right = exact = from_title_at_one = 0
     by_case: dict[str, list[int]] = {}

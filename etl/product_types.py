@@ -83,6 +83,19 @@ class Typing:
     score: float  # confidence in [0, 1]
 
 
+class MemoEncoder:
+    """A sentence encoder that embeds each text once: the known types' names are embedded once
+    per run, not once per product, and a text's vector does not depend on its batch."""
+
+    def __init__(self, encoder):
+        self.encoder, self.vectors = encoder, {}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        for text in dict.fromkeys(t for t in texts if t not in self.vectors):
+            self.vectors[text] = self.encoder.embed([text])[0]
+        return np.stack([self.vectors[t] for t in texts])
+
+
 @functools.cache
 def _abo_types() -> dict[str, str]:
     """ABO `product_type` code -> readable class noun; '' for a department (no one type)."""
@@ -105,11 +118,6 @@ def catalog_type(value: str | None) -> str | None:
             return value.replace("_", " ").lower()
         return noun or None
     return value
-
-
-def department(value: str | None) -> bool:
-    """Whether an attribute value is a catalog department (a code mapped to no type)."""
-    return bool(value) and _abo_types().get(value.strip()) == ""
 
 
 def singular(word: str) -> str:

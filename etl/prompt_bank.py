@@ -23,7 +23,7 @@ from etl.brands import brand_in
 from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
-from etl.product_types import type_from_attributes, type_from_title
+from etl.product_types import MemoEncoder, type_from_attributes, type_from_title
 from etl.step import Step
 from etl.tables import TABLES, sql_list, sql_literal
 from udfs.zoo import ModelZoo
@@ -116,7 +116,7 @@ def run_classify(lake: Lakehouse, zoo: ModelZoo, known_types: tuple[str, ...] | 
     for product in untyped.itertuples(index=False):
         found = type_from_attributes(product.attributes)
         if found is None:
-            encoder = encoder or zoo.load("sentence")
+            encoder = encoder or MemoEncoder(zoo.load("sentence"))
             found = type_from_title(product.title, known, encoder, settings,
                                     lambda text: brand_in(text, [*brands, *settings.brands]))
         if found:

@@ -7,7 +7,7 @@ import pytest
 
 from etl.config import PromptBankSettings, Settings
 from etl.brands import brand_in
-from etl.product_types import catalog_type, head_phrase, type_from_attributes, type_from_title
+from etl.product_types import MemoEncoder, catalog_type, head_phrase, type_from_attributes, type_from_title
 from etl.prompt_bank import seed_types
 from homes import delta_rows
 from sample_images import encode, product_shot, recontext, write_files
@@ -16,7 +16,7 @@ from udfs.zoo import ModelZoo
 
 @pytest.fixture(scope="module")
 def encoder(tiny_models):
-    return ModelZoo.from_settings(Settings.load(tiny_models / "unused")).load("sentence")
+    return MemoEncoder(ModelZoo.from_settings(Settings.load(tiny_models / "unused")).load("sentence"))
 
 
 def typed(title, encoder, known=None):
