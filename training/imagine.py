@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import pandas as pd
 
 from etl import tracking
+from etl.brands import request_refusal
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.metrics import metric_constants, score_product
-from etl.brands import request_refusal
 from etl.prompt_bank import class_noun, resolved_types, scene_refusal
 from etl.tables import sql_list, sql_literal
 from etl.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
