@@ -89,6 +89,16 @@ class PromptBankSettings:
     # leads the second by less than the margin (random or poor weights give low, flat scores).
     min_zero_shot_score: float = 0.2
     min_zero_shot_margin: float = 0.01
+    # Typing from titles (etl/product_types.py): a title's head phrase is a synonym of a known type
+    # at this MiniLM cosine or more, this far ahead of the next; a title decision below
+    # min_title_score gives no type (the images decide, else `unknown`).
+    min_title_similarity: float = 0.7
+    min_title_margin: float = 0.08
+    min_title_score: float = 0.5
+    # Brands no prompt, scene or request may name, beyond the shipped list (etl/data/brands.toml)
+    # and the catalog's `brand` attributes; matched in any case, plural or possessive.
+    brands: tuple[str, ...] = ()
+    allow_own_brand: bool = False  # a product's own `brand` attribute may appear in its own requested scenes
 
 
 @dataclass(frozen=True)

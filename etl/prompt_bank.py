@@ -2,8 +2,8 @@
 (etl/data/seed_prompts.toml) and an LLM's prompts, written once; curation marks each approved
 or rejected with a reason; people review through SQL-backed commands or a CSV round trip. An
 unattended run guarantees `min_scenes` approved scenes per type (seeds, more LLM rounds, then
-the generic seed scenes). Also classifies products that have no type (metadata first, else
-zero-shot CLIP, else `unknown`).
+the generic seed scenes). Also classifies products that have no type (attributes, else the
+title's head noun phrase, else zero-shot CLIP, else `unknown`: etl/product_types.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from etl.brands import brand_in
 from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
+from etl.product_types import MemoEncoder, type_from_attributes, type_from_title
 from etl.step import Step
 from etl.tables import TABLES, sql_list, sql_literal
 from udfs.zoo import ModelZoo
@@ -37,7 +39,6 @@ ASK = {
     "target": ("List {n} different short descriptions of a photo of a {type} being used in a realistic "
                "setting. One per line, numbered, each under 20 words. Name no brands and no people."),
 }
-TYPE_KEYS = ("product_type", "category", "type", "item_type")  # attribute keys that name a type
 CAPITALIZED_RUN = re.compile(r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)+")
 UNKNOWN = "unknown"  # the type of a product nothing could classify with confidence
 SEED_FILE = Path(__file__).with_name("data") / "seed_prompts.toml"
@@ -94,6 +95,9 @@ def resolved_types(lake: Lakehouse):
 
 
 def run_classify(lake: Lakehouse, zoo: ModelZoo, known_types: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Type every product the catalog left untyped: its attributes, else its title's head noun
+    phrase (etl/product_types.py, with the sentence model), else zero-shot CLIP of its photos,
+    else `unknown` with a review row. Each row keeps its source and confidence."""
     known_types = lake.settings.prompt_bank.known_types if known_types is None else known_types
     spark = lake.spark
     untyped = spark.sql(
@@ -106,27 +110,24 @@ def run_classify(lake: Lakehouse, zoo: ModelZoo, known_types: tuple[str, ...] | 
     known = sorted({r["product_type"] for r in spark.sql(
         "SELECT DISTINCT product_type FROM products WHERE product_type IS NOT NULL").collect()}
         | set(seed_types()) | set(known_types))
+    settings, brands = lake.settings.prompt_bank, catalog_brands(lake)
+    encoder = None
     rows, failures = [], []
     for product in untyped.itertuples(index=False):
-        found = _type_from_metadata(product.title, product.attributes, known)
+        found = type_from_attributes(product.attributes)
+        if found is None:
+            encoder = encoder or MemoEncoder(zoo.load("sentence"))
+            found = type_from_title(product.title, known, encoder, settings,
+                                    lambda text: brand_in(text, [*brands, *settings.brands]))
         if found:
-            rows.append((product.product_id, found, "metadata", 1.0, ""))
+            rows.append((product.product_id, found.product_type, found.source, found.score,
+                         zoo.name("sentence") if found.source != "attribute" else ""))
     zero_shot = untyped[~untyped.product_id.isin([r[0] for r in rows])]
     if len(zero_shot):
         rows += _zero_shot(lake, zoo, list(zero_shot.product_id), known, failures)
     classes = pd.DataFrame(rows, columns=TABLES["product_classes"].data_columns)
     return {"product_classes": lake.upsert_rows("product_classes", classes) if len(classes) else 0,
             "quarantine": lake.quarantine("classify", [(pid, "type:?", code, why) for pid, code, why in failures])}
-
-
-def _type_from_metadata(title: str | None, attributes: str | None, known: list[str]) -> str | None:
-    values = json.loads(attributes or "{}")
-    for key in TYPE_KEYS:
-        if isinstance(values.get(key), str) and values[key].strip():
-            return values[key].strip()
-    lowered = f" {re.sub(r'[-_]+', ' ', (title or '').lower())} "  # "coffee-cup" names "coffee cup"
-    matches = [t for t in known if re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)]
-    return max(matches, key=len) if matches else None  # "coffee cup" wins over "cup"
 
 
 def _zero_shot(lake: Lakehouse, zoo: ModelZoo, product_ids: list[str], known: list[str], failures: list) -> list:
@@ -173,6 +174,8 @@ def set_type(lake: Lakehouse, product_id: str, product_type: str) -> int:
         raise UserError(f"unknown product {product_id!r}")
     if not product_type.strip():
         raise UserError("the product type must not be empty")
+    if brand := brand_in(product_type, [*catalog_brands(lake), *lake.settings.prompt_bank.brands]):
+        raise UserError(f"a type names a kind of product, not a brand ({brand}): prompts would name it")
     row = pd.DataFrame([(product_id, product_type.strip(), "human", 1.0, "")],
                        columns=TABLES["product_classes"].data_columns)
     written = lake.upsert_rows("product_classes", row)
@@ -325,10 +328,11 @@ def curate(candidates: list[str], product_type: str, other_types: list[str], bra
 
 
 def text_refusal(text: str, product_type: str, other_types: list[str], brands: set[str],
-                 settings: PromptBankSettings) -> str | None:
+                 settings: PromptBankSettings, allowed: tuple[str, ...] = ()) -> str | None:
     """Why a text cannot be a prompt for this product type, or None: length; degenerate text;
-    names another product type, a catalog brand, or a proper noun. The checks that need no model,
-    shared by curation and on-demand scenes."""
+    names another product type, a brand (etl/brands.py: the shipped list, `prompt_bank.brands`
+    and the catalog's `brands`, in any case; `allowed` names pass), or a proper noun. The checks
+    that need no model, shared by curation and on-demand scenes."""
     words = text.split()
     lowered = f" {text.lower()} "
     own_words = set(product_type.lower().split())
@@ -341,27 +345,34 @@ def text_refusal(text: str, product_type: str, other_types: list[str], brands: s
     if other := next((t for t in other_types if set(t.lower().split()) - own_words
                       and re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)), None):
         return f"names another product type ({other})"
-    if brand := next((b for b in brands if re.search(rf"\b{re.escape(b.lower())}\b", lowered)), None):
+    if brand := brand_in(text, [*brands, *settings.brands], allowed):
         return f"names a brand ({brand})"
     if name := _proper_noun(text):
         return f"names a person or brand ({name})"
     return None
 
 
-def scene_refusal(lake: Lakehouse, scene: str, product_type: str) -> str | None:
+def scene_refusal(lake: Lakehouse, scene: str, product_type: str, product_id: str | None = None) -> str | None:
     """Why a requested scene (`recontext imagine`) is refused, or None: the prompt bank's checks
-    against every type the bank knows and the catalog's brands, and, stricter than for LLM text
-    (a person can rephrase), any capitalized word after the first ("next to a Nike shoe"): names
-    of brands, people and places are not generated. No plausibility or duplicate check: the
-    request is a person's explicit ask."""
+    against every type the bank knows and every brand (the product's own brand passes only with
+    `prompt_bank.allow_own_brand`), and, stricter than for LLM text (a person can rephrase), any
+    capitalized word after the first ("next to a Nike shoe"): names of brands, people and places
+    are not generated. No plausibility or duplicate check: the request is a person's explicit ask."""
     types = {r["product_type"] for r in resolved_types(lake).collect() if r["product_type"]} | set(seed_types())
     others = sorted(t for t in types if t not in (product_type, UNKNOWN))
     text = " ".join(scene.split())
-    reason = text_refusal(text, product_type, others, catalog_brands(lake), lake.settings.prompt_bank)
+    settings = lake.settings.prompt_bank
+    allowed = tuple(own_brands(lake, product_id)) if settings.allow_own_brand and product_id else ()
+    reason = text_refusal(text, product_type, others, catalog_brands(lake), settings, allowed)
     if reason is None and (name := next((w.strip(".,;:!?'\"()") for w in text.split()[1:]
-                                         if w[:1].isupper()), None)):
+                                         if w[:1].isupper() and w.strip(".,;:!?'\"()") not in allowed), None)):
         reason = f"names a brand, person or place ({name}); describe the setting without names"
     return reason
+
+
+def own_brands(lake: Lakehouse, product_id: str) -> set[str]:
+    return {json.loads(r["attributes"] or "{}").get("brand", "") for r in lake.spark.sql(
+        f"SELECT attributes FROM products WHERE product_id = {sql_literal(product_id)}").collect()} - {""}
 
 
 def catalog_brands(lake: Lakehouse) -> set[str]:
@@ -421,10 +432,15 @@ def set_status(lake: Lakehouse, prompt_ids: list[str], status: str, reason: str 
         raise UserError(f"status must be one of {', '.join(STATUSES)}, not '{status}'")
     ids = sql_list(prompt_ids)
     rows = lake.spark.sql(f"SELECT * FROM prompt_bank WHERE prompt_id IN ({ids})")
-    found = {r["prompt_id"] for r in rows.select("prompt_id").collect()}
-    missing = sorted(set(prompt_ids) - found)
+    found = {r["prompt_id"]: r["text"] for r in rows.select("prompt_id", "text").collect()}
+    missing = sorted(set(prompt_ids) - set(found))
     if missing:
         raise UserError(f"unknown prompt id(s): {', '.join(missing)}")
+    extra = [*catalog_brands(lake), *lake.settings.prompt_bank.brands]
+    branded = [f"{pid} names a brand ({brand})" for pid, text in sorted(found.items())
+               if status != "rejected" and (brand := brand_in(text, extra))]
+    if branded:
+        raise UserError(f"cannot mark {status}: {'; '.join(branded)}")
     updated = rows.selectExpr(*[
         f"{sql_literal(status)} AS status" if c == "status" else
         ("'human' AS reviewed_by" if c == "reviewed_by" else
@@ -444,7 +460,8 @@ def export_csv(lake: Lakehouse, path: str | Path, product_type: str | None = Non
 
 def import_csv(lake: Lakehouse, path: str | Path) -> int:
     """Apply a reviewed CSV: changed statuses/reasons of known prompts, and new prompts (rows
-    without a prompt_id, with product_type, purpose and text), all marked reviewed by a human."""
+    without a prompt_id, with product_type, purpose and text), all marked reviewed by a human. A
+    prompt left approved or pending that names a brand refuses the whole file, naming the rows."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     required = {"product_type", "purpose", "text", "status"}
     if not required <= set(frame.columns):
@@ -453,6 +470,13 @@ def import_csv(lake: Lakehouse, path: str | Path) -> int:
     if len(bad):
         raise UserError(f"{path}: row {bad.index[0] + 2} has status '{bad.iloc[0].status}' / purpose "
                         f"'{bad.iloc[0].purpose}'; statuses: {', '.join(STATUSES)}, purposes: {', '.join(PURPOSES)}")
+    # A person's prompt is held to the same brand rule as the LLM's: one in use may name none.
+    extra = [*catalog_brands(lake), *lake.settings.prompt_bank.brands]
+    branded = [f"row {i + 2}: names a brand ({found})" for i, (text, status) in enumerate(zip(frame.text, frame.status))
+               if status != "rejected" and (found := brand_in(text, extra))]
+    if branded:
+        raise UserError(f"{path}: {'; '.join(branded[:5])}{' ...' if len(branded) > 5 else ''}; reword them or "
+                        "mark them rejected (nothing was imported)")
     for optional in ("prompt_id", "reason"):
         if optional not in frame:
             frame[optional] = ""
@@ -476,7 +500,7 @@ def approved_prompts(lake: Lakehouse, purpose: str) -> pd.DataFrame:
 
 CLASSIFY = Step("classify", run_classify, reads=("products", "product_images", "embeddings"),
                 writes=("product_classes", "quarantine"), roles=("clip",),
-                description="product type of each product: metadata, else zero-shot CLIP")
+                description="product type of each untyped product: attributes, title, else zero-shot CLIP")
 PROMPT_BANK = Step("prompt_bank", run_prompt_bank, reads=("products", "product_classes"),
                    writes=("prompt_bank",), roles=("sentence", "llm"),
                    description="seed bank and LLM scene and target prompts per product type, curated (cached)")

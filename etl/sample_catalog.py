@@ -18,11 +18,12 @@ SAMPLE_PRODUCTS = {
                    "attributes": {"color": "white", "material": "ceramic"}},
     "motorcycle": {"title": "Red sport motorcycle", "product_type": "motorcycle",
                    "attributes": {"color": "red"}},
-    # Two products come without a type, as in many catalogs: classification finds theirs (or says
-    # `unknown`, as it does with the tiny random CLIP, and the generic seed scenes serve them).
+    # Two products come without a type, as in many catalogs: classification finds the gift box's
+    # in its title; the rocket's title names no type and the tiny random CLIP cannot tell, so it is
+    # `unknown` and the generic seed scenes serve it.
     "rocket": {"title": "Launch vehicle scale model", "product_type": None,
                "attributes": {"color": "white"}},
-    "gift-box": {"title": "Blue wrapped present", "product_type": None,
+    "gift-box": {"title": "Blue gift box with ribbon", "product_type": None,
                  "attributes": {"color": "blue", "license": "openclipart"}},
 }
 

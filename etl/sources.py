@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from etl.errors import UserError
+from etl.product_types import catalog_type
 
 FORMATS = ("folder", "manifest", "abo")
 PRODUCT_FILE = "product.json"
@@ -221,7 +222,10 @@ def _abo_item(item: dict, where: str, root: Path, image_paths: dict, listing: Li
     if product is None:
         return
     product.title = product.title or _english(item.get("item_name"))
-    product.product_type = product.product_type or _english(item.get("product_type"))
+    code = _english(item.get("product_type"))
+    if code:  # "CHAIR" -> chair; a department ("HOME_BED_AND_BATH") leaves the type to the title
+        product.attributes.setdefault("abo_product_type", code)
+        product.product_type = product.product_type or catalog_type(code)
     for key, value in item.items():
         if key not in ABO_SKIP and key not in product.attributes:
             text = _english(value)

@@ -124,9 +124,12 @@ TABLES: dict[str, Table] = {
             [
                 ("product_id", "STRING", "products.product_id"),
                 ("product_type", "STRING", "the assigned type"),
-                ("source", "STRING", "metadata (attributes or title), clip_zero_shot or human"),
-                ("score", "DOUBLE", "1.0 for metadata; mean CLIP cosine of the references to the type's text"),
-                ("backbone", "STRING", "CLIP model used for zero-shot; '' for metadata"),
+                ("source", "STRING", "attribute, title_head, title_similarity, title_open (etl/product_types.py), "
+                                     "clip_zero_shot or human (metadata: rows from before the title typing)"),
+                ("score", "DOUBLE", "confidence: 1.0 for an attribute or a person; below 1.0 from a title; mean "
+                                    "CLIP cosine of the references to the type's text for zero-shot"),
+                ("backbone", "STRING", "the model behind the score: the sentence model for titles, the CLIP model "
+                                       "for zero-shot; '' for attributes"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["product_id"],

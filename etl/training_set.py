@@ -7,8 +7,10 @@ is dropped; positives scoring below `min_score_vs_references` x the references' 
 `min_score`) are dropped; the rest are ranked by the weighted score within their kind and the top
 `positives_per_kind[kind]` kept. Each kind has one CLIP-T definition: novel views against their
 caption, outpaints against their scene prompt, so the two never compete on different texts.
-Then negatives and counterfactuals are added to reach `augment.positives_per_negative`. Every
-image considered gets a row, with its reason when it was not selected:
+Then negatives and counterfactuals are added to reach `augment.positives_per_negative`. Captions
+lose the brands they name (etl/brands.py; the product's own brand stays only with
+`prompt_bank.allow_own_brand`), so no training prompt teaches a brand. Every image considered gets a row, with its reason
+when it was not selected:
 
     SELECT kind, reason, count(*) FROM training_images WHERE product_id = 'x' GROUP BY 1, 2
 """
@@ -22,6 +24,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from etl.brands import without_brands
 from etl.config import TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.step import Step
@@ -109,6 +112,16 @@ def _score_bar(reference_scores: pd.Series, config: TrainingSettings) -> tuple[f
     return max(bars)
 
 
+def caption_brands(lake: Lakehouse) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """The brands training captions may not name beyond the shipped list (`prompt_bank.brands`,
+    the catalog's), and per product its own brand where `prompt_bank.allow_own_brand` allows it."""
+    settings = lake.settings.prompt_bank
+    brands = {r["product_id"]: json.loads(r["attributes"] or "{}").get("brand") or ""
+              for r in lake.spark.sql("SELECT product_id, attributes FROM products").collect()}
+    allowed = {p: (b,) for p, b in brands.items() if b} if settings.allow_own_brand else {}
+    return [*settings.brands, *{b for b in brands.values() if b}], allowed
+
+
 def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
     settings = lake.settings
     config, ratio = settings.training, settings.augment.positives_per_negative
@@ -124,8 +137,12 @@ def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
                    ON t.product_id = m.product_id AND t.image_id = m.image_id
             WHERE m.kind <> {sql_literal(GENERATED)}""")  # the adapter's own outputs never train it
     schema = TABLES["training_images"].data_schema()
+    refused, allowed = caption_brands(lake)
     selected = candidates.groupBy("product_id").applyInPandas(
-        lambda rows: select_training_images(rows, config, ratio, config_hash), schema)
+        lambda rows: select_training_images(
+            rows.assign(caption=[without_brands(c, refused, allowed.get(p, ())) for p, c in zip(rows.product_id,
+                                                                                                 rows.caption)]),
+            config, ratio, config_hash), schema)
     with lake.staged(selected) as staged:
         return {"training_images": lake.upsert("training_images", staged)}
 

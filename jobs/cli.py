@@ -194,6 +194,10 @@ def cmd_models(settings: Settings, args) -> int:
 def cmd_imagine(settings: Settings, args) -> int:
     from pathlib import Path
 
+    from etl.brands import request_refusal
+
+    if reason := request_refusal(args.scene, settings.prompt_bank):  # before any engine or model starts
+        raise UserError(f"scene refused: {reason}: {' '.join(args.scene.split())!r}", 2)
     from training.imagine import imagine
     from etl.vocabulary import RANKING_METRICS
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from etl import tracking
+from etl.brands import request_refusal
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.metrics import metric_constants, score_product
@@ -112,9 +113,11 @@ class Imaginer:
             raise UserError(f"keep must be between 1 and n ({n}), not {keep}", REFUSED)
         if arm not in (tracking.OURS, tracking.BASELINE):
             raise UserError(f"arm must be {tracking.OURS} or {tracking.BASELINE}, not {arm!r}", REFUSED)
+        if reason := request_refusal(scene, self.lake.settings.prompt_bank):  # a brand: refused before any lookup
+            raise UserError(f"scene refused: {reason}: {' '.join(str(scene).split())!r}", REFUSED)
         adapter = self.adapter(product_id, arm)
         scene = " ".join(str(scene).split())
-        reason = scene_refusal(self.lake, scene, adapter.class_noun)
+        reason = scene_refusal(self.lake, scene, adapter.class_noun, product_id)
         if reason:
             raise UserError(f"scene refused: {reason}: {scene!r}", REFUSED)
         text, generation_prompt = prompts(adapter.token, adapter.class_noun, scene)

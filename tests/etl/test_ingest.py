@@ -169,6 +169,7 @@ def test_abo_layout(lake, tmp_path):
          "main_image_id": "IMG1", "other_image_id": ["IMG2", "IMG_MISSING"]},
         {"item_id": "B02", "item_name": _abo_text("Table lamp"), "product_type": [{"value": "LAMP"}],
          "main_image_id": "IMG3"},
+        {"item_id": "B03", "item_name": _abo_text("Bath towel, cotton"), "product_type": [{"value": "HOME_BED_AND_BATH"}]},
     ]
     with gzip.open(root / "listings" / "metadata" / "listings_0.json.gz", "wt") as fh:
         fh.write("\n".join(json.dumps(item) for item in listings))
@@ -177,8 +178,10 @@ def test_abo_layout(lake, tmp_path):
     assert summary.source.startswith("abo:")
     products = rows(lake, "products").set_index("product_id")
     assert products.loc["B01", "title"] == "Wooden chair"  # English preferred
-    assert products.loc["B01", "product_type"] == "CHAIR"
-    assert json.loads(products.loc["B01", "attributes"]) == {"brand": "Rivet"}
+    assert products.loc["B01", "product_type"] == "chair"  # ABO's code, as the class noun prompts use
+    assert json.loads(products.loc["B01", "attributes"]) == {"brand": "Rivet", "abo_product_type": "CHAIR"}
+    assert products.loc["B02", "product_type"] == "lamp"
+    assert products.loc["B03", "product_type"] is None  # a department: the title decides (classify)
     assert rows(lake, "product_images").groupby("product_id").size().to_dict() == {"B01": 2, "B02": 1}
     assert list(rows(lake, "quarantine").reason_code) == ["unknown_image_id"]
 

@@ -162,8 +162,10 @@ def test_classification_from_metadata_then_zero_shot(lake, tmp_path):
     written = run_classify(lake, zoo)
     assert written == {"product_classes": 3, "quarantine": 1}
     classes = DeltaTable(lake.location("product_classes")).to_pandas().set_index("product_id")
-    assert (classes.loc["by-title", "product_type"], classes.loc["by-title", "source"]) == ("mug", "metadata")
-    assert (classes.loc["by-attribute", "product_type"], classes.loc["by-attribute", "source"]) == ("lamp", "metadata")
+    by_title = classes.loc["by-title"]  # "mug" is the head of the title's noun phrase
+    assert (by_title.product_type, by_title.source, by_title.backbone) == ("mug", "title_head", "all-MiniLM-L6-v2")
+    assert 0.5 <= by_title.score < 1.0  # a heuristic's confidence, never certain
+    assert (classes.loc["by-attribute", "product_type"], classes.loc["by-attribute", "source"]) == ("lamp", "attribute")
     unknown = classes.loc["unknown"]
     # Random tiny-CLIP scores sit below the calibrated minimum: unknown, never a guessed type.
     assert unknown.source == "clip_zero_shot" and unknown.product_type == UNKNOWN
@@ -177,6 +179,8 @@ def test_classification_from_metadata_then_zero_shot(lake, tmp_path):
     assert DeltaTable(lake.location("quarantine")).to_pandas().empty
     with pytest.raises(UserError, match="unknown product"):
         set_type(lake, "nope", "mug")
+    with pytest.raises(UserError, match=r"not a brand \(iPhone\)"):
+        set_type(lake, "unknown", "iPhone")
 
 
 DEGENERATE = [  # approved by the curation before it checked for loops and adjective piles
