@@ -22,6 +22,7 @@ import pandas as pd
 from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
+from etl.prompt_text import degenerate, length_refusal, lower_words, scene_text_refusal
 from etl.step import Step
 from etl.tables import TABLES, sql_list, sql_literal
 from udfs.zoo import ModelZoo
@@ -41,9 +42,6 @@ TYPE_KEYS = ("product_type", "category", "type", "item_type")  # attribute keys 
 CAPITALIZED_RUN = re.compile(r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)+")
 UNKNOWN = "unknown"  # the type of a product nothing could classify with confidence
 SEED_FILE = Path(__file__).with_name("data") / "seed_prompts.toml"
-# Words that carry no content, for the repetition and adjective checks.
-STOPWORDS = frozenset("a an the of on in with and by at to for from into onto near under over beside next its "
-                      "is are be as it this that or while".split())
 # Words that name a setting (a place, surface, backdrop or light): a scene must name one.
 SETTING_WORDS = frozenset("""
     room kitchen bathroom bedroom nursery hallway hall entryway porch patio balcony terrace deck garage attic
@@ -62,13 +60,6 @@ SETTING_WORDS = frozenset("""
     rooftop roof terrace greenhouse orchard vineyard kitchenette pantry dining diner canteen picnic
     grass moss leaves paper cardboard box crate pallet shelving glass acrylic velvet silk leather
     """.split())
-# Adjectives marketing text piles up; with the suffix rule below, the "mostly adjectives" check.
-ADJECTIVES = frozenset("""
-    luxury luxurious premium elegant beautiful stunning gorgeous perfect amazing high-end expensive cheap
-    modern classic stylish chic sleek trendy fancy exquisite exclusive fine nice great good best top quality
-    high low new old vintage unique special sophisticated glamorous opulent lavish humble simple pretty
-    """.split())
-ADJECTIVE_SUFFIX = re.compile(r".{3,}(ous|ful|ive|ible|able|ish|less|esque)$")
 
 
 def prompt_id(product_type: str, purpose: str, text: str) -> str:
@@ -329,14 +320,9 @@ def text_refusal(text: str, product_type: str, other_types: list[str], brands: s
     """Why a text cannot be a prompt for this product type, or None: length; degenerate text;
     names another product type, a catalog brand, or a proper noun. The checks that need no model,
     shared by curation and on-demand scenes."""
-    words = text.split()
     lowered = f" {text.lower()} "
     own_words = set(product_type.lower().split())
-    if len(words) < settings.min_words:
-        return f"too short ({len(words)} words, minimum {settings.min_words})"
-    if len(words) > settings.max_words:
-        return f"too long ({len(words)} words, maximum {settings.max_words})"
-    if reason := degenerate(text, settings):
+    if reason := length_refusal(text, settings) or degenerate(text, settings):
         return reason
     if other := next((t for t in other_types if set(t.lower().split()) - own_words
                       and re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)), None):
@@ -349,19 +335,15 @@ def text_refusal(text: str, product_type: str, other_types: list[str], brands: s
 
 
 def scene_refusal(lake: Lakehouse, scene: str, product_type: str) -> str | None:
-    """Why a requested scene (`recontext imagine`) is refused, or None: the prompt bank's checks
-    against every type the bank knows and the catalog's brands, and, stricter than for LLM text
-    (a person can rephrase), any capitalized word after the first ("next to a Nike shoe"): names
-    of brands, people and places are not generated. No plausibility or duplicate check: the
-    request is a person's explicit ask."""
+    """Why a requested scene (`recontext imagine`) is refused, or None: scene_text_refusal, then
+    the prompt bank's checks against every type the bank knows and the catalog's brands. No
+    plausibility or duplicate check: the request is a person's explicit ask."""
+    text = " ".join(scene.split())
+    if reason := scene_text_refusal(text, lake.settings.prompt_bank):
+        return reason
     types = {r["product_type"] for r in resolved_types(lake).collect() if r["product_type"]} | set(seed_types())
     others = sorted(t for t in types if t not in (product_type, UNKNOWN))
-    text = " ".join(scene.split())
-    reason = text_refusal(text, product_type, others, catalog_brands(lake), lake.settings.prompt_bank)
-    if reason is None and (name := next((w.strip(".,;:!?'\"()") for w in text.split()[1:]
-                                         if w[:1].isupper()), None)):
-        reason = f"names a brand, person or place ({name}); describe the setting without names"
-    return reason
+    return text_refusal(text, product_type, others, catalog_brands(lake), lake.settings.prompt_bank)
 
 
 def catalog_brands(lake: Lakehouse) -> set[str]:
@@ -370,38 +352,9 @@ def catalog_brands(lake: Lakehouse) -> set[str]:
             lake.spark.sql("SELECT attributes FROM products").collect()} - {""}
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z][a-z'-]*", text.lower())
-
-
-def degenerate(text: str, settings: PromptBankSettings) -> str | None:
-    """Why a text is degenerate (what small LLMs write when they loop or pile up adjectives), or
-    None: a word three times in a row; a content word (or its stem: "luxury", "luxurious") used
-    more than `max_word_repeats` times; for 8+ words, a type-token ratio below
-    `min_type_token_ratio`; more than `max_adjective_share` of the content words adjectives."""
-    words = _words(text)
-    for a, b, c in zip(words, words[1:], words[2:]):
-        if a == b == c:
-            return f"degenerate: repeats '{a}' three times in a row"
-    content = [w for w in words if w not in STOPWORDS]
-    stems: dict[str, list[str]] = {}
-    for word in content:
-        stems.setdefault(word[:5] if len(word) > 5 else word, []).append(word)
-    stem, uses = max(stems.items(), key=lambda item: len(item[1]), default=("", []))
-    if len(uses) > settings.max_word_repeats:
-        return f"degenerate: repeats '{uses[0]}' {len(uses)} times (maximum {settings.max_word_repeats})"
-    if len(words) >= 8 and len(set(words)) / len(words) < settings.min_type_token_ratio:
-        return (f"degenerate: only {len(set(words))} distinct words of {len(words)} (type-token ratio below "
-                f"{settings.min_type_token_ratio})")
-    adjectives = [w for w in content if w in ADJECTIVES or ADJECTIVE_SUFFIX.match(w)]
-    if len(content) >= 2 and len(adjectives) / len(content) > settings.max_adjective_share:
-        return f"degenerate: mostly adjectives ({', '.join(adjectives[:4])}), no description"
-    return None
-
-
 def names_setting(text: str) -> bool:
     """Whether a text names a place, surface, backdrop or light (SETTING_WORDS, plurals too)."""
-    return any(w in SETTING_WORDS or w.rstrip("s") in SETTING_WORDS for w in _words(text))
+    return any(w in SETTING_WORDS or w.rstrip("s") in SETTING_WORDS for w in lower_words(text))
 
 
 def _proper_noun(text: str) -> str | None:

@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.log_format == "json")
     try:
         settings = Settings.load(args.home)
+        if args.needs_home and not settings.lakehouse.is_dir():
+            # Reading a home that is not there must not make one (an empty one would answer every
+            # query with nothing): say where it looked instead.
+            raise UserError(f"no recontext home at {settings.home} (no lakehouse/ there): pass --home DIR or set "
+                            "RECONTEXT_HOME; `recontext demo` or `recontext ingest SOURCE` create a home")
         return args.run(settings, args) or 0
     except UserError as err:
         print(f"recontext: {err}", file=sys.stderr)
@@ -49,12 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one JSON object per log line on stderr (run id, stage, seconds, rows)")
+    # Commands that only read (or add to) a home refuse a home that does not exist
+    # (needs_home); ingest, run and demo create one and say where (_lake).
+    parser.set_defaults(needs_home=True)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     ingest = commands.add_parser("ingest", help="ingest a catalog source into the lakehouse")
     ingest.add_argument("source", help="a folder per product, a manifest (.csv/.jsonl), or an ABO root")
     ingest.add_argument("--format", choices=FORMATS, help="source layout (default: detected)")
-    ingest.set_defaults(run=cmd_ingest)
+    ingest.set_defaults(run=cmd_ingest, needs_home=False)
 
     sql = commands.add_parser("sql", help="run one read-only SQL query")
     sql.add_argument("query")
@@ -76,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     for command in [run, *(commands.add_parser(name, help=text) for name, text in groups.items())]:
         command.add_argument("--products", help="comma-separated product ids (default: all)")
         command.add_argument("--wait", action="store_true", help="wait for a run already using this home")
-        command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1])
+        command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1],
+                             needs_home=False)
 
     imagine = commands.add_parser("imagine", help="generate, score and rank images of a product in a scene, on demand")
     imagine.add_argument("product_id")
@@ -96,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
     stages = commands.add_parser("stages", help="the stage graph: steps, dependencies, reads, writes, models, device")
     stages.add_argument("--format", choices=("table", "json"), default="table")
-    stages.set_defaults(run=cmd_stages)
+    stages.set_defaults(run=cmd_stages, needs_home=False)
 
     promote = commands.add_parser("promote", help="make a registered adapter version the product's champion")
     promote.add_argument("product_id")
@@ -147,11 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
     demo.add_argument("--base", choices=["sd", "sdxl"], default=None,
                       help="the tiny base-model family to build and use (default: models.tiny_family, sd)")
-    demo.set_defaults(run=cmd_demo)
+    demo.set_defaults(run=cmd_demo, needs_home=False)
 
     models = commands.add_parser("models", help="each model role: weights, family, device and precision")
     models.add_argument("--format", choices=["table", "json"], default="table")
-    models.set_defaults(run=cmd_models)
+    models.set_defaults(run=cmd_models, needs_home=False)
     return parser
 
 
@@ -187,10 +196,14 @@ def cmd_models(settings: Settings, args) -> int:
 def cmd_imagine(settings: Settings, args) -> int:
     from pathlib import Path
 
-    from training.imagine import imagine
+    from training.requests import checked_request
+
+    request = checked_request(settings, args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
+    from training.imagine import imagine  # the engine's and the models' imports: after the checks
     from etl.vocabulary import RANKING_METRICS
 
-    images = imagine(_lake(settings), args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
+    images = imagine(_lake(settings), request.product_id, request.scene, request.n, request.keep, request.seed,
+                     request.arm)
     out = Path(args.out) if args.out else settings.home / "imagined" / args.product_id
     out.mkdir(parents=True, exist_ok=True)
     kept = images[images.kept.astype(bool)]
@@ -233,14 +246,18 @@ def cmd_service_register(settings: Settings, args) -> int:
 def _lake(settings: Settings):
     from etl.lakehouse import Lakehouse
 
+    if not settings.lakehouse.is_dir():
+        print(f"recontext: creating a new home at {settings.home}", file=sys.stderr)
     return Lakehouse(settings)
 
 
 def cmd_ingest(settings: Settings, args) -> int:
     from etl.ingest import ingest
+    from etl.sources import list_source
 
     started = time.perf_counter()
-    summary = ingest(_lake(settings), args.source, args.format)
+    listing = list_source(args.source, args.format)  # a missing or malformed source: refused before any engine
+    summary = ingest(_lake(settings), listing)
     print(f"ingested {summary.source}: {summary.products} products, {summary.images_ok} images, "
           f"{summary.rejected} quarantined in {time.perf_counter() - started:.1f}s; rows written: "
           + ", ".join(f"{t}={n}" for t, n in summary.rows_written.items()))
@@ -268,11 +285,14 @@ def cmd_sql(settings: Settings, args) -> int:
 
 def cmd_run(settings: Settings, args) -> int:
     """`recontext run` and the commands that run a group of stages (augment, train, ...)."""
-    from jobs.graph import load_groups
+    from jobs.graph import load_groups, load_stages, select
     from jobs.runner import run
 
     names = load_groups()[args.group] if args.group else args.stages
+    select(load_stages(), names)  # unknown stage names: refused before any engine
     products = [p.strip() for p in args.products.split(",") if p.strip()] if args.products else None
+    if args.products is not None and not products:
+        raise UserError(f"--products names no product: {args.products!r}")
     lake = _lake(settings)
     results = run(lake, names, products, wait=args.wait)
     if args.group == "train":
@@ -335,6 +355,7 @@ def cmd_ratings_import(settings: Settings, args) -> int:
     from etl.ratings import import_ratings
     from jobs.runner import run
 
+    _check_files(args.files)
     lake = _lake(settings)
     for file in args.files:
         written, rejected = import_ratings(lake, file)
@@ -360,6 +381,8 @@ def cmd_maintain(settings: Settings, args) -> int:
     from jobs.maintain import maintain
 
     hours = settings.retention_hours if args.retention_hours is None else args.retention_hours
+    if hours < 0:
+        raise UserError(f"--retention-hours must be 0 or more, not {hours}")
     report = maintain(_lake(settings), hours)
     print(f"maintenance of {settings.home} (retention {hours} h):")
     print("\n".join(report.lines()))
@@ -377,6 +400,8 @@ def cmd_check(settings: Settings, args) -> int:
 def cmd_promote(settings: Settings, args) -> int:
     from etl.tracking import promote, registered_model_name
 
+    if not args.version.isdigit():
+        raise UserError(f"a version is a registered model version number, not {args.version!r}")
     promote(settings, args.product_id, args.version)
     print(f"{registered_model_name(args.product_id)} version {args.version} is now @champion")
     return 0
@@ -394,6 +419,8 @@ def cmd_prompts_export(settings: Settings, args) -> int:
 def cmd_prompts_set_type(settings: Settings, args) -> int:
     from etl.prompt_bank import set_type
 
+    if not args.product_type.strip():
+        raise UserError("the product type must not be empty")
     set_type(_lake(settings), args.product_id, args.product_type)
     print(f"{args.product_id} is a {args.product_type.strip()}; the next `recontext run` writes its prompts and "
           "scenes")
@@ -403,6 +430,7 @@ def cmd_prompts_set_type(settings: Settings, args) -> int:
 def cmd_prompts_import(settings: Settings, args) -> int:
     from etl.prompt_bank import import_csv
 
+    _check_files([args.file])
     print(f"updated {import_csv(_lake(settings), args.file)} prompts")
     return 0
 
@@ -417,6 +445,12 @@ def cmd_prompts_status(settings: Settings, args) -> int:
 def cmd_tables(settings: Settings, args) -> int:
     _print_tables(_lake(settings))
     return 0
+
+
+def _check_files(files: list[str]) -> None:
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserError(f"file not found: {', '.join(missing)}")
 
 
 def _print_tables(lake) -> None:

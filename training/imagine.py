@@ -36,12 +36,11 @@ from etl.tables import sql_list, sql_literal
 from etl.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
 from training.generate import adapter_on, image_row, prompts, render, task_key
 from training.ranking import configured_ranker, rank_generations
+from training.requests import REFUSED, checked_request
 from udfs.imaging import decode_rgb, segment
 from udfs.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
-MAX_IMAGES = 64  # per request: a larger ask is a batch job (approve target prompts, `recontext generate`)
-REFUSED = 2  # exit code of a refused request (bad input the caller can fix)
 # What a request returns per image: ranking, metrics, the PNG, lineage.
 OUTPUT = ["product_id", "rank", "kept", "score", "ranked_by", "reason", *METRIC_COLUMNS, "image_id", "image", "width",
           "height", "seed", "scene", "prompt", "generation_prompt", "arm", "adapter_model", "adapter_version", "steps",
@@ -102,16 +101,10 @@ class Imaginer:
         """Generate, score, rank and record `n` images of the product in the scene; returns one row
         per image (kept first, by rank) with its PNG bytes, metrics, score and lineage."""
         settings = self.lake.settings.generation
-        keep = min(settings.keep_top, n) if keep is None else keep
-        seed = settings.seed if seed is None else seed
-        if not 1 <= n <= MAX_IMAGES:
-            raise UserError(f"n must be between 1 and {MAX_IMAGES}, not {n}", REFUSED)
-        if not 1 <= keep <= n:
-            raise UserError(f"keep must be between 1 and n ({n}), not {keep}", REFUSED)
-        if arm not in (tracking.OURS, tracking.BASELINE):
-            raise UserError(f"arm must be {tracking.OURS} or {tracking.BASELINE}, not {arm!r}", REFUSED)
+        request = checked_request(self.lake.settings, product_id, scene, n, keep, seed, arm)  # no data needed
+        product_id, scene, n, keep, seed, arm = (request.product_id, request.scene, request.n, request.keep,
+                                                 request.seed, request.arm)
         adapter = self.adapter(product_id, arm)
-        scene = " ".join(str(scene).split())
         reason = scene_refusal(self.lake, scene, adapter.class_noun)
         if reason:
             raise UserError(f"scene refused: {reason}: {scene!r}", REFUSED)

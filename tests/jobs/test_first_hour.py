@@ -1,0 +1,96 @@
+"""What a new user meets first: refusals before any engine starts, no home made by reading one,
+SQL typos reported as such, honest labels and real table names in the output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import main
+from sample_images import cli_env, recontext
+
+SCENE = "on a marble kitchen counter, morning light"
+# Run `main` once per argument list in one child process; report exit codes, stderr lines and
+# whether the embedded engine was started (or pyspark even imported) on the way.
+_CHILD = """
+import contextlib, io, json, sys
+from jobs.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    out.append([code, err.getvalue().strip()])
+engine = sys.modules.get("etl.engine")
+print(json.dumps({"results": out, "engine_started": bool(engine and engine._embedded_server),
+                  "pyspark_imported": "pyspark" in sys.modules}))
+"""
+
+
+def _in_child(argvs: list[list[str]], env=None) -> dict:
+    result = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(argvs)], capture_output=True, text=True,
+                            env=cli_env(None, env), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_bad_arguments_are_refused_before_any_engine_starts(tmp_path):
+    """A home that exists (an empty lakehouse folder): had the engine started, it would have
+    created the declared tables there."""
+    home = tmp_path / "home"
+    (home / "lakehouse").mkdir(parents=True)
+    cases = [
+        (["imagine", "coffee-cup", SCENE, "-n", "0"], 2, "n must be between 1 and 64"),
+        (["imagine", "coffee-cup", SCENE, "-n", "2", "--keep", "5"], 2, "keep must be between 1 and n (2)"),
+        (["imagine", "coffee-cup", "next to a Nike shoe"], 2, "names a brand, person or place (Nike)"),
+        (["imagine", "coffee-cup", "table"], 2, "too short"),
+        (["imagine", "coffee-cup", "on a table table table in a kitchen"], 2, "degenerate"),
+        (["run", "no_such_stage"], 1, "unknown stage(s) no_such_stage"),
+        (["augment", "--products", " , "], 1, "--products names no product"),
+        (["ingest", str(tmp_path / "no-such-folder")], 1, "source not found"),
+        (["promote", "coffee-cup", "latest"], 1, "not 'latest'"),
+        (["maintain", "--retention-hours", "-1"], 1, "--retention-hours must be 0 or more"),
+        (["ratings", "import", str(tmp_path / "missing.csv")], 1, "file not found"),
+        (["prompts", "import", str(tmp_path / "missing.csv")], 1, "file not found"),
+        (["prompts", "set-type", "coffee-cup", "  "], 1, "must not be empty"),
+    ]
+    child = _in_child([["--home", str(home), *args] for args, _, _ in cases])
+    for (args, code, message), (got, err) in zip(cases, child["results"]):
+        assert got == code and message in err and len(err.splitlines()) == 1, (args, got, err)
+    assert not child["engine_started"]
+    assert list((home / "lakehouse").iterdir()) == []  # no table was created
+
+
+def test_the_request_checks_are_the_ones_imagine_applies(lake):
+    """The checks made before the engine starts are the same the library call makes (one place)."""
+    from etl.errors import UserError
+    from training.imagine import imagine
+
+    for args, message in [((SCENE, 0), "n must be between 1 and 64"), (("next to a Nike shoe", 2), "Nike")]:
+        with pytest.raises(UserError, match=message) as refused:
+            imagine(lake, "coffee-cup", args[0], n=args[1])
+        assert refused.value.exit_code == 2
+
+
+@pytest.mark.parametrize("args", [["tables"], ["sql", "SELECT * FROM products"], ["check"],
+                                  ["imagine", "coffee-cup", SCENE], ["report"], ["prompts", "export", "x.csv"]])
+def test_reading_a_home_that_does_not_exist_creates_nothing(tmp_path, args):
+    fake_user = tmp_path / "user"  # the default home is ~/.recontext: under this HOME
+    fake_user.mkdir()
+    child = _in_child([args], env={"HOME": str(fake_user), "RECONTEXT_HOME": ""})
+    (code, err), = child["results"]
+    assert code == 1 and f"no recontext home at {fake_user / '.recontext'}" in err, err
+    assert list(fake_user.iterdir()) == [] and not child["engine_started"]
+
+
+def test_a_command_that_creates_a_home_says_where(tmp_path):
+    home = tmp_path / "new-home"
+    result = recontext("ingest", str(tmp_path / "empty"), home=home)
+    assert result.returncode == 1 and not home.exists()  # a missing source creates nothing either
+    (tmp_path / "empty").mkdir()
+    result = recontext("ingest", str(tmp_path / "empty"), home=home)
+    assert result.returncode == 0, result.stderr
+    assert f"creating a new home at {home}" in result.stderr
+    again = recontext("tables", home=home)
+    assert again.returncode == 0 and "creating" not in again.stderr and "products" in again.stdout
