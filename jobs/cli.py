@@ -270,7 +270,14 @@ def cmd_sql(settings: Settings, args) -> int:
     from etl.queries import check_read_only
 
     query = check_read_only(args.query)  # refuse before starting anything
-    frame = _lake(settings).spark.sql(query).toPandas()
+    lake = _lake(settings)
+    try:
+        frame = lake.spark.sql(query).toPandas()
+    except Exception as err:  # noqa: BLE001 - a syntax error is the user's to fix: say so
+        message = lake.engine.parse_error(err)
+        if message is None:
+            raise
+        raise UserError(f"SQL parse error: {message}") from None
     if args.format == "json":
         # Per value after to_dict: mapping the frame would turn None back into NaN in float columns.
         records = [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]

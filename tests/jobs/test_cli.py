@@ -79,6 +79,7 @@ def test_sql_refuses_writes_with_exit_code_2(demo_home, capsys):
     (["ingest", "/tmp", "--format", "abo"], "ABO layout without"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "h" / "lakehouse").mkdir(parents=True)  # a home (sql refuses one that does not exist)
     assert main(["--home", str(tmp_path / "h"), *args]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1

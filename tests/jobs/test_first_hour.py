@@ -94,3 +94,22 @@ def test_a_command_that_creates_a_home_says_where(tmp_path):
     assert f"creating a new home at {home}" in result.stderr
     again = recontext("tables", home=home)
     assert again.returncode == 0 and "creating" not in again.stderr and "products" in again.stdout
+
+
+@pytest.mark.parametrize("query, code, message", [
+    ("SELEC * FROM products", 1, "SQL parse error: found SELEC at 0:5"),  # the engine's position
+    ("SELECT product_id FORM products", 1, "SQL parse error: found products at 23:31"),
+    ("select * from products where", 1, "SQL parse error: found end of input"),
+    ("DELETE FROM products", 2, "refused: `recontext sql` is read-only"),
+    ("SELEC 1 FROM products; DROP TABLE products", 2, "only one statement per call"),
+    ("PRODUCTS INSERT INTO products VALUES ('x')", 2, "refused: INSERT writes data"),
+    ("SET spark.sql.shuffle.partitions = 1", 2, "not 'SET'"),
+])
+def test_sql_reports_parse_errors_as_such_and_refuses_writes(tmp_path, capsys, query, code, message):
+    home = tmp_path / "home"
+    (home / "lakehouse").mkdir(parents=True)
+    assert main(["--home", str(home), "sql", query]) == code
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    if code == 1:
+        assert "read-only" not in err and "writes data" not in err
