@@ -389,8 +389,9 @@ def _section(title: str, empty: str, figures: list[str]) -> str:
 
 
 def run_report(lake, zoo=None) -> dict[str, int]:
-    write_report(lake, lake.settings.home / "report", sorted(lake.products) if lake.products else None)
-    return {}
+    products = sorted(lake.products) if lake.products else None
+    write_report(lake, lake.settings.home / "report", products)
+    return {REPORT_FILES: 1 + len(_product_ids(lake, products))}  # pages: the index and one per product
 
 
 REPORT = Step("report", run_report,

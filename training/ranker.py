@@ -77,11 +77,11 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
     if len(frame) < settings.evaluation.ranker_min_images or frame.passed.nunique() < 2:
         log.info("learned ranker not fit: %d rated images (%d needed, both verdicts)", len(frame),
                  settings.evaluation.ranker_min_images)
-        return {"ranker_versions": 0}
+        return {REGISTERED_MODELS: 0}
     digest = hashlib.sha256(frame[["image_id", "passed", *METRICS]].to_csv(index=False).encode()).hexdigest()[:16]
     experiment = tracking.configure(settings)
     if mlflow.search_runs([experiment], filter_string=f"tags.ratings_digest = '{digest}'").shape[0]:
-        return {"ranker_versions": 0}  # fit on exactly these ratings already
+        return {REGISTERED_MODELS: 0}  # fit on exactly these ratings already
     report = held_out(frame, settings.generation.rank_weights, settings.evaluation.ranker_folds)
     model = _model().fit(features(frame), frame.passed.astype(int).to_numpy())
     synthetic = bool((frame.ratings_source != "human").any())
@@ -100,7 +100,7 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
     MlflowClient().set_registered_model_alias(
         MODEL_NAME, tracking.CHAMPION if better and not synthetic else tracking.CANDIDATE, version)
     log.info("learned ranker v%s: held-out r=%s vs aggregate r=%s", version, learned, plain)
-    return {"ranker_versions": 1}
+    return {REGISTERED_MODELS: 1}  # a model version, not a table row
 
 
 def load_champion():

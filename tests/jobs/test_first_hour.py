@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from etl.tables import TABLES
 from jobs.cli import main
 from sample_images import cli_env, recontext
 
@@ -15,6 +16,7 @@ SCENE = "on a marble kitchen counter, morning light"
 # whether the embedded engine was started (or pyspark even imported) on the way.
 _CHILD = """
 import contextlib, io, json, sys
+from etl.tables import TABLES
 from jobs.cli import main
 out = []
 for argv in json.loads(sys.argv[1]):
@@ -113,3 +115,25 @@ def test_sql_reports_parse_errors_as_such_and_refuses_writes(tmp_path, capsys, q
     assert message in err and err.count("\n") == 1, err
     if code == 1:
         assert "read-only" not in err and "writes data" not in err
+
+
+def test_every_rows_written_count_names_a_real_table(lake):
+    """fit_ranker registers model versions and report writes pages: neither is a table row."""
+    import re
+
+    from jobs.runner import run
+
+    lines: list[str] = []
+    results = run(lake, ["evaluate", "report"], progress=lines.append)
+    assert [r.status for r in results] == ["succeeded", "succeeded"], lines
+    steps = {line.split()[0]: line for line in lines if re.match(r"\s+\w+\s+[\d.]+s  ", line)}
+    assert set(steps) == {"evaluate", "fit_ranker", "report"}, lines
+    for line in steps.values():
+        named = set(re.findall(r"(\w+)=\d+", line))
+        assert named <= set(TABLES), line
+        for table in named:
+            lake.spark.sql(f"SELECT count(*) FROM {table}").collect()  # one the engine knows
+    assert steps["fit_ranker"].endswith("writes no table; model versions registered: 0")
+    assert steps["report"].endswith("writes no table; report pages written: 1")
+    recorded = lake.spark.sql("SELECT stage, tables_written FROM job_runs WHERE status = 'succeeded'").collect()
+    assert recorded and all(set(json.loads(row["tables_written"])) <= set(TABLES) for row in recorded), recorded
