@@ -199,11 +199,12 @@ def cmd_imagine(settings: Settings, args) -> int:
     from training.requests import checked_request
 
     request = checked_request(settings, args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
-    from training.imagine import imagine  # the engine's and the models' imports: after the checks
+    from training.imagine import Imaginer  # the engine's and the models' imports: after the checks
     from etl.vocabulary import RANKING_METRICS
 
-    images = imagine(_lake(settings), request.product_id, request.scene, request.n, request.keep, request.seed,
-                     request.arm)
+    lake = _lake(settings)
+    imaginer = Imaginer(lake)
+    images = imaginer(request.product_id, request.scene, request.n, request.keep, request.seed, request.arm)
     out = Path(args.out) if args.out else settings.home / "imagined" / args.product_id
     out.mkdir(parents=True, exist_ok=True)
     kept = images[images.kept.astype(bool)]
@@ -217,7 +218,7 @@ def cmd_imagine(settings: Settings, args) -> int:
                      "adapter": f"{image.adapter_model} v{image.adapter_version}", "prompt": image.prompt})
     if args.format == "json":
         json.dump({"product_id": args.product_id, "scene": images.scene.iloc[0], "generated": len(images),
-                   "kept": rows}, sys.stdout)
+                   "model_weights": imaginer.model_weights(), "kept": rows}, sys.stdout)
         print()
         return 0
     first = images.iloc[0]
@@ -229,6 +230,7 @@ def cmd_imagine(settings: Settings, args) -> int:
     dropped = images[~images.kept.astype(bool)]
     for image in dropped.itertuples():
         print(f"  not kept, seed {image.seed}: {image.reason}")
+    _print_notice(lake)
     return 0
 
 

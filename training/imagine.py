@@ -38,9 +38,10 @@ from training.generate import adapter_on, image_row, prompts, render, task_key
 from training.ranking import configured_ranker, rank_generations
 from training.requests import REFUSED, checked_request
 from udfs.imaging import decode_rgb, segment
-from udfs.zoo import ModelZoo
+from udfs.zoo import SEGMENTER, ModelZoo
 
 log = logging.getLogger(__name__)
+ROLES = ("text2img", "clip", "dino", SEGMENTER)  # the models a request runs (its figures come from these)
 # What a request returns per image: ranking, metrics, the PNG, lineage.
 OUTPUT = ["product_id", "rank", "kept", "score", "ranked_by", "reason", *METRIC_COLUMNS, "image_id", "image", "width",
           "height", "seed", "scene", "prompt", "generation_prompt", "arm", "adapter_model", "adapter_version", "steps",
@@ -69,6 +70,11 @@ class Imaginer:
         self.lake = lake
         self.zoo = zoo or ModelZoo.from_settings(lake.settings)
         tracking.configure(lake.settings)
+
+    def model_weights(self) -> dict[str, str]:
+        """role -> the kind of weights it loads (tiny random weights, packaged, configured): every
+        answer carries it, since figures from tiny models mean nothing."""
+        return self.zoo.weights_kinds([self.zoo.models.segmenter if r == SEGMENTER else r for r in ROLES])
 
     def adapter(self, product_id: str, arm: str = tracking.OURS) -> Adapter:
         """The product's current champion (resolved per request, so a promotion takes effect at once)."""

@@ -1,6 +1,7 @@
 """The `recontext` command as a user runs it: separate processes on one home."""
 
 import json
+import re
 
 import pytest
 
@@ -111,3 +112,10 @@ def test_demo_figures_are_labelled_synthetic(demo_home):
     assert ("ours", "ranked") in rows and {r["ratings_source"] for r in rows.values()} == {"synthetic"}
     index = (demo_home / "report" / "index.html").read_text()
     assert "ratings on these pages are SYNTHETIC" in index and "tiny random-weight stand-ins" in index
+    from etl.config import Settings
+    from udfs.zoo import ModelZoo
+
+    tiny = ModelZoo.from_settings(Settings.load(demo_home)).tiny_roles()  # the zoo's list, not a hand list
+    assert {"clip", "captioner", "image2video"} <= set(tiny)
+    named = re.search(r"Models ([\w, ]+) are tiny random-weight stand-ins", index)
+    assert named and set(named.group(1).split(", ")) == set(tiny), named
