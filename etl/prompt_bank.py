@@ -190,29 +190,34 @@ def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings
         return {"prompt_bank": 0}
     encoder = zoo.load("sentence")
     brands = catalog_brands(lake)
-    llm, rows = None, []
+    banks = []
     for product_type, purpose in todo:
-        wanted = settings.scenes_per_type if purpose == "scene" else settings.targets_per_type
-        minimum = settings.min_scenes if purpose == "scene" else settings.min_targets
         others = sorted(t for t in set(types) | set(seed_types()) if t not in (product_type, UNKNOWN))
         bank = _TypeBank(product_type, purpose, others, brands, encoder, settings)
         bank.add(seed_prompts(product_type, purpose), "seed", None, seed)
-        # An unknown type gets no LLM prompts: "a photo of a unknown" is no request to make.
-        rounds = 0 if product_type == UNKNOWN else max(1, settings.llm_rounds)
-        for attempt in range(rounds):
-            if attempt and bank.approved >= minimum:
-                break  # the first round always runs: the LLM extends the bank
-            llm = llm or _llm(zoo, settings)
-            messages = [{"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": ASK[purpose].format(n=wanted, type=product_type)}]
-            answer = llm.complete(messages, settings.max_new_tokens, settings.temperature, seed + attempt)
+        banks.append(bank)
+    # The LLM's rounds, each one batch over every type and purpose still asking (one generate
+    # call instead of one per type and purpose): the first round always (the LLM extends the
+    # bank), later ones while fewer than the minimum are approved. An unknown type gets no LLM
+    # prompts: "a photo of a unknown" is no request to make.
+    llm = None
+    for attempt in range(max(1, settings.llm_rounds)):
+        asking = [b for b in banks if b.product_type != UNKNOWN and (attempt == 0 or b.approved < b.minimum)]
+        if not asking:
+            break
+        llm = llm or _llm(zoo, settings)
+        answers = llm.complete_batch([b.question() for b in asking], settings.max_new_tokens, settings.temperature,
+                                     seed + attempt)
+        for bank, answer in zip(asking, answers):
             candidates = _parse(answer)
             if candidates:
                 bank.add(candidates, "llm", llm.name, seed + attempt)
             else:
                 bank.keep_answer(answer, llm.name, seed + attempt)
-        if bank.approved < minimum:
-            bank.add(seed_prompts(None, purpose), "seed", None, seed)  # the generic seed prompts
+    rows = []
+    for bank in banks:
+        if bank.approved < bank.minimum:
+            bank.add(seed_prompts(None, bank.purpose), "seed", None, seed)  # the generic seed prompts
         rows += bank.rows
     frame = pd.DataFrame(rows, columns=TABLES["prompt_bank"].data_columns).drop_duplicates("prompt_id")
     return {"prompt_bank": lake.upsert_rows("prompt_bank", frame)}
@@ -229,6 +234,16 @@ class _TypeBank:
     @property
     def approved(self) -> int:
         return sum(r["status"] != "rejected" for r in self.rows)  # approved, or pending review
+
+    @property
+    def minimum(self) -> int:
+        return self.settings.min_scenes if self.purpose == "scene" else self.settings.min_targets
+
+    def question(self) -> list[dict]:
+        """The conversation that asks the LLM for this type's prompts of this purpose."""
+        wanted = self.settings.scenes_per_type if self.purpose == "scene" else self.settings.targets_per_type
+        return [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": ASK[self.purpose].format(n=wanted, type=self.product_type)}]
 
     def add(self, candidates: list[str], source: str, llm: str | None, seed: int) -> None:
         """Curate candidates against everything kept so far; texts already in the bank are skipped."""

@@ -9,6 +9,8 @@ permissions work per product, the way the registry's UI lists them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 from etl.config import Settings
@@ -54,6 +56,24 @@ def configure(settings: Settings) -> str:
     return mlflow.create_experiment(settings.training.experiment, artifact_location=location)
 
 
+@contextlib.contextmanager
+def registry_messages():
+    """Around MLflow calls that register models: MLflow prints "Successfully registered model",
+    "Created version ..." straight to stderr, between the stages' progress lines. They show only
+    when the root logger is at INFO (`--verbose`)."""
+    from mlflow.utils import logging_utils
+
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    enabled = logging_utils.MLFLOW_LOGGING_STREAM.enabled
+    logging_utils.disable_logging()
+    try:
+        yield
+    finally:
+        logging_utils.MLFLOW_LOGGING_STREAM.enabled = enabled
+
+
 def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = OURS,
                      auto_promote: bool = False) -> str:
     """Log the adapter with the mlflow.diffusers flavor in the active run, register it, alias it
@@ -66,9 +86,10 @@ def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = O
 
     name = registered_model_name(product_id, arm)
     family = family_of(base_model)  # recorded so a reader knows which pipeline class takes the adapter
-    info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
-                                      registered_model_name=name,
-                                      metadata={"base_family": family.name, "base_pipeline": family.text2img})
+    with registry_messages():
+        info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
+                                          registered_model_name=name,
+                                          metadata={"base_family": family.name, "base_pipeline": family.text2img})
     mlflow.set_tag("base_pipeline", family.text2img)
     version = str(info.registered_model_version)
     client = MlflowClient()

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 from etl.config import Settings
@@ -320,7 +321,7 @@ def _print_notice(lake, ratings: bool = False) -> None:
 
     notice = honesty_notice(lake, where="above", ratings=ratings)
     if notice:
-        print(f"NOTE: {notice}")
+        print(textwrap.fill(f"NOTE: {notice}", 100))
 
 
 def _print_adapters(lake) -> None:
@@ -340,15 +341,28 @@ def _print_ranking(lake) -> None:
     _print_notice(lake)
 
 
+# The columns of Table 2 the command line prints (under 100 characters wide); all of them, per
+# product too, are one `recontext sql` away.
+EVALUATION_SUMMARY = {"arm": "arm", "selection": "selection", "images": "images", "clip_i": "clip_i",
+                      "clip_t": "clip_t", "dino_i": "dino_i", "seg_dino_i": "seg_dino_i",
+                      "image_pass_rate": "image_pass", "product_pass_rate": "product_pass", "ranking_gain": "gain"}
+
+
 def _print_evaluation(lake) -> None:
     from etl.evaluation import comparison
 
     print("\nours vs baseline (means over the champion versions' generations; selection 'all' = every generation, "
-          "'ranked' = the kept top N; evaluation_metrics has per-product rows):")
+          "\n'ranked' = the kept top N):")
     table = comparison(lake)
-    print(table.to_string(index=False) if len(table) else "(nothing evaluated yet: no generations)")
-    if len(table):
-        _print_notice(lake, ratings=True)
+    if not len(table):
+        print("(nothing evaluated yet: no generations)")
+        return
+    for dataset, rows in table.groupby("dataset", sort=False):
+        print(f"dataset {dataset}:")
+        print(rows[list(EVALUATION_SUMMARY)].rename(columns=EVALUATION_SUMMARY).to_string(index=False))
+    print(f"every column, per product too: recontext --home {lake.settings.home} sql "
+          "\"SELECT * FROM evaluation_metrics ORDER BY product_id, arm, selection\"")
+    _print_notice(lake, ratings=True)
 
 
 def cmd_ratings_export(settings: Settings, args) -> int:

@@ -104,7 +104,7 @@ def register_service(settings) -> str:
     from etl import tracking
 
     experiment = tracking.configure(settings)
-    with mlflow.start_run(experiment_id=experiment, run_name=SERVICE_NAME):
+    with mlflow.start_run(experiment_id=experiment, run_name=SERVICE_NAME), tracking.registry_messages():
         info = mlflow.pyfunc.log_model(
             name="service", python_model=RecontextService(), model_config={"home": str(settings.home)},
             code_paths=[str(ROOT / c) for c in CODE], signature=signature(),

@@ -90,8 +90,9 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
         mlflow.log_params({"features": ",".join(METRICS), "model": "StandardScaler+LogisticRegression(C=1)",
                            "folds": settings.evaluation.ranker_folds})
         mlflow.log_metrics({k: v for k, v in report.items() if v is not None})
-        info = mlflow.sklearn.log_model(model, name="ranker", registered_model_name=MODEL_NAME,
-                                        input_example=features(frame)[:2])
+        with tracking.registry_messages():
+            info = mlflow.sklearn.log_model(model, name="ranker", registered_model_name=MODEL_NAME,
+                                            input_example=features(frame)[:2])
     version = str(info.registered_model_version)
     learned, plain = report["heldout_pearson_learned"], report["heldout_pearson_sum"]
     better = learned is not None and (plain is None or learned > plain)

@@ -30,18 +30,28 @@ class LocalLLM:
         self.name = gguf[0].stem if gguf else path.name
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+        self.tokenizer.padding_side = "left"  # batched prompts end where generation starts
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
         self.model.eval().to(self.device)
 
-    @torch.no_grad()
     def complete(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
-        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True).to(self.device)
-        torch.manual_seed(seed)  # sampling is reproducible for a given seed on one device
+        return self.complete_batch([messages], max_new_tokens, temperature, seed)[0]
+
+    @torch.no_grad()
+    def complete_batch(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float,
+                       seed: int) -> list[str]:
+        """One answer per conversation, generated together: on a CPU a batch of a few costs little
+        more than one (the prompt bank asks for every type and purpose at once)."""
+        inputs = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True, padding=True).to(self.device)
+        torch.manual_seed(seed)  # sampling is reproducible for a given seed and batch on one device
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                      temperature=temperature or None, top_p=0.9,
-                                     pad_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                                     pad_token_id=self.tokenizer.pad_token_id)
+        start = inputs["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[start:], skip_special_tokens=True) for row in output]
 
 
 class OpenAICompatibleLLM:
@@ -62,6 +72,10 @@ class OpenAICompatibleLLM:
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             payload = json.load(response)
         return payload["choices"][0]["message"]["content"]
+
+    def complete_batch(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float,
+                       seed: int) -> list[str]:
+        return [self.complete(c, max_new_tokens, temperature, seed) for c in conversations]  # the server batches
 
 
 _ITEM = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+(.*\S)\s*$")
