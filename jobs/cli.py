@@ -255,11 +255,12 @@ def _lake(settings: Settings):
 
 
 def cmd_ingest(settings: Settings, args) -> int:
-    from etl.ingest import ingest
     from etl.sources import list_source
 
     started = time.perf_counter()
     listing = list_source(args.source, args.format)  # a missing or malformed source: refused before any engine
+    from etl.ingest import ingest
+
     summary = ingest(_lake(settings), listing)
     print(f"ingested {summary.source}: {summary.products} products, {summary.images_ok} images, "
           f"{summary.rejected} quarantined in {time.perf_counter() - started:.1f}s; rows written: "
@@ -295,14 +296,15 @@ def cmd_sql(settings: Settings, args) -> int:
 
 def cmd_run(settings: Settings, args) -> int:
     """`recontext run` and the commands that run a group of stages (augment, train, ...)."""
-    from jobs.graph import load_groups, load_stages, select
-    from jobs.runner import run
+    from jobs.graph import check_stage_names, load_groups
 
     names = load_groups()[args.group] if args.group else args.stages
-    select(load_stages(), names)  # unknown stage names: refused before any engine
+    check_stage_names(names)  # unknown stage names: refused before the engine and the models' imports
     products = [p.strip() for p in args.products.split(",") if p.strip()] if args.products else None
     if args.products is not None and not products:
         raise UserError(f"--products names no product: {args.products!r}")
+    from jobs.runner import run
+
     lake = _lake(settings)
     results = run(lake, names, products, wait=args.wait)
     if args.group == "train":
@@ -375,10 +377,10 @@ def cmd_ratings_export(settings: Settings, args) -> int:
 
 
 def cmd_ratings_import(settings: Settings, args) -> int:
+    _check_files(args.files)
     from etl.ratings import import_ratings
     from jobs.runner import run
 
-    _check_files(args.files)
     lake = _lake(settings)
     for file in args.files:
         written, rejected = import_ratings(lake, file)
@@ -401,11 +403,11 @@ def cmd_report(settings: Settings, args) -> int:
 
 
 def cmd_maintain(settings: Settings, args) -> int:
-    from jobs.maintain import maintain
-
     hours = settings.retention_hours if args.retention_hours is None else args.retention_hours
     if hours < 0:
         raise UserError(f"--retention-hours must be 0 or more, not {hours}")
+    from jobs.maintain import maintain
+
     report = maintain(_lake(settings), hours)
     print(f"maintenance of {settings.home} (retention {hours} h):")
     print("\n".join(report.lines()))
@@ -440,10 +442,10 @@ def cmd_prompts_export(settings: Settings, args) -> int:
 
 
 def cmd_prompts_set_type(settings: Settings, args) -> int:
-    from etl.prompt_bank import set_type
-
     if not args.product_type.strip():
         raise UserError("the product type must not be empty")
+    from etl.prompt_bank import set_type
+
     set_type(_lake(settings), args.product_id, args.product_type)
     print(f"{args.product_id} is a {args.product_type.strip()}; the next `recontext run` writes its prompts and "
           "scenes")
@@ -451,9 +453,9 @@ def cmd_prompts_set_type(settings: Settings, args) -> int:
 
 
 def cmd_prompts_import(settings: Settings, args) -> int:
+    _check_files([args.file])
     from etl.prompt_bank import import_csv
 
-    _check_files([args.file])
     print(f"updated {import_csv(_lake(settings), args.file)} prompts")
     return 0
 

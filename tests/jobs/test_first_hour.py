@@ -60,7 +60,7 @@ def test_bad_arguments_are_refused_before_any_engine_starts(tmp_path):
     child = _in_child([["--home", str(home), *args] for args, _, _ in cases])
     for (args, code, message), (got, err) in zip(cases, child["results"]):
         assert got == code and message in err and len(err.splitlines()) == 1, (args, got, err)
-    assert not child["engine_started"]
+    assert not child["engine_started"] and not child["pyspark_imported"]  # not even the engine's client
     assert list((home / "lakehouse").iterdir()) == []  # no table was created
 
 
