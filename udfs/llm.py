@@ -41,6 +41,24 @@ class LocalLLM:
         self.model.eval().to(self.device)
 
 
+    def complete(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
+        return self.complete_batch([messages], max_new_tokens, temperature, seed)[0]
+
+    @torch.no_grad()
+    def complete_batch(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float,
+                       seed: int) -> list[str]:
+        """One answer per conversation, generated together: on a CPU a batch of a few costs little
+        more than one (the prompt bank asks for every type and purpose at once)."""
+        inputs = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True, padding=True).to(self.device)
+        torch.manual_seed(seed)  # sampling is reproducible for a given seed and batch on one device
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                     temperature=temperature or None, top_p=0.9,
+                                     pad_token_id=self.tokenizer.pad_token_id)
+        start = inputs["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[start:], skip_special_tokens=True) for row in output]
+
+
 def cache_dir() -> Path:
     """Files recontext derives once per machine, shared by every home: `$RECONTEXT_CACHE`, else
     `$XDG_CACHE_HOME/recontext`, else `~/.cache/recontext`."""
@@ -80,24 +98,6 @@ def converted_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
-
-
-    def complete(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
-        return self.complete_batch([messages], max_new_tokens, temperature, seed)[0]
-
-    @torch.no_grad()
-    def complete_batch(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float,
-                       seed: int) -> list[str]:
-        """One answer per conversation, generated together: on a CPU a batch of a few costs little
-        more than one (the prompt bank asks for every type and purpose at once)."""
-        inputs = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True, padding=True).to(self.device)
-        torch.manual_seed(seed)  # sampling is reproducible for a given seed and batch on one device
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                     temperature=temperature or None, top_p=0.9,
-                                     pad_token_id=self.tokenizer.pad_token_id)
-        start = inputs["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[start:], skip_special_tokens=True) for row in output]
 
 
 class OpenAICompatibleLLM:
