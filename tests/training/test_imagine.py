@@ -91,9 +91,15 @@ def test_imagine_writes_on_demand_lineage_and_returns_the_kept_images(request_ho
     scores = sorted((r["score"] for r in ranked.values()), reverse=True)
     assert [k["score"] for k in kept] == pytest.approx(scores[:2], abs=1e-4)
 
-    # The same request again writes nothing new; as text, it says the scores come from tiny models.
+    # The same request again writes nothing new (no table gets a new Delta version); as text, it
+    # says the scores come from tiny models.
+    from deltalake import DeltaTable
+
+    tables = ("generations", "image_metrics", "ranked_generations", "masks", "embeddings")
+    versions = {t: DeltaTable(str(request_home / "lakehouse" / t)).version() for t in tables}
     again = recontext("imagine", "coffee-cup", SCENE, "-n", "4", "--keep", "2", home=request_home)
     assert again.returncode == 0, again.stderr
+    assert {t: DeltaTable(str(request_home / "lakehouse" / t)).version() for t in tables} == versions
     assert "NOTE: Models " in again.stdout and "tiny random-weight stand-ins" in again.stdout
     assert len(delta_rows(request_home, "generations", ["task_key"])) == len(before) + 4
 
