@@ -511,7 +511,8 @@ def cmd_demo(settings: Settings, args) -> int:
         settings = dataclasses.replace(settings, ingest=dataclasses.replace(settings.ingest, sources=(str(catalog),)))
     lake = _lake(settings)
     groups = load_groups()
-    print("\ningesting, augmenting and scoring (the first run has the LLM write the prompt bank: ~1-2 min):")
+    print("\ningesting, augmenting and scoring (the LLM writes the prompt bank; the first time on a machine it is "
+          "\nconverted once for every home, see README):")
     run(lake, ["ingest", *groups["augment"]])
     print(lake.spark.sql(
         "SELECT p.product_id, p.product_type, count(i.image_id) AS images, "

@@ -8,8 +8,10 @@ champion adapter (its rare token, class noun, then the scene), `n` images from
 training.generate.render at the resolution the adapter was trained at, the metrics of
 etl/metrics.py (`score_product`: the new images' embeddings, made here by the models the
 embeddings job uses, against the product's stored reference embeddings), ranked by
-training.ranking.rank_generations among the request's images. The scene passes the prompt bank's
-checks first (etl/prompt_bank.scene_refusal); a refused scene is an error, never edited.
+training.ranking.rank_generations among the request's images. The arguments pass the checks that
+need no data first (training/requests.py: the CLI runs them before the engine starts), then the
+prompt bank's checks against the home's types and brands (etl/prompt_bank.scene_refusal); a
+refused scene is an error, never edited.
 
 Written with lineage (origin 'on_demand', the scene, seed and adapter version): `generations`,
 `image_metrics` and `ranked_generations`. Batch ranking, evaluation (Table 2) and the report
