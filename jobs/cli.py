@@ -353,8 +353,8 @@ EVALUATION_SUMMARY = {"arm": "arm", "selection": "selection", "images": "images"
 def _print_evaluation(lake) -> None:
     from etl.evaluation import comparison
 
-    print("\nours vs baseline (means over the champion versions' generations; selection 'all' = every generation, "
-          "\n'ranked' = the kept top N):")
+    print("\nours vs baseline (means over the champion versions' generations; selection 'all' = every "
+          "\ngeneration, 'ranked' = the kept top N):")
     table = comparison(lake)
     if not len(table):
         print("(nothing evaluated yet: no generations)")
@@ -362,8 +362,8 @@ def _print_evaluation(lake) -> None:
     for dataset, rows in table.groupby("dataset", sort=False):
         print(f"dataset {dataset}:")
         print(rows[list(EVALUATION_SUMMARY)].rename(columns=EVALUATION_SUMMARY).to_string(index=False))
-    print(f"every column, per product too: recontext --home {lake.settings.home} sql "
-          "\"SELECT * FROM evaluation_metrics ORDER BY product_id, arm, selection\"")
+    print(f"every column, per product too:\n  recontext --home {lake.settings.home} sql "
+          "\"SELECT * FROM evaluation_metrics\"")
     _print_notice(lake, ratings=True)
 
 

@@ -148,7 +148,7 @@ def test_demo_summary_fits_100_columns_with_the_full_table_one_command_away(demo
     out = capsys.readouterr().out
     assert "ours" in out and "baseline" in out and "SYNTHETIC" in out
     assert max(len(line) for line in out.splitlines()) <= 100, out
-    command = next(line for line in out.splitlines() if line.startswith("every column"))
+    command = next(line for line in out.splitlines() if line.strip().startswith("recontext --home"))
     query = command.split(" sql ", 1)[1].strip('"')
     assert main(["--home", str(demo_home), "sql", query, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
