@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 
 from etl.config import Settings
 from etl.errors import UserError
@@ -56,22 +57,35 @@ def configure(settings: Settings) -> str:
     return mlflow.create_experiment(settings.training.experiment, artifact_location=location)
 
 
+_quiet = {"depth": 0, "saved": None}
+_quiet_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def registry_messages():
     """Around MLflow calls that register models: MLflow prints "Successfully registered model",
-    "Created version ..." straight to stderr, between the stages' progress lines. They show only
-    when the root logger is at INFO (`--verbose`)."""
+    "Created version ..." straight to stderr (`eprint`), between the stages' progress lines. They
+    show only when the root logger is at INFO (`--verbose`). (MLflow's own disable_logging() is
+    undone by MLflow itself when a module it imports on first use exits its logging guard, so
+    eprint's stream is swapped for a null one instead; nested and concurrent uses share it.)"""
     from mlflow.utils import logging_utils
 
     if logging.getLogger().isEnabledFor(logging.INFO):
         yield
         return
-    enabled = logging_utils.MLFLOW_LOGGING_STREAM.enabled
-    logging_utils.disable_logging()
+    with _quiet_lock:
+        if _quiet["depth"] == 0:
+            _quiet["saved"] = logging_utils.MLFLOW_LOGGING_STREAM
+            logging_utils.MLFLOW_LOGGING_STREAM = open(os.devnull, "w")
+        _quiet["depth"] += 1
     try:
         yield
     finally:
-        logging_utils.MLFLOW_LOGGING_STREAM.enabled = enabled
+        with _quiet_lock:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                logging_utils.MLFLOW_LOGGING_STREAM.close()
+                logging_utils.MLFLOW_LOGGING_STREAM = _quiet["saved"]
 
 
 def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = OURS,
