@@ -541,8 +541,8 @@ def cmd_demo(settings: Settings, args) -> int:
     _print_ranking(lake)
     _print_evaluation(lake)
     index, images = export_package(lake, settings.home / "ratings" / "package")
-    print(f"\nrating package for people: {index} ({images} images); the demo rates them with three made-up raters "
-          "(random answers, independent of the metrics; every figure from them is labelled synthetic):")
+    print(f"\nrating package for people: {index} ({images} images);\nthe demo rates them with three made-up raters "
+          "(random answers, independent of the metrics;\nevery figure from them is labelled synthetic):")
     imported, _ = import_ratings(lake, synthetic_ratings(lake, settings.home / "ratings" / "synthetic.csv"),
                                  source="synthetic")
     print(f"  {imported} synthetic ratings imported")
