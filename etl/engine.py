@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -121,6 +122,20 @@ class Engine:
             database = "recontext_" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
             spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
             spark.sql(f"USE {database}")
+
+    def parse_error(self, err: Exception) -> str | None:
+        """The engine's own text of a SQL syntax error (with its position), or None when `err` is
+        another error. Spark raises ParseException ("... (line 1, pos 0)"); Sail 0.7.2 an
+        IllegalArgumentException "invalid argument: found SELEC at 0:5 expected ..." (character
+        offsets, start:end; none at the end of the input)."""
+        from pyspark.errors import ParseException
+
+        text = str(err).strip()
+        if isinstance(err, ParseException):
+            return text.splitlines()[0] if text else type(err).__name__
+        if self.sail and (found := re.match(r"invalid argument: (found .* expected .*)", text)):
+            return found.group(1)
+        return None
 
     def forget_table(self, spark: SparkSession, name: str) -> None:
         """Before creating table `name` at a location that holds no table yet: a Spark server

@@ -39,10 +39,10 @@ class IngestSummary:
     rows_written: dict[str, int]  # per table: rows new or changed by this run
 
 
-def ingest(lake: Lakehouse, source: str | Path, fmt: str | None = None,
+def ingest(lake: Lakehouse, source: str | Path | Listing, fmt: str | None = None,
            products: set[str] | None = None) -> IngestSummary:
-    """Ingest `source` (only `products`, when given)."""
-    listing = list_source(source, fmt)
+    """Ingest `source` (only `products`, when given); a Listing is one list_source made already."""
+    listing = source if isinstance(source, Listing) else list_source(source, fmt)
     if products is not None:
         listing.products = {p: v for p, v in listing.products.items() if p in products}
         listing.images = [i for i in listing.images if i.product_id in products]

@@ -24,6 +24,7 @@ from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.product_types import MemoEncoder, type_from_attributes, type_from_title
+from etl.prompt_text import capitalized_refusal, degenerate, length_refusal, lower_words, scene_text_refusal
 from etl.step import Step
 from etl.tables import TABLES, sql_list, sql_literal
 from udfs.zoo import ModelZoo
@@ -42,9 +43,6 @@ ASK = {
 CAPITALIZED_RUN = re.compile(r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)+")
 UNKNOWN = "unknown"  # the type of a product nothing could classify with confidence
 SEED_FILE = Path(__file__).with_name("data") / "seed_prompts.toml"
-# Words that carry no content, for the repetition and adjective checks.
-STOPWORDS = frozenset("a an the of on in with and by at to for from into onto near under over beside next its "
-                      "is are be as it this that or while".split())
 # Words that name a setting (a place, surface, backdrop or light): a scene must name one.
 SETTING_WORDS = frozenset("""
     room kitchen bathroom bedroom nursery hallway hall entryway porch patio balcony terrace deck garage attic
@@ -63,13 +61,6 @@ SETTING_WORDS = frozenset("""
     rooftop roof terrace greenhouse orchard vineyard kitchenette pantry dining diner canteen picnic
     grass moss leaves paper cardboard box crate pallet shelving glass acrylic velvet silk leather
     """.split())
-# Adjectives marketing text piles up; with the suffix rule below, the "mostly adjectives" check.
-ADJECTIVES = frozenset("""
-    luxury luxurious premium elegant beautiful stunning gorgeous perfect amazing high-end expensive cheap
-    modern classic stylish chic sleek trendy fancy exquisite exclusive fine nice great good best top quality
-    high low new old vintage unique special sophisticated glamorous opulent lavish humble simple pretty
-    """.split())
-ADJECTIVE_SUFFIX = re.compile(r".{3,}(ous|ful|ive|ible|able|ish|less|esque)$")
 
 
 def prompt_id(product_type: str, purpose: str, text: str) -> str:
@@ -202,29 +193,34 @@ def run_prompt_bank(lake: Lakehouse, zoo: ModelZoo, settings: PromptBankSettings
         return {"prompt_bank": 0}
     encoder = zoo.load("sentence")
     brands = catalog_brands(lake)
-    llm, rows = None, []
+    banks = []
     for product_type, purpose in todo:
-        wanted = settings.scenes_per_type if purpose == "scene" else settings.targets_per_type
-        minimum = settings.min_scenes if purpose == "scene" else settings.min_targets
         others = sorted(t for t in set(types) | set(seed_types()) if t not in (product_type, UNKNOWN))
         bank = _TypeBank(product_type, purpose, others, brands, encoder, settings)
         bank.add(seed_prompts(product_type, purpose), "seed", None, seed)
-        # An unknown type gets no LLM prompts: "a photo of a unknown" is no request to make.
-        rounds = 0 if product_type == UNKNOWN else max(1, settings.llm_rounds)
-        for attempt in range(rounds):
-            if attempt and bank.approved >= minimum:
-                break  # the first round always runs: the LLM extends the bank
-            llm = llm or _llm(zoo, settings)
-            messages = [{"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": ASK[purpose].format(n=wanted, type=product_type)}]
-            answer = llm.complete(messages, settings.max_new_tokens, settings.temperature, seed + attempt)
+        banks.append(bank)
+    # The LLM's rounds, each one batch over every type and purpose still asking (one generate
+    # call instead of one per type and purpose): the first round always (the LLM extends the
+    # bank), later ones while fewer than the minimum are approved. An unknown type gets no LLM
+    # prompts: "a photo of a unknown" is no request to make.
+    llm = None
+    for attempt in range(max(1, settings.llm_rounds)):
+        asking = [b for b in banks if b.product_type != UNKNOWN and (attempt == 0 or b.approved < b.minimum)]
+        if not asking:
+            break
+        llm = llm or _llm(zoo, settings)
+        answers = llm.complete_batch([b.question() for b in asking], settings.max_new_tokens, settings.temperature,
+                                     seed + attempt)
+        for bank, answer in zip(asking, answers):
             candidates = _parse(answer)
             if candidates:
                 bank.add(candidates, "llm", llm.name, seed + attempt)
             else:
                 bank.keep_answer(answer, llm.name, seed + attempt)
-        if bank.approved < minimum:
-            bank.add(seed_prompts(None, purpose), "seed", None, seed)  # the generic seed prompts
+    rows = []
+    for bank in banks:
+        if bank.approved < bank.minimum:
+            bank.add(seed_prompts(None, bank.purpose), "seed", None, seed)  # the generic seed prompts
         rows += bank.rows
     frame = pd.DataFrame(rows, columns=TABLES["prompt_bank"].data_columns).drop_duplicates("prompt_id")
     return {"prompt_bank": lake.upsert_rows("prompt_bank", frame)}
@@ -241,6 +237,16 @@ class _TypeBank:
     @property
     def approved(self) -> int:
         return sum(r["status"] != "rejected" for r in self.rows)  # approved, or pending review
+
+    @property
+    def minimum(self) -> int:
+        return self.settings.min_scenes if self.purpose == "scene" else self.settings.min_targets
+
+    def question(self) -> list[dict]:
+        """The conversation that asks the LLM for this type's prompts of this purpose."""
+        wanted = self.settings.scenes_per_type if self.purpose == "scene" else self.settings.targets_per_type
+        return [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": ASK[self.purpose].format(n=wanted, type=self.product_type)}]
 
     def add(self, candidates: list[str], source: str, llm: str | None, seed: int) -> None:
         """Curate candidates against everything kept so far; texts already in the bank are skipped."""
@@ -333,14 +339,9 @@ def text_refusal(text: str, product_type: str, other_types: list[str], brands: s
     names another product type, a brand (etl/brands.py: the shipped list, `prompt_bank.brands`
     and the catalog's `brands`, in any case; `allowed` names pass), or a proper noun. The checks
     that need no model, shared by curation and on-demand scenes."""
-    words = text.split()
     lowered = f" {text.lower()} "
     own_words = set(product_type.lower().split())
-    if len(words) < settings.min_words:
-        return f"too short ({len(words)} words, minimum {settings.min_words})"
-    if len(words) > settings.max_words:
-        return f"too long ({len(words)} words, maximum {settings.max_words})"
-    if reason := degenerate(text, settings):
+    if reason := length_refusal(text, settings) or degenerate(text, settings):
         return reason
     if other := next((t for t in other_types if set(t.lower().split()) - own_words
                       and re.search(rf"\b{re.escape(t.lower())}s?\b", lowered)), None):
@@ -353,21 +354,20 @@ def text_refusal(text: str, product_type: str, other_types: list[str], brands: s
 
 
 def scene_refusal(lake: Lakehouse, scene: str, product_type: str, product_id: str | None = None) -> str | None:
-    """Why a requested scene (`recontext imagine`) is refused, or None: the prompt bank's checks
-    against every type the bank knows and every brand (the product's own brand passes only with
-    `prompt_bank.allow_own_brand`), and, stricter than for LLM text (a person can rephrase), any
-    capitalized word after the first ("next to a Nike shoe"): names of brands, people and places
-    are not generated. No plausibility or duplicate check: the request is a person's explicit ask."""
-    types = {r["product_type"] for r in resolved_types(lake).collect() if r["product_type"]} | set(seed_types())
-    others = sorted(t for t in types if t not in (product_type, UNKNOWN))
+    """Why a requested scene (`recontext imagine`) is refused, or None: scene_text_refusal (the
+    checks that need no data), then the prompt bank's checks against every type the bank knows
+    and every brand, and any capitalized word after the first; the product's own brand passes
+    only with `prompt_bank.allow_own_brand`. No plausibility or duplicate check: the request is a
+    person's explicit ask."""
     text = " ".join(scene.split())
     settings = lake.settings.prompt_bank
+    if reason := scene_text_refusal(text, settings):
+        return reason
+    types = {r["product_type"] for r in resolved_types(lake).collect() if r["product_type"]} | set(seed_types())
+    others = sorted(t for t in types if t not in (product_type, UNKNOWN))
     allowed = tuple(own_brands(lake, product_id)) if settings.allow_own_brand and product_id else ()
-    reason = text_refusal(text, product_type, others, catalog_brands(lake), settings, allowed)
-    if reason is None and (name := next((w.strip(".,;:!?'\"()") for w in text.split()[1:]
-                                         if w[:1].isupper() and w.strip(".,;:!?'\"()") not in allowed), None)):
-        reason = f"names a brand, person or place ({name}); describe the setting without names"
-    return reason
+    return (text_refusal(text, product_type, others, catalog_brands(lake), settings, allowed)
+            or capitalized_refusal(text, allowed))
 
 
 def own_brands(lake: Lakehouse, product_id: str) -> set[str]:
@@ -381,38 +381,9 @@ def catalog_brands(lake: Lakehouse) -> set[str]:
             lake.spark.sql("SELECT attributes FROM products").collect()} - {""}
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z][a-z'-]*", text.lower())
-
-
-def degenerate(text: str, settings: PromptBankSettings) -> str | None:
-    """Why a text is degenerate (what small LLMs write when they loop or pile up adjectives), or
-    None: a word three times in a row; a content word (or its stem: "luxury", "luxurious") used
-    more than `max_word_repeats` times; for 8+ words, a type-token ratio below
-    `min_type_token_ratio`; more than `max_adjective_share` of the content words adjectives."""
-    words = _words(text)
-    for a, b, c in zip(words, words[1:], words[2:]):
-        if a == b == c:
-            return f"degenerate: repeats '{a}' three times in a row"
-    content = [w for w in words if w not in STOPWORDS]
-    stems: dict[str, list[str]] = {}
-    for word in content:
-        stems.setdefault(word[:5] if len(word) > 5 else word, []).append(word)
-    stem, uses = max(stems.items(), key=lambda item: len(item[1]), default=("", []))
-    if len(uses) > settings.max_word_repeats:
-        return f"degenerate: repeats '{uses[0]}' {len(uses)} times (maximum {settings.max_word_repeats})"
-    if len(words) >= 8 and len(set(words)) / len(words) < settings.min_type_token_ratio:
-        return (f"degenerate: only {len(set(words))} distinct words of {len(words)} (type-token ratio below "
-                f"{settings.min_type_token_ratio})")
-    adjectives = [w for w in content if w in ADJECTIVES or ADJECTIVE_SUFFIX.match(w)]
-    if len(content) >= 2 and len(adjectives) / len(content) > settings.max_adjective_share:
-        return f"degenerate: mostly adjectives ({', '.join(adjectives[:4])}), no description"
-    return None
-
-
 def names_setting(text: str) -> bool:
     """Whether a text names a place, surface, backdrop or light (SETTING_WORDS, plurals too)."""
-    return any(w in SETTING_WORDS or w.rstrip("s") in SETTING_WORDS for w in _words(text))
+    return any(w in SETTING_WORDS or w.rstrip("s") in SETTING_WORDS for w in lower_words(text))
 
 
 def _proper_noun(text: str) -> str | None:

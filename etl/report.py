@@ -80,7 +80,7 @@ def honesty_notice(lake, where: str = "on these pages", ratings: bool = True) ->
     from udfs.zoo import ModelZoo
 
     zoo = ModelZoo.from_settings(lake.settings)
-    tiny = [role for role in ("clip", "dino", "text2img", "inpaint") if zoo.is_tiny(role)]
+    tiny = zoo.tiny_roles()
     synthetic = ratings and lake.spark.sql(
         "SELECT count(*) AS n FROM human_ratings WHERE source <> 'human'").first()["n"]
     lines = []
@@ -89,8 +89,8 @@ def honesty_notice(lake, where: str = "on these pages", ratings: bool = True) ->
                      "verdicts, Pearson correlations and the ranking gain computed from them say nothing about "
                      "image quality.")
     if tiny:
-        lines.append(f"Models {', '.join(tiny)} are tiny random-weight stand-ins: their images and scores "
-                     "(CLIP-I, CLIP-T, DINO) say nothing about fidelity.")
+        lines.append(f"Models {', '.join(tiny)} are tiny random-weight stand-ins: their images, masks, captions "
+                     "and scores (CLIP-I, CLIP-T, DINO) say nothing about fidelity.")
     return " ".join(lines)
 
 
@@ -427,8 +427,9 @@ def _section(title: str, empty: str, figures: list[str]) -> str:
 
 
 def run_report(lake, zoo=None) -> dict[str, int]:
-    write_report(lake, lake.settings.home / "report", sorted(lake.products) if lake.products else None)
-    return {}
+    products = sorted(lake.products) if lake.products else None
+    write_report(lake, lake.settings.home / "report", products)
+    return {REPORT_FILES: 1 + len(_product_ids(lake, products))}  # pages: the index and one per product
 
 
 REPORT = Step("report", run_report,

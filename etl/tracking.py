@@ -9,8 +9,11 @@ permissions work per product, the way the registry's UI lists them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
+import threading
 
 from etl.config import Settings
 from etl.errors import UserError
@@ -85,6 +88,37 @@ def _adapter_requirements() -> list[str]:
     return mlflow.diffusers.get_default_pip_requirements()
 
 
+_quiet = {"depth": 0, "saved": None}
+_quiet_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def registry_messages():
+    """Around MLflow calls that register models: MLflow prints "Successfully registered model",
+    "Created version ..." straight to stderr (`eprint`), between the stages' progress lines. They
+    show only when the root logger is at INFO (`--verbose`). (MLflow's own disable_logging() is
+    undone by MLflow itself when a module it imports on first use exits its logging guard, so
+    eprint's stream is swapped for a null one instead; nested and concurrent uses share it.)"""
+    from mlflow.utils import logging_utils
+
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    with _quiet_lock:
+        if _quiet["depth"] == 0:
+            _quiet["saved"] = logging_utils.MLFLOW_LOGGING_STREAM
+            logging_utils.MLFLOW_LOGGING_STREAM = open(os.devnull, "w")
+        _quiet["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                logging_utils.MLFLOW_LOGGING_STREAM.close()
+                logging_utils.MLFLOW_LOGGING_STREAM = _quiet["saved"]
+
+
 def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = OURS,
                      auto_promote: bool = False) -> str:
     """Log the adapter with the mlflow.diffusers flavor in the active run, register it, alias it
@@ -98,9 +132,10 @@ def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = O
 
     name = registered_model_name(product_id, arm)
     family = family_of(base_model)  # recorded so a reader knows which pipeline class takes the adapter
-    info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
-                                      registered_model_name=name, pip_requirements=_adapter_requirements(),
-                                      metadata={"base_family": family.name, "base_pipeline": family.text2img})
+    with registry_messages():
+        info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
+                                          registered_model_name=name, pip_requirements=_adapter_requirements(),
+                                          metadata={"base_family": family.name, "base_pipeline": family.text2img})
     mlflow.set_tag("base_pipeline", family.text2img)
     version = str(info.registered_model_version)
     client = MlflowClient()

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 from etl.config import Settings
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.log_format == "json")
     try:
         settings = Settings.load(args.home)
+        if args.needs_home and not settings.lakehouse.is_dir():
+            # Reading a home that is not there must not make one (an empty one would answer every
+            # query with nothing): say where it looked instead.
+            raise UserError(f"no recontext home at {settings.home} (no lakehouse/ there): pass --home DIR or set "
+                            "RECONTEXT_HOME; `recontext demo` or `recontext ingest SOURCE` create a home")
         return args.run(settings, args) or 0
     except UserError as err:
         print(f"recontext: {err}", file=sys.stderr)
@@ -49,12 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one JSON object per log line on stderr (run id, stage, seconds, rows)")
+    # Commands that only read (or add to) a home refuse a home that does not exist
+    # (needs_home); ingest, run and demo create one and say where (_lake).
+    parser.set_defaults(needs_home=True)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     ingest = commands.add_parser("ingest", help="ingest a catalog source into the lakehouse")
     ingest.add_argument("source", help="a folder per product, a manifest (.csv/.jsonl), or an ABO root")
     ingest.add_argument("--format", choices=FORMATS, help="source layout (default: detected)")
-    ingest.set_defaults(run=cmd_ingest)
+    ingest.set_defaults(run=cmd_ingest, needs_home=False)
 
     sql = commands.add_parser("sql", help="run one read-only SQL query")
     sql.add_argument("query")
@@ -76,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     for command in [run, *(commands.add_parser(name, help=text) for name, text in groups.items())]:
         command.add_argument("--products", help="comma-separated product ids (default: all)")
         command.add_argument("--wait", action="store_true", help="wait for a run already using this home")
-        command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1])
+        command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1],
+                             needs_home=False)
 
     imagine = commands.add_parser("imagine", help="generate, score and rank images of a product in a scene, on demand")
     imagine.add_argument("product_id")
@@ -96,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
     stages = commands.add_parser("stages", help="the stage graph: steps, dependencies, reads, writes, models, device")
     stages.add_argument("--format", choices=("table", "json"), default="table")
-    stages.set_defaults(run=cmd_stages)
+    stages.set_defaults(run=cmd_stages, needs_home=False)
 
     promote = commands.add_parser("promote", help="make a registered adapter version the product's champion")
     promote.add_argument("product_id")
@@ -154,11 +164,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
     demo.add_argument("--base", choices=["sd", "sdxl"], default=None,
                       help="the tiny base-model family to build and use (default: models.tiny_family, sd)")
-    demo.set_defaults(run=cmd_demo)
+    demo.set_defaults(run=cmd_demo, needs_home=False)
 
     models = commands.add_parser("models", help="each model role: weights, family, device and precision")
     models.add_argument("--format", choices=["table", "json"], default="table")
-    models.set_defaults(run=cmd_models)
+    models.set_defaults(run=cmd_models, needs_home=False)
     return parser
 
 
@@ -194,14 +204,15 @@ def cmd_models(settings: Settings, args) -> int:
 def cmd_imagine(settings: Settings, args) -> int:
     from pathlib import Path
 
-    from etl.brands import request_refusal
+    from training.requests import checked_request
 
-    if reason := request_refusal(args.scene, settings.prompt_bank):  # before any engine or model starts
-        raise UserError(f"scene refused: {reason}: {' '.join(args.scene.split())!r}", 2)
-    from training.imagine import imagine
+    request = checked_request(settings, args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
+    from training.imagine import Imaginer  # the engine's and the models' imports: after the checks
     from etl.vocabulary import RANKING_METRICS
 
-    images = imagine(_lake(settings), args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
+    lake = _lake(settings)
+    imaginer = Imaginer(lake)
+    images = imaginer(request.product_id, request.scene, request.n, request.keep, request.seed, request.arm)
     out = Path(args.out) if args.out else settings.home / "imagined" / args.product_id
     out.mkdir(parents=True, exist_ok=True)
     kept = images[images.kept.astype(bool)]
@@ -215,7 +226,7 @@ def cmd_imagine(settings: Settings, args) -> int:
                      "adapter": f"{image.adapter_model} v{image.adapter_version}", "prompt": image.prompt})
     if args.format == "json":
         json.dump({"product_id": args.product_id, "scene": images.scene.iloc[0], "generated": len(images),
-                   "kept": rows}, sys.stdout)
+                   "model_weights": imaginer.model_weights(), "kept": rows}, sys.stdout)
         print()
         return 0
     first = images.iloc[0]
@@ -227,6 +238,7 @@ def cmd_imagine(settings: Settings, args) -> int:
     dropped = images[~images.kept.astype(bool)]
     for image in dropped.itertuples():
         print(f"  not kept, seed {image.seed}: {image.reason}")
+    _print_notice(lake)
     return 0
 
 
@@ -244,14 +256,19 @@ def cmd_service_register(settings: Settings, args) -> int:
 def _lake(settings: Settings):
     from etl.lakehouse import Lakehouse
 
+    if not settings.lakehouse.is_dir():
+        print(f"recontext: creating a new home at {settings.home}", file=sys.stderr)
     return Lakehouse(settings)
 
 
 def cmd_ingest(settings: Settings, args) -> int:
-    from etl.ingest import ingest
+    from etl.sources import list_source
 
     started = time.perf_counter()
-    summary = ingest(_lake(settings), args.source, args.format)
+    listing = list_source(args.source, args.format)  # a missing or malformed source: refused before any engine
+    from etl.ingest import ingest
+
+    summary = ingest(_lake(settings), listing)
     print(f"ingested {summary.source}: {summary.products} products, {summary.images_ok} images, "
           f"{summary.rejected} quarantined in {time.perf_counter() - started:.1f}s; rows written: "
           + ", ".join(f"{t}={n}" for t, n in summary.rows_written.items()))
@@ -264,7 +281,14 @@ def cmd_sql(settings: Settings, args) -> int:
     from etl.queries import check_read_only
 
     query = check_read_only(args.query)  # refuse before starting anything
-    frame = _lake(settings).spark.sql(query).toPandas()
+    lake = _lake(settings)
+    try:
+        frame = lake.spark.sql(query).toPandas()
+    except Exception as err:  # noqa: BLE001 - a syntax error is the user's to fix: say so
+        message = lake.engine.parse_error(err)
+        if message is None:
+            raise
+        raise UserError(f"SQL parse error: {message}") from None
     if args.format == "json":
         # Per value after to_dict: mapping the frame would turn None back into NaN in float columns.
         records = [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
@@ -279,11 +303,15 @@ def cmd_sql(settings: Settings, args) -> int:
 
 def cmd_run(settings: Settings, args) -> int:
     """`recontext run` and the commands that run a group of stages (augment, train, ...)."""
-    from jobs.graph import load_groups
-    from jobs.runner import run
+    from jobs.graph import check_stage_names, load_groups
 
     names = load_groups()[args.group] if args.group else args.stages
+    check_stage_names(names)  # unknown stage names: refused before the engine and the models' imports
     products = [p.strip() for p in args.products.split(",") if p.strip()] if args.products else None
+    if args.products is not None and not products:
+        raise UserError(f"--products names no product: {args.products!r}")
+    from jobs.runner import run
+
     lake = _lake(settings)
     results = run(lake, names, products, wait=args.wait)
     if args.group == "train":
@@ -302,7 +330,7 @@ def _print_notice(lake, ratings: bool = False) -> None:
 
     notice = honesty_notice(lake, where="above", ratings=ratings)
     if notice:
-        print(f"NOTE: {notice}")
+        print(textwrap.fill(f"NOTE: {notice}", 100))
 
 
 def _print_adapters(lake) -> None:
@@ -322,6 +350,13 @@ def _print_ranking(lake) -> None:
     _print_notice(lake)
 
 
+# The columns of Table 2 the command line prints (under 100 characters wide); all of them, per
+# product too, are one `recontext sql` away.
+EVALUATION_SUMMARY = {"arm": "arm", "selection": "selection", "images": "images", "clip_i": "clip_i",
+                      "clip_t": "clip_t", "dino_i": "dino_i", "seg_dino_i": "seg_dino_i",
+                      "image_pass_rate": "image_pass", "product_pass_rate": "product_pass", "ranking_gain": "gain"}
+
+
 def _print_evaluation(lake) -> None:
     from etl.evaluation import comparison
     from etl.plans import status
@@ -334,15 +369,20 @@ def _print_evaluation(lake) -> None:
     if not len(table):
         print("\n(no complete evaluation yet: `recontext evaluations` says what is missing)")
         return
-    print(f"\nevaluation {table.evaluation_id.iloc[0]}: the arms on the same pinned prompts and seeds (selection "
-          "'all' = every planned image, 'ranked' = ours' kept top N; evaluation_metrics has per-product rows):")
-    print(table.drop(columns=["evaluation_id", "training"]).to_string(index=False))
+    evaluation_id = table.evaluation_id.iloc[0]
+    print(f"\nevaluation {evaluation_id}: the arms on the same pinned prompts and seeds\n(selection 'all' = every "
+          "planned image, 'ranked' = ours' kept top N):")
+    for dataset, rows in table.groupby("dataset", sort=False):
+        print(f"dataset {dataset}:")
+        print(rows[list(EVALUATION_SUMMARY)].rename(columns=EVALUATION_SUMMARY).to_string(index=False))
     print("training settings per arm:")
     for row in table.drop_duplicates("arm").itertuples():
         print(f"  {row.arm}: {row.training}")
     if table.selected_after_results.fillna(False).astype(bool).any():
-        print("NOTE: a version evaluated here was promoted after results of its product were seen: these figures "
-              "were selected after the fact")
+        print("NOTE: a version evaluated here was promoted after results of its product were seen:\n"
+              "these figures were selected after the fact")
+    print(f"every column, per product too:\n  recontext --home {lake.settings.home} sql "
+          f"\"SELECT * FROM evaluation_metrics WHERE evaluation_id = '{evaluation_id}'\"")
     _print_notice(lake, ratings=True)
 
 
@@ -356,6 +396,7 @@ def cmd_ratings_export(settings: Settings, args) -> int:
 
 
 def cmd_ratings_import(settings: Settings, args) -> int:
+    _check_files(args.files)
     from etl.ratings import import_ratings
     from jobs.runner import run
 
@@ -381,9 +422,11 @@ def cmd_report(settings: Settings, args) -> int:
 
 
 def cmd_maintain(settings: Settings, args) -> int:
+    hours = settings.retention_hours if args.retention_hours is None else args.retention_hours
+    if hours < 0:
+        raise UserError(f"--retention-hours must be 0 or more, not {hours}")
     from jobs.maintain import maintain
 
-    hours = settings.retention_hours if args.retention_hours is None else args.retention_hours
     report = maintain(_lake(settings), hours)
     print(f"maintenance of {settings.home} (retention {hours} h):")
     print("\n".join(report.lines()))
@@ -401,6 +444,8 @@ def cmd_check(settings: Settings, args) -> int:
 def cmd_promote(settings: Settings, args) -> int:
     from etl.tracking import registered_model_name
 
+    if not args.version.isdigit():
+        raise UserError(f"a version is a registered model version number, not {args.version!r}")
     seen = _promote(_lake(settings), args.product_id, args.version, args.arm)
     print(f"{registered_model_name(args.product_id, args.arm)} version {args.version} is now @champion")
     if seen:
@@ -449,6 +494,8 @@ def cmd_prompts_export(settings: Settings, args) -> int:
 
 
 def cmd_prompts_set_type(settings: Settings, args) -> int:
+    if not args.product_type.strip():
+        raise UserError("the product type must not be empty")
     from etl.prompt_bank import set_type
 
     set_type(_lake(settings), args.product_id, args.product_type)
@@ -458,6 +505,7 @@ def cmd_prompts_set_type(settings: Settings, args) -> int:
 
 
 def cmd_prompts_import(settings: Settings, args) -> int:
+    _check_files([args.file])
     from etl.prompt_bank import import_csv
 
     print(f"updated {import_csv(_lake(settings), args.file)} prompts")
@@ -474,6 +522,12 @@ def cmd_prompts_status(settings: Settings, args) -> int:
 def cmd_tables(settings: Settings, args) -> int:
     _print_tables(_lake(settings))
     return 0
+
+
+def _check_files(files: list[str]) -> None:
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserError(f"file not found: {', '.join(missing)}")
 
 
 def _print_tables(lake) -> None:
@@ -508,7 +562,8 @@ def cmd_demo(settings: Settings, args) -> int:
         settings = dataclasses.replace(settings, ingest=dataclasses.replace(settings.ingest, sources=(str(catalog),)))
     lake = _lake(settings)
     groups = load_groups()
-    print("\ningesting, augmenting and scoring (the first run has the LLM write the prompt bank: ~1-2 min):")
+    print("\ningesting, augmenting and scoring (the LLM writes the prompt bank; the first time on a machine it is "
+          "\nconverted once for every home, see README):")
     run(lake, ["ingest", *groups["augment"]])
     print(lake.spark.sql(
         "SELECT p.product_id, p.product_type, count(i.image_id) AS images, "
@@ -539,8 +594,8 @@ def cmd_demo(settings: Settings, args) -> int:
     _print_ranking(lake)
     _print_evaluation(lake)
     index, images = export_package(lake, settings.home / "ratings" / "package")
-    print(f"\nrating package for people: {index} ({images} images); the demo rates them with three made-up raters "
-          "(random answers, independent of the metrics; every figure from them is labelled synthetic):")
+    print(f"\nrating package for people: {index} ({images} images);\nthe demo rates them with three made-up raters "
+          "(random answers, independent of the metrics;\nevery figure from them is labelled synthetic):")
     imported, _ = import_ratings(lake, synthetic_ratings(lake, settings.home / "ratings" / "synthetic.csv"),
                                  source="synthetic")
     print(f"  {imported} synthetic ratings imported")

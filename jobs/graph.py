@@ -14,9 +14,16 @@ from etl.config import Settings
 from etl.errors import UserError
 from etl.step import NON_TABLES
 from etl.tables import TABLES
-from jobs.steps import STEPS, step_roles
 
 PIPELINE_FILE = Path(__file__).with_name("pipeline.toml")
+
+
+def _steps() -> dict:
+    """jobs.steps.STEPS, imported when first needed: the steps' modules import the engine and
+    the models, which checking a command's stage names must not wait for."""
+    from jobs.steps import STEPS
+
+    return STEPS
 
 
 def _union(lists) -> tuple[str, ...]:
@@ -32,20 +39,22 @@ class Stage:
 
     @property
     def reads(self) -> tuple[str, ...]:
-        return _union(STEPS[s].reads for s in self.steps)
+        return _union(_steps()[s].reads for s in self.steps)
 
     @property
     def writes(self) -> tuple[str, ...]:
-        return _union(STEPS[s].writes for s in self.steps)
+        return _union(_steps()[s].writes for s in self.steps)
 
     def roles(self, settings: Settings | None = None) -> tuple[str, ...]:
         """Model roles its steps load: as declared, or as `settings` resolve them."""
-        return _union(step_roles(STEPS[s], settings) if settings else STEPS[s].roles for s in self.steps)
+        from jobs.steps import step_roles
+
+        return _union(step_roles(_steps()[s], settings) if settings else _steps()[s].roles for s in self.steps)
 
     @property
     def device(self) -> str:
         """`gpu` when any of its steps loads a model, else `cpu`."""
-        return "gpu" if any(STEPS[s].device == "gpu" for s in self.steps) else "cpu"
+        return "gpu" if any(_steps()[s].device == "gpu" for s in self.steps) else "cpu"
 
     def describe(self, settings: Settings | None = None) -> dict:
         """The stage as users and schedulers see it (`recontext stages`)."""
@@ -62,7 +71,7 @@ def load_stages(path: Path = PIPELINE_FILE) -> dict[str, Stage]:
               for name, s in raw.items()}
     for stage in stages.values():
         extra = sorted(set(raw[stage.name]) - {"steps", "depends_on", "description"})
-        problems = ([f"unknown step {s!r}" for s in stage.steps if s not in STEPS]
+        problems = ([f"unknown step {s!r}" for s in stage.steps if s not in _steps()]
                     + [f"unknown dependency {d!r}" for d in stage.depends_on if d not in stages]
                     + [f"unknown key(s) {', '.join(extra)} (reads, writes and roles come from the steps' "
                        "declarations)"] * bool(extra))
@@ -89,7 +98,7 @@ def load_stages(path: Path = PIPELINE_FILE) -> dict[str, Stage]:
 
 def check_declarations() -> None:
     """Every step names only declared tables (or the NON_TABLES inputs and outputs)."""
-    for step in STEPS.values():
+    for step in _steps().values():
         unknown = [t for t in (*step.reads, *step.writes) if t not in TABLES and t not in NON_TABLES]
         if unknown:
             raise ValueError(f"step {step.name!r} declares unknown table(s) {', '.join(unknown)}")
@@ -111,7 +120,17 @@ def select(stages: dict[str, Stage], names: list[str]) -> list[Stage]:
     or name them, to include them; skipping makes that cheap)."""
     if not names or names == ["all"]:
         return list(stages.values())
+    _refuse_unknown(names, list(stages))
+    return [s for s in stages.values() if s.name in names]
+
+
+def check_stage_names(names: list[str], path: Path = PIPELINE_FILE) -> None:
+    """select()'s check of the names alone, from the file (nothing else imported or started)."""
+    if names and names != ["all"]:
+        _refuse_unknown(names, list(tomllib.loads(Path(path).read_text())["stages"]))
+
+
+def _refuse_unknown(names: list[str], stages: list[str]) -> None:
     unknown = [n for n in names if n not in stages]
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; stages: all, {', '.join(stages)}")
-    return [s for s in stages.values() if s.name in names]

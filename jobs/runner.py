@@ -152,7 +152,8 @@ def _run_stage(lake: Lakehouse, zoo, stage: Stage, run_id: str, scope: int, incr
         tables: dict[str, int] = {}
         for per_table in written.values():
             for table, n in per_table.items():
-                tables[table] = tables.get(table, 0) + n
+                if table in TABLES:  # registered models and report pages are no table rows
+                    tables[table] = tables.get(table, 0) + n
         status, error = "succeeded", None
     except Exception as err:  # noqa: BLE001 - recorded in job_runs, then the run stops
         log.exception("stage %s failed", stage.name)

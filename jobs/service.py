@@ -8,8 +8,10 @@
 
 Input rows: product_id, scene, n, and optionally seed and keep. Output: one row per kept image,
 best first per request: the request's row number, rank, score and metrics, the PNG as base64,
-the adapter model and version, the prompt and seed, and `base_model_loads` (text2img pipelines
-loaded by this process so far: it stays 1 while the server reuses its base model).
+the adapter model and version, the prompt and seed, `base_model_loads` (text2img pipelines
+loaded by this process so far: it stays 1 while the server reuses its base model), and
+`model_weights` (JSON: each model role the request ran and its kind of weights; "tiny random
+weights" means its images and scores say nothing about fidelity).
 
 How it finds the home: the model config (`{"home": ...}`, written at registration) names the
 home folder; `RECONTEXT_HOME` set in the serving environment overrides it. The home's tables
@@ -22,6 +24,7 @@ Models load on the first request and stay loaded (the zoo's per-process cache).
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 
@@ -31,7 +34,8 @@ SERVICE_NAME = "recontext-service"
 ROOT = Path(__file__).resolve().parent.parent
 CODE = ("etl", "training", "udfs", "jobs")  # the packages the model carries (code_paths)
 OUTPUT_COLUMNS = ["request", "product_id", "scene", "rank", "score", "clip_t", "clip_i", "dino_i", "image_png_base64",
-                  "width", "height", "seed", "prompt", "adapter_model", "adapter_version", "base_model_loads"]
+                  "width", "height", "seed", "prompt", "adapter_model", "adapter_version", "base_model_loads",
+                  "model_weights"]
 
 from mlflow.pyfunc import PythonModel
 
@@ -63,7 +67,9 @@ class RecontextService(PythonModel):
             answers.append(kept.assign(request=number, image_png_base64=[base64.b64encode(b).decode()
                                                                           for b in kept.image]))
         out = pd.concat(answers, ignore_index=True) if answers else pd.DataFrame(columns=OUTPUT_COLUMNS)
-        return out.assign(base_model_loads=LOADS["text2img"])[OUTPUT_COLUMNS].astype({"rank": "int64"})
+        # model_weights: JSON, role -> kind of weights ("tiny random weights": the scores mean nothing)
+        return out.assign(base_model_loads=LOADS["text2img"], model_weights=json.dumps(
+            self.imaginer.model_weights(), sort_keys=True))[OUTPUT_COLUMNS].astype({"rank": "int64"})
 
 
 def _int(value, default=None):
@@ -98,7 +104,7 @@ def register_service(settings) -> str:
     from etl import tracking
 
     experiment = tracking.configure(settings)
-    with mlflow.start_run(experiment_id=experiment, run_name=SERVICE_NAME):
+    with mlflow.start_run(experiment_id=experiment, run_name=SERVICE_NAME), tracking.registry_messages():
         info = mlflow.pyfunc.log_model(
             name="service", python_model=RecontextService(), model_config={"home": str(settings.home)},
             code_paths=[str(ROOT / c) for c in CODE], signature=signature(),

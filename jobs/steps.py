@@ -23,7 +23,7 @@ from etl.masks import MASKS
 from etl.metrics import METRICS_STEP
 from etl.prompt_bank import CLASSIFY, PROMPT_BANK
 from etl.report import REPORT
-from etl.step import Step
+from etl.step import REGISTERED_MODELS, REPORT_FILES, Step
 from etl.tables import TABLES
 from etl.training_set import TRAINING_SET
 from training.generate import GENERATE
@@ -35,6 +35,8 @@ from udfs.zoo import SEGMENTER, ModelZoo
 STEPS: dict[str, Step] = {s.name: s for s in (
     INGEST, MASKS, CAPTIONS, EMBEDDINGS, METRICS_STEP, CLASSIFY, PROMPT_BANK, NOVEL_VIEWS, OUTPAINT, NEGATIVES,
     TRAINING_SET, TRAIN, TRAIN_BASELINE, GENERATE, RANK, EVALUATE, FIT_RANKER, REPORT)}
+# What a count under an output that is no table counts.
+OUTPUT_UNITS = {REGISTERED_MODELS: "model versions registered", REPORT_FILES: "report pages written"}
 # What a new image needs before the metrics can use it.
 SCORING = ["masks", "captions", "embeddings", "metrics"]
 
@@ -83,9 +85,15 @@ def run_steps(lake: Lakehouse, names: list[str], zoo: ModelZoo | None = None,
         for table, n in written.items():
             results.setdefault(name, {}).setdefault(table, 0)
             results[name][table] += n
-        progress(f"  {name:<12} {time.perf_counter() - started:6.1f}s  rows written: "
-                 + ", ".join(f"{t}={n}" for t, n in written.items()))
+        progress(f"  {name:<12} {time.perf_counter() - started:6.1f}s  {written_line(written)}")
     return results
+
+
+def written_line(written: dict[str, int]) -> str:
+    """A step's counts as printed: rows per table (real tables only), then its other outputs."""
+    rows = ", ".join(f"{t}={n}" for t, n in written.items() if t in TABLES)
+    others = "; ".join(f"{OUTPUT_UNITS[t]}: {n}" for t, n in written.items() if t not in TABLES)
+    return "; ".join(filter(None, [f"rows written: {rows}" if rows else "writes no table", others]))
 
 
 def run_scoring(lake: Lakehouse, zoo: ModelZoo | None = None, progress=print) -> dict[str, dict[str, int]]:

@@ -8,8 +8,10 @@ champion adapter (its rare token, class noun, then the scene), `n` images from
 training.generate.render at the resolution the adapter was trained at, the metrics of
 etl/metrics.py (`score_product`: the new images' embeddings, made here by the models the
 embeddings job uses, against the product's stored reference embeddings), ranked by
-training.ranking.rank_generations among the request's images. The scene passes the prompt bank's
-checks first (etl/prompt_bank.scene_refusal); a refused scene is an error, never edited.
+training.ranking.rank_generations among the request's images. The arguments pass the checks that
+need no data first (training/requests.py: the CLI runs them before the engine starts), then the
+prompt bank's checks against the home's types and brands (etl/prompt_bank.scene_refusal); a
+refused scene is an error, never edited.
 
 Written with lineage (origin 'on_demand', the scene, seed and adapter version): `generations`,
 `image_metrics` and `ranked_generations`. Batch ranking, evaluation (Table 2) and the report
@@ -28,7 +30,6 @@ from dataclasses import dataclass
 import pandas as pd
 
 from etl import tracking
-from etl.brands import request_refusal
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.metrics import metric_constants, score_product
@@ -39,12 +40,12 @@ from etl.plans import prompts, task_key
 from training.generate import adapter_on, image_row
 from udfs.diffusion import render
 from training.ranking import configured_ranker, rank_generations
+from training.requests import REFUSED, checked_request
 from udfs.imaging import decode_rgb, segment
-from udfs.zoo import ModelZoo
+from udfs.zoo import SEGMENTER, ModelZoo
 
 log = logging.getLogger(__name__)
-MAX_IMAGES = 64  # per request: a larger ask is a batch job (approve target prompts, `recontext generate`)
-REFUSED = 2  # exit code of a refused request (bad input the caller can fix)
+ROLES = ("text2img", "clip", "dino", SEGMENTER)  # the models a request runs (its figures come from these)
 # What a request returns per image: ranking, metrics, the PNG, lineage.
 OUTPUT = ["product_id", "rank", "kept", "score", "ranked_by", "reason", *METRIC_COLUMNS, "image_id", "image", "width",
           "height", "seed", "scene", "prompt", "generation_prompt", "arm", "adapter_model", "adapter_version", "steps",
@@ -73,6 +74,11 @@ class Imaginer:
         self.lake = lake
         self.zoo = zoo or ModelZoo.from_settings(lake.settings)
         tracking.configure(lake.settings)
+
+    def model_weights(self) -> dict[str, str]:
+        """role -> the kind of weights it loads (tiny random weights, packaged, configured): every
+        answer carries it, since figures from tiny models mean nothing."""
+        return self.zoo.weights_kinds([self.zoo.models.segmenter if r == SEGMENTER else r for r in ROLES])
 
     def adapter(self, product_id: str, arm: str = tracking.OURS) -> Adapter:
         """The product's current champion (resolved per request, so a promotion takes effect at once)."""
@@ -105,18 +111,10 @@ class Imaginer:
         """Generate, score, rank and record `n` images of the product in the scene; returns one row
         per image (kept first, by rank) with its PNG bytes, metrics, score and lineage."""
         settings = self.lake.settings.generation
-        keep = min(settings.keep_top, n) if keep is None else keep
-        seed = settings.seed if seed is None else seed
-        if not 1 <= n <= MAX_IMAGES:
-            raise UserError(f"n must be between 1 and {MAX_IMAGES}, not {n}", REFUSED)
-        if not 1 <= keep <= n:
-            raise UserError(f"keep must be between 1 and n ({n}), not {keep}", REFUSED)
-        if arm not in (tracking.OURS, tracking.BASELINE):
-            raise UserError(f"arm must be {tracking.OURS} or {tracking.BASELINE}, not {arm!r}", REFUSED)
-        if reason := request_refusal(scene, self.lake.settings.prompt_bank):  # a brand: refused before any lookup
-            raise UserError(f"scene refused: {reason}: {' '.join(str(scene).split())!r}", REFUSED)
+        request = checked_request(self.lake.settings, product_id, scene, n, keep, seed, arm)  # no data needed
+        product_id, scene, n, keep, seed, arm = (request.product_id, request.scene, request.n, request.keep,
+                                                 request.seed, request.arm)
         adapter = self.adapter(product_id, arm)
-        scene = " ".join(str(scene).split())
         reason = scene_refusal(self.lake, scene, adapter.class_noun, product_id)
         if reason:
             raise UserError(f"scene refused: {reason}: {scene!r}", REFUSED)

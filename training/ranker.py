@@ -80,12 +80,12 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
     if len(frame) < settings.evaluation.ranker_min_images or frame.passed.nunique() < 2:
         log.info("learned ranker not fit: %d rated images (%d needed, both verdicts)", len(frame),
                  settings.evaluation.ranker_min_images)
-        return {"ranker_versions": 0}
+        return {REGISTERED_MODELS: 0}
     digest = hashlib.sha256(frame[["image_id", "passed", "ratings_source", *METRICS]].to_csv(index=False)
                             .encode()).hexdigest()[:16]  # people's ratings replacing synthetic ones: a refit
     experiment = tracking.configure(settings)
     if mlflow.search_runs([experiment], filter_string=f"tags.ratings_digest = '{digest}'").shape[0]:
-        return {"ranker_versions": 0}  # fit on exactly these ratings already
+        return {REGISTERED_MODELS: 0}  # fit on exactly these ratings already
     report = held_out(frame, settings.generation.rank_weights, settings.evaluation.ranker_folds)
     model = _model().fit(features(frame), frame.passed.astype(int).to_numpy())
     synthetic = bool((frame.ratings_source != "human").any())
@@ -94,8 +94,9 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
         mlflow.log_params({"features": ",".join(METRICS), "model": "StandardScaler+LogisticRegression(C=1)",
                            "folds": settings.evaluation.ranker_folds})
         mlflow.log_metrics({k: v for k, v in report.items() if v is not None})
-        info = mlflow.sklearn.log_model(model, name="ranker", registered_model_name=MODEL_NAME,
-                                        input_example=features(frame)[:2])
+        with tracking.registry_messages():
+            info = mlflow.sklearn.log_model(model, name="ranker", registered_model_name=MODEL_NAME,
+                                            input_example=features(frame)[:2])
     version = str(info.registered_model_version)
     learned, plain = report["heldout_pearson_learned"], report["heldout_pearson_sum"]
     better = learned is not None and (plain is None or learned > plain)
@@ -104,7 +105,7 @@ def run_fit_ranker(lake: Lakehouse, zoo=None) -> dict[str, int]:
     MlflowClient().set_registered_model_alias(
         MODEL_NAME, tracking.CHAMPION if better and not synthetic else tracking.CANDIDATE, version)
     log.info("learned ranker v%s: held-out r=%s vs aggregate r=%s", version, learned, plain)
-    return {"ranker_versions": 1}
+    return {REGISTERED_MODELS: 1}  # a model version, not a table row
 
 
 def load_champion():

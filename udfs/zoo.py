@@ -64,6 +64,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
 )}
 # A step may name the role its settings choose: the segmenter (models.segmenter: u2netp or sam).
 SEGMENTER = "segmenter"
+# The kinds of weights a role loads (ModelZoo.weights_kind).
+TINY, PACKAGED, CONFIGURED = "tiny random weights", "packaged", "configured"
 
 
 def _resolve(reference: str):
@@ -174,6 +176,19 @@ class ModelZoo:
 
     def is_tiny(self, role: str) -> bool:
         return not getattr(self.models, role).path and not ROLES[role].packaged
+
+    def weights_kind(self, role: str) -> str:
+        """TINY (figures from it mean nothing), PACKAGED (real weights a package ships) or
+        CONFIGURED (the path the settings name)."""
+        return TINY if self.is_tiny(role) else CONFIGURED if getattr(self.models, role).path else PACKAGED
+
+    def weights_kinds(self, roles=None) -> dict[str, str]:
+        """role -> weights_kind, for `roles` (default: every role): what JSON outputs carry."""
+        return {role: self.weights_kind(role) for role in (roles or ROLES)}
+
+    def tiny_roles(self) -> list[str]:
+        """The roles that load tiny random-weight models under these settings."""
+        return [role for role in ROLES if self.is_tiny(role)]
 
     def check(self, *roles: str) -> None:
         """Build missing tiny models; raise a clear error for a missing or broken model path.
@@ -318,10 +333,7 @@ def describe_roles(settings: Settings) -> list[dict]:
     rows = []
     for role in ROLES:
         try:
-            path, source = zoo.path(role), ("tiny random weights" if zoo.is_tiny(role) else
-                                            "packaged" if ROLES[role].packaged and not getattr(settings.models,
-                                                                                              role).path
-                                            else "configured")
+            path, source = zoo.path(role), zoo.weights_kind(role)
         except FileNotFoundError as err:
             rows.append({"role": role, "weights": "missing", "path": str(err), "family": "", "device": device,
                          "precision": ""})

@@ -72,7 +72,14 @@ def test_local_llm_fills_the_bank_once(one_mug):
     settings = PromptBankSettings(scenes_per_type=4, targets_per_type=2, max_new_tokens=120, min_scenes=0,
                                   min_targets=0)
     zoo = ModelZoo.from_settings(lake.settings)
-    written = run_prompt_bank(lake, zoo, settings)
+    model = zoo.load("llm").model
+    generate, batches = model.generate, []
+    model.generate = lambda **kw: batches.append(len(kw["input_ids"])) or generate(**kw)  # counts the calls
+    try:
+        written = run_prompt_bank(lake, zoo, settings)
+    finally:
+        del model.generate
+    assert batches == [2]  # one round, the scene and the target question in one batch
     bank = DeltaTable(lake.location("prompt_bank")).to_pandas()
     assert written["prompt_bank"] == len(bank) > 0
     assert set(bank.product_type) == {"mug"} and set(bank.purpose) == {"scene", "target"}

@@ -1,6 +1,7 @@
 """The `recontext` command as a user runs it: separate processes on one home."""
 
 import json
+import re
 
 import pytest
 
@@ -79,6 +80,7 @@ def test_sql_refuses_writes_with_exit_code_2(demo_home, capsys):
     (["ingest", "/tmp", "--format", "abo"], "ABO layout without"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "h" / "lakehouse").mkdir(parents=True)  # a home (sql refuses one that does not exist)
     assert main(["--home", str(tmp_path / "h"), *args]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
@@ -110,6 +112,13 @@ def test_demo_figures_are_labelled_synthetic(demo_home):
     assert ("ours", "ranked") in rows and {r["ratings_source"] for r in rows.values()} == {"synthetic"}
     index = (demo_home / "report" / "index.html").read_text()
     assert "ratings on these pages are SYNTHETIC" in index and "tiny random-weight stand-ins" in index
+    from etl.config import Settings
+    from udfs.zoo import ModelZoo
+
+    tiny = ModelZoo.from_settings(Settings.load(demo_home)).tiny_roles()  # the zoo's list, not a hand list
+    assert {"clip", "captioner", "image2video"} <= set(tiny)
+    named = re.search(r"Models ([\w, ]+) are tiny random-weight stand-ins", index)
+    assert named and set(named.group(1).split(", ")) == set(tiny), named
 
 
 def test_the_demo_evaluation_is_one_pinned_plan_both_arms_complete(demo_home):

@@ -63,6 +63,18 @@ def execute(name: str, home: Path, monkeypatch, remote: str | None = None, **par
     return nb
 
 
+def assert_labelled(nb, home: Path) -> None:
+    """The notebook says, before any figure, which of the home's models are tiny random-weight
+    stand-ins (every one the zoo builds tiny) and that its ratings are synthetic."""
+    from etl.config import Settings
+    from udfs.zoo import ModelZoo
+
+    first = text(nb.cells[2])
+    tiny = ModelZoo.from_settings(Settings.load(home)).tiny_roles()
+    assert tiny and "tiny random-weight stand-ins" in first and all(role in first for role in tiny), first
+    assert "SYNTHETIC" in first
+
+
 def text(cell_or_nb) -> str:
     """All text a cell (or a whole notebook) printed or displayed: streams, plain text and HTML."""
     cells = cell_or_nb.cells if hasattr(cell_or_nb, "cells") else [cell_or_nb]
@@ -107,6 +119,7 @@ def test_product_audit(demo_home, monkeypatch):
     products = sorted(table(demo_home, "products").product_id)
     nb = execute("product_audit", demo_home, monkeypatch)  # PRODUCT_ID = None: the first product
     assert f"product {products[0]} " in text(nb)
+    assert_labelled(nb, demo_home)
     refs = cell_with(nb, "references and masks")  # each reference photo next to its masks
     assert images(refs) == 1 and "u2netp" in text(refs)
 
@@ -143,6 +156,7 @@ def test_pipeline_health(demo_home, monkeypatch):
     latest = runs.loc[runs.started_at.idxmax(), "run_id"]
     nb = execute("pipeline_health", demo_home, monkeypatch)
     out = text(nb)
+    assert_labelled(nb, demo_home)
     last = cell_with(nb, "latest run {latest}")
     assert f"latest run {latest}" in text(last) and images(last) == 1  # seconds per stage
     for stage in runs[runs.run_id == latest].stage:
@@ -165,6 +179,7 @@ def test_pipeline_health(demo_home, monkeypatch):
 def test_adapter_comparison(demo_home, monkeypatch):
     products = sorted(table(demo_home, "products").product_id)
     nb = execute("adapter_comparison", demo_home, monkeypatch)
+    assert_labelled(nb, demo_home)
     listed = text(cell_with(nb, "def registered_versions"))
     for pid in products:  # the demo trains both arms of every product and promotes each arm's first version
         ours = re.search(rf"^recontext-{re.escape(pid)}: (.+)$", listed, re.M)

@@ -16,6 +16,7 @@ from etl.evaluation import record_promotion
 from etl.plans import status
 from etl.tables import TABLES
 from etl.prompt_bank import import_csv
+from etl.step import REGISTERED_MODELS
 from sample_images import encode, product_shot, write_files
 from etl import tracking
 from training.ranking import rank_generations
@@ -107,7 +108,7 @@ def test_evaluation_compares_ours_with_the_baseline_and_uses_human_ratings(two_v
     tracking.promote(lake.settings, "mug-a", "1", arm="baseline")
     assert record_promotion(lake, "mug-a", "baseline", "1") == [first.evaluation_id]
     written = run_steps(lake, steps_for("evaluate"), zoo, progress=lambda _: None)
-    assert written["train_baseline"]["adapters"] == 0 and written["fit_ranker"] == {"ranker_versions": 0}
+    assert written["train_baseline"]["adapters"] == 0 and written["fit_ranker"] == {REGISTERED_MODELS: 0}
     adapters = DeltaTable(lake.location("adapters")).to_pandas()
     baseline = adapters[adapters.arm == "baseline"].iloc[0]
     assert baseline.model_name == "recontext-mug-a-baseline" and baseline.images == 1  # the one reference
@@ -167,7 +168,7 @@ def test_evaluation_compares_ours_with_the_baseline_and_uses_human_ratings(two_v
 
     lake.settings.evaluation.__dict__.update(ranker_min_images=4)  # frozen dataclass; tiny test data
     written = run_steps(lake, ["evaluate", "fit_ranker"], zoo, progress=lambda _: None)
-    assert written["fit_ranker"] == {"ranker_versions": 1}
+    assert written["fit_ranker"] == {REGISTERED_MODELS: 1}
     rated = DeltaTable(lake.location("rated_images")).to_pandas().set_index("image_id")
     assert set(rated.index) == evaluated and set(rated[~rated.passed].index) == failing
     assert set(rated.ratings_source) == {"human"}
@@ -190,7 +191,7 @@ def test_evaluation_compares_ours_with_the_baseline_and_uses_human_ratings(two_v
                   for i in ours.image_id for r in range(3) for q in QUESTIONS]).to_csv(tmp_path / "s.csv", index=False)
     assert import_ratings(lake, tmp_path / "s.csv", source="synthetic")[0] == 2 * 3 * len(QUESTIONS)
     written = run_steps(lake, ["evaluate", "fit_ranker"], zoo, progress=lambda _: None)
-    assert written["fit_ranker"] == {"ranker_versions": 1}
+    assert written["fit_ranker"] == {REGISTERED_MODELS: 1}
     assert MlflowClient().get_registered_model("recontext-ranker").aliases.get("champion") == before
     table = DeltaTable(lake.location("evaluation_metrics")).to_pandas().set_index(["arm", "selection", "product_id"])
     assert table.loc[("ours", "all", "(all)"), "ratings_source"] == "mixed"

@@ -57,6 +57,9 @@ def test_imagine_writes_on_demand_lineage_and_returns_the_kept_images(request_ho
     answer = json.loads(result.stdout)
     kept = answer["kept"]
     assert answer["generated"] == 4 and len(kept) == 2 and [k["rank"] for k in kept] == [1, 2]
+    # Which weights made these figures, per role it ran (the demo home: tiny models, the packaged U2-Net-p).
+    assert answer["model_weights"] == {"text2img": "tiny random weights", "clip": "tiny random weights",
+                                       "dino": "tiny random weights", "u2netp": "packaged"}
     version, resolution = champion(request_home, "coffee-cup")
     assert resolution == 64  # trained at 64 px; the home's batch generation size is 32
 
@@ -88,9 +91,16 @@ def test_imagine_writes_on_demand_lineage_and_returns_the_kept_images(request_ho
     scores = sorted((r["score"] for r in ranked.values()), reverse=True)
     assert [k["score"] for k in kept] == pytest.approx(scores[:2], abs=1e-4)
 
-    # The same request again writes nothing new.
-    again = recontext("imagine", "coffee-cup", SCENE, "-n", "4", "--keep", "2", "--format", "json", home=request_home)
+    # The same request again writes nothing new (no table gets a new Delta version); as text, it
+    # says the scores come from tiny models.
+    from deltalake import DeltaTable
+
+    tables = ("generations", "image_metrics", "ranked_generations", "masks", "embeddings")
+    versions = {t: DeltaTable(str(request_home / "lakehouse" / t)).version() for t in tables}
+    again = recontext("imagine", "coffee-cup", SCENE, "-n", "4", "--keep", "2", home=request_home)
     assert again.returncode == 0, again.stderr
+    assert {t: DeltaTable(str(request_home / "lakehouse" / t)).version() for t in tables} == versions
+    assert "NOTE: Models " in again.stdout and "tiny random-weight stand-ins" in again.stdout
     assert len(delta_rows(request_home, "generations", ["task_key"])) == len(before) + 4
 
 
@@ -183,6 +193,7 @@ def test_service_serves_ranked_images_over_http_and_keeps_the_base_model_loaded(
             assert pixels.size == (64, 64) and np.asarray(pixels).std() > 0
             assert image["prompt"] == f"a photo of a coffee cup, {SCENE}"
         assert {i["base_model_loads"] for i in images} == {1}
+        assert json.loads(images[0]["model_weights"])["text2img"] == "tiny random weights"
 
         status, second = _post(port, [{"product_id": "motorcycle", "scene": "parked on a city street at dusk",
                                        "n": 2, "keep": 1}])

@@ -6,6 +6,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from etl import tracking
+from etl.step import REGISTERED_MODELS
 from etl.tables import TABLES
 from training.ranker import MODEL_NAME, run_fit_ranker
 
@@ -33,7 +34,7 @@ def _rated_images(lake, source: str) -> None:
 def _fit(lake, source: str) -> dict:
     lake.settings.evaluation.__dict__.update(ranker_min_images=20)  # frozen dataclass; the default
     _rated_images(lake, source)
-    assert run_fit_ranker(lake) == {"ranker_versions": 1}
+    assert run_fit_ranker(lake) == {REGISTERED_MODELS: 1}
     client = MlflowClient()
     (version,) = client.search_model_versions(f"name = '{MODEL_NAME}'")
     metrics = client.get_run(version.run_id).data.metrics
