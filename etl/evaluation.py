@@ -134,7 +134,7 @@ def evaluated_images(lake: Lakehouse, plans: pd.DataFrame | None = None) -> pd.D
     if plans is None:
         plans = pinned(lake)
         states = status(lake, plans)
-        plans = plans[plans.evaluation_id.isin(states[states.complete].evaluation_id)]
+        plans = plans[plans.evaluation_id.isin(states[states.complete.astype(bool)].evaluation_id)]
     slots = planned_images(lake, plans)
     slots = slots[slots.image_id.notna()]
     if slots.empty:
@@ -231,7 +231,7 @@ def latest_complete(lake: Lakehouse) -> str | None:
     states = status(lake)
     computed = {r["evaluation_id"] for r in lake.spark.sql(
         "SELECT DISTINCT evaluation_id FROM evaluation_metrics").collect()}
-    done = states[states.complete & states.evaluation_id.isin(computed)]
+    done = states[states.complete.astype(bool) & states.evaluation_id.isin(computed)]
     return done.evaluation_id.iloc[-1] if len(done) else None
 
 

@@ -130,7 +130,9 @@ def pin(lake: Lakehouse) -> tuple[str | None, int]:
 def pinned(lake: Lakehouse, evaluation_ids=None) -> pd.DataFrame:
     """Plan rows of the pinned evaluations (or of `evaluation_ids`)."""
     where = f"WHERE evaluation_id IN ({sql_list(evaluation_ids)})" if evaluation_ids is not None else ""
-    return lake.spark.sql(f"SELECT * FROM evaluation_plans {where}").toPandas()
+    frame = lake.spark.sql(f"SELECT * FROM evaluation_plans {where}").toPandas()
+    # An empty result can come back without its columns: give it the table's.
+    return frame if len(frame.columns) else pd.DataFrame(columns=TABLES["evaluation_plans"].column_names)
 
 
 def planned_images(lake: Lakehouse, plans: pd.DataFrame) -> pd.DataFrame:

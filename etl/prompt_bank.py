@@ -24,7 +24,7 @@ from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.product_types import MemoEncoder, type_from_attributes, type_from_title
-from etl.prompt_text import capitalized_refusal, degenerate, length_refusal, lower_words, scene_text_refusal
+from etl.prompt_text import capitalized_refusal, degenerate, length_refusal, lower_words
 from etl.step import Step
 from etl.tables import TABLES, sql_list, sql_literal
 from udfs.zoo import ModelZoo
@@ -354,15 +354,13 @@ def text_refusal(text: str, product_type: str, other_types: list[str], brands: s
 
 
 def scene_refusal(lake: Lakehouse, scene: str, product_type: str, product_id: str | None = None) -> str | None:
-    """Why a requested scene (`recontext imagine`) is refused, or None: scene_text_refusal (the
-    checks that need no data), then the prompt bank's checks against every type the bank knows
-    and every brand, and any capitalized word after the first; the product's own brand passes
-    only with `prompt_bank.allow_own_brand`. No plausibility or duplicate check: the request is a
-    person's explicit ask."""
+    """Why a requested scene (`recontext imagine`) is refused, or None: the prompt bank's checks
+    against every type the bank knows and every brand (the catalog's too), then any capitalized
+    word after the first (etl/prompt_text.scene_text_refusal's rule, which ran before the engine
+    started); the product's own brand passes only with `prompt_bank.allow_own_brand`. No
+    plausibility or duplicate check: the request is a person's explicit ask."""
     text = " ".join(scene.split())
     settings = lake.settings.prompt_bank
-    if reason := scene_text_refusal(text, settings):
-        return reason
     types = {r["product_type"] for r in resolved_types(lake).collect() if r["product_type"]} | set(seed_types())
     others = sorted(t for t in types if t not in (product_type, UNKNOWN))
     allowed = tuple(own_brands(lake, product_id)) if settings.allow_own_brand and product_id else ()

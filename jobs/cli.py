@@ -381,8 +381,8 @@ def _print_evaluation(lake) -> None:
     if table.selected_after_results.fillna(False).astype(bool).any():
         print("NOTE: a version evaluated here was promoted after results of its product were seen:\n"
               "these figures were selected after the fact")
-    print(f"every column, per product too:\n  recontext --home {lake.settings.home} sql "
-          f"\"SELECT * FROM evaluation_metrics WHERE evaluation_id = '{evaluation_id}'\"")
+    print(f"every column, per product and evaluation too:\n  recontext --home {lake.settings.home} sql "
+          "\"SELECT * FROM evaluation_metrics\"")
     _print_notice(lake, ratings=True)
 
 

@@ -65,10 +65,11 @@ def test_peoples_prompts_naming_a_brand_are_refused(lake, tmp_path):
 
 @pytest.mark.parametrize("scene, brand", [("next to a nike shoe", "nike"), ("beside an iphone", "iphone")])
 def test_imagine_refuses_a_brand_before_anything_starts(tmp_path, capsys, scene, brand):
+    (tmp_path / "home" / "lakehouse").mkdir(parents=True)  # a home: had the engine started, it would hold tables
     assert main(["--home", str(tmp_path / "home"), "imagine", "any-product", scene]) == 2
     err = capsys.readouterr().err
     assert f"names a brand ({brand})" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "home" / "lakehouse").exists()  # no engine, no tables
+    assert not list((tmp_path / "home" / "lakehouse").iterdir())  # no engine, no tables
 
 
 def test_the_service_answers_a_brand_in_lower_case_with_a_refusal(lake):

@@ -45,7 +45,8 @@ def test_bad_arguments_are_refused_before_any_engine_starts(tmp_path):
     cases = [
         (["imagine", "coffee-cup", SCENE, "-n", "0"], 2, "n must be between 1 and 64"),
         (["imagine", "coffee-cup", SCENE, "-n", "2", "--keep", "5"], 2, "keep must be between 1 and n (2)"),
-        (["imagine", "coffee-cup", "next to a Nike shoe"], 2, "names a brand, person or place (Nike)"),
+        (["imagine", "coffee-cup", "next to a Nike shoe"], 2, "names a brand (Nike)"),
+        (["imagine", "coffee-cup", "next to a chair from Milan"], 2, "names a brand, person or place (Milan)"),
         (["imagine", "coffee-cup", "table"], 2, "too short"),
         (["imagine", "coffee-cup", "on a table table table in a kitchen"], 2, "degenerate"),
         (["run", "no_such_stage"], 1, "unknown stage(s) no_such_stage"),
