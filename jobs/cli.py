@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one JSON object per log line on stderr (run id, stage, seconds, rows)")
     # Commands that only read (or add to) a home refuse a home that does not exist
-    # (needs_home); ingest, run and demo create one and say where (_lake).
+    # (needs_home); ingest, run, demo and prompts import create one and say where (_lake).
     parser.set_defaults(needs_home=True)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(run=cmd_prompts_export)
     imported = actions.add_parser("import", help="apply a reviewed CSV (statuses, reasons, new prompts)")
     imported.add_argument("file")
-    imported.set_defaults(run=cmd_prompts_import)
+    imported.set_defaults(run=cmd_prompts_import, needs_home=False)  # a bank may be seeded before the first ingest
     typed = actions.add_parser("set-type", help="assign a product's type (e.g. one classified 'unknown')")
     typed.add_argument("product_id")
     typed.add_argument("product_type")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from etl.config import Settings, TrainingSettings
+from etl.config import Settings
 from training.lora import FAMILIES, _encode, _loss
 from udfs.zoo import ModelZoo
 
@@ -34,12 +34,11 @@ def test_the_prior_loss_adds_its_weighted_gradient_and_weight_zero_is_no_prior(b
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     parameter = unet.conv_in.weight
     parameter.requires_grad_(True)
-    config = TrainingSettings(resolution=shape[-1] * 8)
 
     def gradient(rows, instances, weight=1.0):
         rows = torch.tensor(rows)
-        loss = _loss(family, unet, encoders, scheduler, "epsilon", frozen, token_ids, rows, latents[rows],
-                     noise[rows], timesteps[rows], config, torch.device("cpu"), torch.float32, instances, weight)
+        loss = _loss(family, unet, encoders, scheduler, "epsilon", frozen, token_ids, None, rows, latents[rows],
+                     noise[rows], timesteps[rows], torch.device("cpu"), torch.float32, instances, weight)
         return torch.autograd.grad(loss, parameter)[0]
 
     try:
