@@ -154,7 +154,9 @@ def test_run_all_then_nothing_new_skips_every_stage(reference_home):
     rereaders = {s.name for i, s in enumerate(stages) if set(s.reads) & {t for later in stages[i + 1:]
                                                                          for t in later.writes}}
     assert set(last[last.status != "skipped"].stage) <= rereaders
-    assert {"ingest", "train", "train_baseline", "generate"} <= set(last[last.status == "skipped"].stage)
+    # (generate is one of them: it reads the plans that evaluate pins after it.)
+    assert "generate" in rereaders
+    assert {"ingest", "train", "train_baseline"} <= set(last[last.status == "skipped"].stage)
     third = recontext("run", "all", home=home)
     runs = job_runs(home)
     assert third.returncode == 0 and set(runs[runs.run_id == runs.run_id.max()].status) == {"skipped"}
