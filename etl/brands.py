@@ -87,13 +87,8 @@ def _singular(window: list[str]) -> list[str]:
 
 
 @functools.cache
-def shipped() -> BrandList:
-    data = tomllib.loads(BRANDS_FILE.read_text())
-    return BrandList(data["brands"], data["capitalised"])
-
-
-@functools.cache
-def _with_extra(extra: tuple[str, ...]) -> BrandList:
+def brand_list(extra: tuple[str, ...] = ()) -> BrandList:
+    """The shipped list (etl/data/brands.toml) plus `extra` names refused in any case."""
     data = tomllib.loads(BRANDS_FILE.read_text())
     return BrandList([*data["brands"], *extra], data["capitalised"])
 
@@ -102,23 +97,13 @@ def brand_in(text: str, extra: Iterable[str] = (), allowed: Iterable[str] = ()) 
     """The brand a text names, as written there, or None: the shipped list plus `extra` (the
     user's list and the catalog's brands, refused in any case), except the `allowed` names."""
     extra = tuple(sorted({e for e in extra if e and e.strip()}))
-    return (_with_extra(extra) if extra else shipped()).find(text, allowed)
+    return brand_list(extra).find(text, allowed)
 
 
 def brand_refusal(text: str, extra: Iterable[str] = (), allowed: Iterable[str] = ()) -> str | None:
     """Why a text may not be used, naming the brand, or None."""
     found = brand_in(text, extra, allowed)
     return f"names a brand ({found})" if found else None
-
-
-def request_refusal(scene: str, settings) -> str | None:
-    """The brand check of a requested scene (`recontext imagine`) that needs no tables: the
-    shipped list and `prompt_bank.brands` (`settings`: PromptBankSettings). A command runs it
-    before any engine starts; the catalog's brands and the own-brand setting need the tables
-    (etl/prompt_bank.scene_refusal checks them again with the catalog)."""
-    if settings.allow_own_brand:
-        return None  # the product's own brand may pass: only the catalog knows which it is
-    return brand_refusal(" ".join(str(scene).split()), settings.brands)
 
 
 def without_brands(text: str | None, extra: Iterable[str] = (), allowed: Iterable[str] = ()) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from etl.brands import request_refusal
+from etl.brands import brand_refusal
 from etl.config import PromptBankSettings
 
 # Words that carry no content, for the repetition and adjective checks.
@@ -73,7 +73,7 @@ def scene_text_refusal(scene: str, settings: PromptBankSettings) -> str | None:
         return reason
     if settings.allow_own_brand:
         return None
-    return request_refusal(text, settings) or capitalized_refusal(text)
+    return brand_refusal(text, settings.brands) or capitalized_refusal(text)
 
 
 def capitalized_refusal(text: str, allowed: tuple[str, ...] = ()) -> str | None:

@@ -4,7 +4,8 @@ prompt bank's curation, people's prompts and `recontext imagine` before anything
 import pandas as pd
 import pytest
 
-from etl.brands import brand_in, request_refusal
+from etl.brands import brand_in
+from etl.prompt_text import scene_text_refusal
 from etl.config import PromptBankSettings
 from etl.errors import UserError
 from etl.prompt_bank import _seed_bank, import_csv, set_status, text_refusal
@@ -44,7 +45,7 @@ def test_user_list_catalog_brands_and_the_own_brand_setting():
     assert text_refusal("on a STONE & BEAM shelf", "vase", [], set(), settings) == "names a brand (STONE BEAM)"
     assert text_refusal("on a rivet display shelf", "vase", [], {"Rivet"}, settings) == "names a brand (rivet)"
     assert text_refusal("on a rivet display shelf", "vase", [], {"Rivet"}, settings, ("Rivet",)) is None
-    assert request_refusal("next to a nike shoe", PromptBankSettings()) == "names a brand (nike)"
+    assert scene_text_refusal("next to a nike shoe", PromptBankSettings()) == "names a brand (nike)"
 
 
 def test_peoples_prompts_naming_a_brand_are_refused(lake, tmp_path):
