@@ -119,25 +119,49 @@ def registry_messages():
                 logging_utils.MLFLOW_LOGGING_STREAM = _quiet["saved"]
 
 
-def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = OURS,
-                     auto_promote: bool = False) -> str:
-    """Log the adapter with the mlflow.diffusers flavor in the active run, register it, alias it
-    `candidate`; with `auto_promote` a product's first adapter in the arm becomes its champion.
-    One policy for every arm: the baseline is promoted by the same rule as ours, so neither
-    arm's champion is chosen differently from the other's."""
+def is_server() -> bool:
+    """Whether the configured store is reached over the network (a tracking server, Databricks)."""
     import mlflow
-    from mlflow import MlflowClient
+
+    return not mlflow.get_tracking_uri().startswith(("sqlite:", "file:", "/"))
+
+
+def connect(tracking_uri: str) -> None:
+    """Point this process at a store the driver configured (a training task on a Spark worker)."""
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+
+
+def log_adapter(adapter_dir, base_model: str) -> str:
+    """Log the adapter with the mlflow.diffusers flavor in the active run (the training task);
+    returns the logged model's URI, which `register_adapter` registers."""
+    import mlflow
 
     from udfs.diffusion import family_of
 
-    name = registered_model_name(product_id, arm)
     family = family_of(base_model)  # recorded so a reader knows which pipeline class takes the adapter
-    with registry_messages():
-        info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
-                                          registered_model_name=name, pip_requirements=_adapter_requirements(),
-                                          metadata={"base_family": family.name, "base_pipeline": family.text2img})
+    info = mlflow.diffusers.log_model(str(adapter_dir), base_model=base_model, name="adapter",
+                                      pip_requirements=_adapter_requirements(),
+                                      metadata={"base_family": family.name, "base_pipeline": family.text2img})
     mlflow.set_tag("base_pipeline", family.text2img)
-    version = str(info.registered_model_version)
+    return info.model_uri
+
+
+def register_adapter(model_uri: str, product_id: str, arm: str, training_key: str,
+                     auto_promote: bool = False) -> str:
+    """Register a logged adapter as a version of the product's model (tagged with its training
+    key), alias it `candidate`; with `auto_promote` a product's first adapter in the arm becomes
+    its champion. One policy for every arm: the baseline is promoted by the same rule as ours, so
+    neither arm's champion is chosen differently from the other's."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = registered_model_name(product_id, arm)
+    with registry_messages():
+        version = str(mlflow.register_model(model_uri, name, tags={TRAINING_KEY: training_key}).version)
     client = MlflowClient()
     client.set_registered_model_alias(name, CANDIDATE, version)
     if auto_promote and CHAMPION not in client.get_registered_model(name).aliases:
@@ -145,21 +169,35 @@ def register_adapter(adapter_dir, base_model: str, product_id: str, arm: str = O
     return version
 
 
-def registered_version(name: str, training_key: str):
-    """(version, run) of a registered version whose run carries `training_key`, or None."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+SEARCH_NAMES = 100  # model names per registry search (a GET request's filter)
 
-    client = MlflowClient()
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
-    for version in sorted(versions, key=lambda v: int(v.version)):
-        run = client.get_run(version.run_id)
-        if run.data.tags.get(TRAINING_KEY) == training_key:
-            return str(version.version), run
-    return None
+
+def registered_versions(training_keys: dict[str, str]) -> dict[str, tuple[str, object]]:
+    """{model name: (version, run)} of the registered versions tagged with the training key given
+    for their model ({name: key}); names with none are left out. One registry search per 100
+    names (the driver plans every product of a batch at once), narrowed to the keys' arm and
+    training-set version, so a product's older versions are not fetched."""
+    from mlflow import MlflowClient
+
+    client, found = MlflowClient(), {}
+    names = sorted(training_keys)
+    for start in range(0, len(names), SEARCH_NAMES):
+        chunk = names[start:start + SEARCH_NAMES]
+        _, arm, version, _ = training_keys[chunk[0]].rsplit("|", 3)  # one arm and version per batch
+        listed = ", ".join(f"'{n}'" for n in chunk)
+        query = (f"name IN ({listed}) "
+                 f"AND tags.`{TRAINING_KEY}` LIKE '%|{arm}|{version}|%'")
+        token = None
+        while True:
+            page = client.search_model_versions(query, page_token=token)
+            for model_version in page:
+                name = model_version.name
+                if model_version.tags.get(TRAINING_KEY) == training_keys[name] and name not in found:
+                    found[name] = (str(model_version.version), client.get_run(model_version.run_id))
+            token = page.token
+            if not token:
+                break
+    return found
 
 
 def promote(settings: Settings, product_id: str, version: str, arm: str = OURS) -> None:

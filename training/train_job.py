@@ -3,9 +3,10 @@ tracked and registered in MLflow, recorded in `adapters`.
 
 Fan-out: one Spark task per product (training/fanout.py), `training.parallel_products` at once,
 each on its own device (udfs.device.task_device). A task trains one product from the rows packed
-into its input row and returns a result row (token sweep, losses, validations, paths); the
-driver then logs and registers it in MLflow and MERGEs `adapters`, so the tracking store has one
-writer. A product whose adapter exists for the same training-set version and config is skipped;
+into its input row, logs its MLflow run (params, per-step losses, nested sweep runs, validation
+images, the adapter as an mlflow.diffusers model) and returns a result row; the driver then
+registers the logged adapters and MERGEs `adapters` once per batch, so its serial work per
+product is a few registry calls (bench/bench_driver.py), on 1 GPU or 64. A product whose adapter exists for the same training-set version and config is skipped;
 a failure on one product is recorded in `quarantine` and the others go on; a killed run resumes
 from its last checkpoint under `<home>/training/`.
 
@@ -153,7 +154,6 @@ def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], examples, v
                     digests: dict[str, str], arm: str, progress) -> dict[str, int]:
     """Driver: skip what a killed run registered, fan the rest out (one task per product), then
     log, register and record each result in product order."""
-    experiment = tracking.configure(lake.settings)
     written, specs = plan_products(lake, todo, version, digests, arm, progress)
     failures = []
     if specs:
@@ -162,7 +162,7 @@ def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], examples, v
         progress(f"  training {len(specs)} product(s) ({arm}) in {min(parallel, len(specs))} parallel task(s)")
         results = fan_out(lake.spark, rows.join(examples, "product_id"), parallel,
                           functools.partial(_train_task, lake.settings, zoo, arm), RESULT_SCHEMA)
-        recorded, failures = record_results(lake, zoo, arm, version, specs, results, experiment, progress)
+        recorded, failures = record_results(lake, arm, version, specs, results, progress)
         written += recorded
     return {"adapters": written, "quarantine": lake.quarantine(STAGE if arm == tracking.OURS else BASELINE_STAGE,
                                                                 failures)}
@@ -171,16 +171,22 @@ def _train_products(lake: Lakehouse, zoo: ModelZoo, todo: list[str], examples, v
 def plan_products(lake: Lakehouse, todo: list[str], version: int, digests: dict[str, str], arm: str,
                   progress) -> tuple[int, list[dict]]:
     """Driver, before the tasks: record the adapters a killed run registered but did not record;
-    returns how many, and the task spec of every other product."""
+    returns how many, and the task spec of every other product (with the tracking store its task
+    logs to: on Spark a task runs in a worker process that has not configured MLflow)."""
+    import mlflow
+
+    experiment = tracking.configure(lake.settings)
+    store = {"tracking_uri": mlflow.get_tracking_uri(), "experiment": experiment}
     recorded, specs = [], []
     scenes = approved_prompts(lake, "scene")
     titles, types = _titles_and_types(lake, todo)
-    for product_id in todo:
-        row = _adapter_row(product_id, arm, version, digests[product_id])
-        registered = tracking.registered_version(row["model_name"], _training_key(row))
-        if registered is not None:  # a killed run registered it but did not record it: record, don't retrain
-            progress(f"  train {product_id} ({arm}): version {registered[0]} is already registered; recording it")
-            recorded.append(_recorded(row, *registered))
+    rows = {p: _adapter_row(p, arm, version, digests[p]) for p in todo}
+    registered = tracking.registered_versions({r["model_name"]: _training_key(r) for r in rows.values()})
+    for product_id, row in rows.items():
+        if row["model_name"] in registered:  # a killed run registered it but did not record it: record, don't retrain
+            model_version, run = registered[row["model_name"]]
+            progress(f"  train {product_id} ({arm}): version {model_version} is already registered; recording it")
+            recorded.append(_recorded(row, model_version, run))
             continue
         product_type = types.get(product_id)
         specs.append({"product_id": product_id, "spec": json.dumps({
@@ -188,29 +194,53 @@ def plan_products(lake: Lakehouse, todo: list[str], version: int, digests: dict[
             "class_noun": noun_of(product_type),
             "scenes": scenes[scenes.product_type == product_type].text.head(
                 arm_config(lake.settings, arm).validation_images).tolist(),
+            "training_key": _training_key(row), **store,
             "work": str(lake.settings.home / "training" / product_id / f"{arm}-v{version}-{digests[product_id]}")})})
     return _write(lake, recorded), specs
 
 
-def record_results(lake: Lakehouse, zoo: ModelZoo, arm: str, version: int, specs: list[dict],
-                   results: pd.DataFrame, experiment: str, progress) -> tuple[int, list[tuple]]:
-    """Driver, after the tasks (`results`: RESULT_SCHEMA rows): log and register each product's
-    adapter in MLflow, then record them all in `adapters` in one write (a run killed before it
-    finds the registered versions by their training key); returns the rows written and the
-    failures (quarantine tuples)."""
+# Registry calls in flight at once against a tracking server, so round trips overlap instead of
+# queueing; the embedded SQLite store has no round trips and one writer at a time.
+REGISTERING_THREADS = 8
+
+
+def record_results(lake: Lakehouse, arm: str, version: int, specs: list[dict], results: pd.DataFrame,
+                   progress) -> tuple[int, list[tuple]]:
+    """Driver, after the tasks (`results`: RESULT_SCHEMA rows, each task's run already logged):
+    register each product's adapter (several at once: each is a few round trips to the
+    registry), then record them all in `adapters` in one write (a run killed before it finds the
+    registered versions by their training key); returns the rows written and the failures
+    (quarantine tuples)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = arm_config(lake.settings, arm)
+    spec_of = {s["product_id"]: json.loads(s["spec"]) for s in specs}
+
+    def register(result) -> dict:
+        if result.error is not None:
+            raise TaskFailed(result.error)
+        spec, outcome = spec_of[result.product_id], json.loads(result.result)
+        model_version = tracking.register_adapter(outcome["model_uri"], result.product_id, arm,
+                                                  spec["training_key"], config.auto_promote)
+        return _registered_row(_adapter_row(result.product_id, arm, version, spec["digest"]), outcome,
+                               model_version, result.device)
+
+    def attempt(result):
+        try:
+            return register(result), None
+        except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
+            return None, err
+
     rows, failures = [], []
     meter = Progress(len(results), f"products ({arm})", progress)
-    spec_of = {s["product_id"]: json.loads(s["spec"]) for s in specs}
-    for result in meter.track(results.sort_values("product_id").itertuples(index=False),
-                              lambda r: r.product_id):
-        try:
-            if result.error is not None:
-                raise TaskFailed(result.error)
-            spec = spec_of[result.product_id]
-            row = _adapter_row(result.product_id, arm, version, spec["digest"])
-            rows.append(_log_and_register(lake, zoo, row, spec, json.loads(result.result), result.device,
-                                          experiment, progress))
-        except Exception as err:  # noqa: BLE001 - one product's failure never stops the others
+    ordered = list(results.sort_values("product_id").itertuples(index=False))
+    with ThreadPoolExecutor(REGISTERING_THREADS if tracking.is_server() else 1) as pool:
+        for result, (row, err) in meter.track(zip(ordered, pool.map(attempt, ordered)), lambda r: r[0].product_id):
+            if err is None:
+                progress(f"  train {result.product_id} ({arm}): token '{row['token']}', {row['images']} examples, "
+                         f"{config.steps} steps on {result.device}, version {row['model_version']}")
+                rows.append(row)
+                continue
             log.error("training %s (%s) failed: %s", result.product_id, arm, err)
             failures.append((result.product_id, f"{arm}:training", "training_failed",
                              f"training the {arm} adapter failed ({err}); it is retried on the next run"))
@@ -254,6 +284,7 @@ def _train_task(settings: Settings, zoo: ModelZoo, arm: str, row, _state: dict) 
         outcome["process"] = process
         outcome["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else
                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        outcome.update(log_training_run(settings, zoo, row.product_id, json.loads(row.spec), outcome, device))
         return {"product_id": row.product_id, "arm": arm, "device": device, "error": None,
                 "result": json.dumps(outcome)}
     except Exception as err:  # noqa: BLE001 - reported to the driver, which quarantines the product
@@ -287,32 +318,32 @@ def train_product(settings: Settings, zoo: ModelZoo, product_id: str, rows: pd.D
             "positives": int(rows.is_positive.sum())}
 
 
-def _log_and_register(lake: Lakehouse, zoo: ModelZoo, row: dict, spec: dict, outcome: dict, device: str,
-                      experiment: str, progress) -> dict:
-    """Driver: a task's outcome as today's MLflow records (run, nested sweep runs, per-step loss,
-    validation metrics and images), registered; returns the `adapters` row."""
+def log_training_run(settings: Settings, zoo: ModelZoo, product_id: str, spec: dict, outcome: dict,
+                     device: str) -> dict:
+    """Task, after training: the product's MLflow run (params, per-step loss, nested sweep runs,
+    validation metrics and images) and its adapter logged as an mlflow.diffusers model, in the
+    store the driver named (spec); then the work folder goes. Returns the run id, the logged
+    model's URI (the driver registers it) and the final loss."""
     import mlflow
     from mlflow.entities import Metric
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    arm, product_id = row["arm"], row["product_id"]
-    config = arm_config(lake.settings, arm)
+    arm, experiment = spec["arm"], spec["experiment"]
+    config = arm_config(settings, arm)
+    tracking.connect(spec["tracking_uri"])
     token_scores = {t: s["sweep_score"] for t, s in outcome["sweep"].items()}
     params = {**{k: str(v) for k, v in asdict(config).items()}, "lora_alpha": lora_alpha(config),
               "product_id": product_id, "arm": arm,
-              "training_set_version": row["training_set_version"], "class_noun": spec["class_noun"],
+              "training_set_version": spec["version"], "class_noun": spec["class_noun"],
               "base_model": zoo.name("text2img"), "examples": outcome["examples"], "positives": outcome["positives"],
               "device": device,
-              **({f"baseline.{k}": str(v) for k, v in asdict(lake.settings.baseline).items()}
+              **({f"baseline.{k}": str(v) for k, v in asdict(settings.baseline).items()}
                  if arm == tracking.BASELINE else {})}
     run_name = product_id if arm == tracking.OURS else f"{product_id} {arm}"
-    progress(f"  train {product_id} ({arm}): token '{outcome['token']}', {outcome['examples']} examples, "
-             f"{config.steps} steps on {device}")
-    # Batched: a tracking server answers each call over the network, and the driver logs the
-    # products one after another (bench/bench_driver.py).
+    # Batched: a tracking server answers each call over the network.
     client, now = mlflow.MlflowClient(), int(time.time() * 1000)
     with mlflow.start_run(experiment_id=experiment, run_name=run_name,
-                          tags={tracking.TRAINING_KEY: _training_key(row)}) as run:
+                          tags={tracking.TRAINING_KEY: spec["training_key"]}) as run:
         for token, scores in outcome["sweep"].items():  # a nested run per token tried
             child = client.create_run(experiment, run_name=f"{product_id} token {token}",
                                       tags={MLFLOW_PARENT_RUN_ID: run.info.run_id})
@@ -338,17 +369,20 @@ def _log_and_register(lake: Lakehouse, zoo: ModelZoo, row: dict, spec: dict, out
         images = Path(spec["work"]) / "validation"
         if images.is_dir():
             mlflow.log_artifacts(str(images), artifact_path="validation")
-        model_version = tracking.register_adapter(outcome["adapter_dir"], str(zoo.path("text2img")), product_id, arm,
-                                                  config.auto_promote)
-        # Registered: MLflow holds the adapter; the checkpoints (~150 MB each at rank 64), sweep
-        # runs and validation images go. A run killed before `adapters` records it finds the
-        # version by its training key.
-        shutil.rmtree(spec["work"], ignore_errors=True)
-        final = outcome["validations"][-1]
-        return {**row, "token": outcome["token"], "token_scores": json.dumps(token_scores, sort_keys=True),
-                "run_id": run.info.run_id, "model_version": model_version, "final_loss": final_loss,
-                "clip_i": float(final["clip_i"]), "dino_i": float(final["dino_i"]), "images": outcome["examples"],
-                "device": device}
+        model_uri = tracking.log_adapter(outcome["adapter_dir"], str(zoo.path("text2img")))
+    # Logged: MLflow holds the adapter; the checkpoints (~150 MB each at rank 64) and validation
+    # images go. A run killed before registration trains again (its logged run stays unregistered).
+    shutil.rmtree(spec["work"], ignore_errors=True)
+    return {"run_id": run.info.run_id, "model_uri": model_uri, "final_loss": final_loss,
+            "token_scores": json.dumps(token_scores, sort_keys=True)}
+
+
+def _registered_row(row: dict, outcome: dict, model_version: str, device: str) -> dict:
+    """The `adapters` row of a task's registered adapter."""
+    final = outcome["validations"][-1]
+    return {**row, "token": outcome["token"], "token_scores": outcome["token_scores"], "run_id": outcome["run_id"],
+            "model_version": model_version, "final_loss": outcome["final_loss"], "clip_i": float(final["clip_i"]),
+            "dino_i": float(final["dino_i"]), "images": outcome["examples"], "device": device}
 
 
 SHORTLIST = 8  # candidates drawn per token tried, before ranking them by association

@@ -221,7 +221,7 @@ def _run_until_killed(home: Path, marker: str, delay: float, remote: str | None 
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert announced.wait(timeout=600), "".join(seen)
+    assert announced.wait(timeout=1800), "".join(seen)  # a loaded 2-core box: stages run minutes
     deadline = time.monotonic() + 600
     while remote and stage and time.monotonic() < deadline and process.poll() is None:
         runs = job_runs(home)

@@ -163,13 +163,13 @@ def test_two_tasks_train_the_same_adapters_as_one(trained, monkeypatch):
         assert loop.keys() == fanned.keys() and all(torch.equal(loop[k], fanned[k]) for k in loop)
 
 
-def test_the_driver_logs_and_registers_through_a_tracking_server(tmp_path, tiny_models, monkeypatch):
-    """The driver's side of training against a real `mlflow server` (SQLite backend, artifacts
-    uploaded through it): batched logging keeps every record (params, per-step losses, nested
-    sweep runs, validation images), the adapters are registered with their alias and recorded in
-    one write, and a re-run finds them registered instead of training again."""
+def test_tasks_log_and_the_driver_registers_through_a_tracking_server(tmp_path, tiny_models, monkeypatch):
+    """Training's MLflow side against a real `mlflow server` (SQLite backend, artifacts uploaded
+    through it): each task's batched logging keeps every record (params, per-step losses, nested
+    sweep runs, validation images), the driver registers the logged adapters with their alias and
+    records them in one write, and a re-run finds them registered instead of training again."""
     from homes import mlflow_server, task_outcomes
-    from training.train_job import _adapter_row, _recorded, plan_products, record_results
+    from training.train_job import _adapter_row, _recorded, log_training_run, plan_products, record_results
 
     with mlflow_server(tmp_path / "server") as url:
         monkeypatch.setattr(tracking, "_USER_TRACKING_URI", url)  # as MLFLOW_TRACKING_URI=url would
@@ -181,14 +181,18 @@ def test_the_driver_logs_and_registers_through_a_tracking_server(tmp_path, tiny_
             {"product_id": products, "title": "a mug", "product_type": "mug", "attributes": "{}", "source": "t"}))
         outcomes = task_outcomes(zoo, lake.settings, products, tmp_path / "work")
         digests = {p: f"digest-{p}" for p in products}
-        experiment = tracking.configure(lake.settings)
         written, specs = plan_products(lake, products, 7, digests, tracking.OURS, lambda _: None)
         assert written == 0 and [s["product_id"] for s in specs] == products
-        for spec in specs:  # the adapters stand where the tasks would have left them
+        experiment = json.loads(specs[0]["spec"])["experiment"]
+        for spec in specs:  # the adapters stand where the tasks would have left them; each task logs its run
             spec["spec"] = json.dumps({**json.loads(spec["spec"]), "work": str(tmp_path / "work" / spec["product_id"])})
+            outcome = outcomes[spec["product_id"]]
+            outcome.update(log_training_run(lake.settings, zoo, spec["product_id"], json.loads(spec["spec"]),
+                                            outcome, "cpu"))
+        assert json.loads(specs[0]["spec"])["tracking_uri"] == url  # what a task on a Spark worker connects to
         results = pd.DataFrame([{"product_id": p, "arm": tracking.OURS, "device": "cpu", "error": None,
                                  "result": json.dumps(outcomes[p])} for p in products])
-        recorded, failures = record_results(lake, zoo, tracking.OURS, 7, specs, results, experiment, lambda _: None)
+        recorded, failures = record_results(lake, tracking.OURS, 7, specs, results, lambda _: None)
         assert (recorded, failures) == (2, [])
         assert [h["operation"] for h in lake.history("adapters")].count("WRITE") == 1  # one write for both
 
@@ -197,7 +201,9 @@ def test_the_driver_logs_and_registers_through_a_tracking_server(tmp_path, tiny_
         for product in products:
             row, outcome = adapters.loc[product], outcomes[product]
             assert row.model_version == "1" and row.training_set_version == 7
-            assert str(client.get_model_version_by_alias(row.model_name, "candidate").version) == "1"
+            registered = client.get_model_version_by_alias(row.model_name, "candidate")
+            assert str(registered.version) == "1" and registered.run_id == row.run_id == outcome["run_id"]
+            assert registered.tags[tracking.TRAINING_KEY] == f"{product}|ours|7|digest-{product}"
             run = client.get_run(row.run_id)
             assert run.data.params["token"] == "tok0" and run.data.params["steps"] == str(TRAINING["steps"])
             assert run.data.tags["task_host"] == "bench" and json.loads(run.data.tags["token_scores"])["tok1"] == 1.5
@@ -207,9 +213,10 @@ def test_the_driver_logs_and_registers_through_a_tracking_server(tmp_path, tiny_
             assert sorted(r.data.params["token"] for r in nested) == ["tok0", "tok1"]
             assert all(r.data.metrics["sweep_score"] == 1.5 and r.info.status == "FINISHED" for r in nested)
             assert [a.path for a in client.list_artifacts(row.run_id, "validation")] == ["validation/0.png"]
-            assert not (tmp_path / "work" / product).exists()  # registered: the work folder went
+            assert not (tmp_path / "work" / product).exists()  # logged: the work folder went
             # What a run killed before `adapters` was written finds by the training key: the same row.
-            version, found = tracking.registered_version(row.model_name, f"{product}|ours|7|digest-{product}")
+            version, found = tracking.registered_versions({row.model_name: f"{product}|ours|7|digest-{product}"})[
+                row.model_name]
             again = _recorded(_adapter_row(product, tracking.OURS, 7, f"digest-{product}"), version, found)
             assert (again["run_id"], again["token"], again["final_loss"]) == (row.run_id, row.token, row.final_loss)
         # A re-run plans no training: both versions are registered (and already recorded).
