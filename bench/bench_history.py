@@ -18,8 +18,16 @@ engine), so the data stays the same size and only the history grows. At each his
   (median of 3). `job_runs` is compacted before each point (as `recontext maintain` does): it
   gains a file per stage per run, which the no-change run reads, whatever the history.
 
-The last line reads `history: ... ratio 5000/10 R`, R the larger of the two ratios with
-checkpoints on. One torch/ONNX thread; the tiny random-weight models (no model runs here).
+A third home at each length, modelled: the same table as a year of daily runs with `recontext
+maintain` leaves it (`after_a_year`). The bench writes its commits within minutes, so nothing
+reaches Delta's default retentions (log files 30 days, removed files' tombstones 7 days): the
+unmaintained table keeps every commit file and every tombstone in its checkpoint. The model
+spreads the commits evenly over a year (at least one per day) and applies those two retentions
+with delta-rs' own maintenance (`Lakehouse.checkpoint`: checkpoint, expired logs deleted; the
+tombstone retention set to the age of the first commit a week's run would still hold).
+
+The last line reads `history: ... ratio 5000/10 R`, R the larger of the two ratios of the
+modelled year. One torch/ONNX thread; the tiny random-weight models (no model runs here).
 """
 
 from __future__ import annotations
@@ -117,6 +125,32 @@ def without_checkpoints(home: Path, copy: Path) -> Path:
     return copy
 
 
+LOG_DAYS, TOMBSTONE_DAYS, YEAR = 30, 7, 365  # Delta's default retentions; the commits' span
+
+
+def after_a_year(home: Path, copy: Path, commits: int) -> Path:
+    """A copy of `home` as `recontext maintain` keeps it when its `commits` were a year's daily
+    runs: log files older than 30 days' worth of commits aged past the retention and deleted by
+    maintain's own checkpoint step, and only a week's worth of tombstones kept in the checkpoint."""
+    shutil.copytree(home, copy, ignore=shutil.ignore_patterns("_staging"))
+    per_day = max(commits / YEAR, 1.0)
+    location = copy / "lakehouse" / TABLE
+    delta = DeltaTable(str(location))
+    version = delta.version()
+    old = time.time() - (LOG_DAYS + 10) * 86400
+    for log in (location / "_delta_log").glob("0*"):  # commits, checkpoints, checksums of each version
+        if int(log.name.split(".")[0]) < version - LOG_DAYS * per_day:
+            os.utime(log, (old, old))
+    first_kept = max(0, int(version - TOMBSTONE_DAYS * per_day))
+    committed = {h["version"]: h["timestamp"] for h in delta.history(version - first_kept + 1)}
+    age = int(time.time() - committed[first_kept] / 1000) + 1
+    delta.alter.set_table_properties({"delta.deletedFileRetentionDuration": f"interval {age} seconds"},
+                                     post_commithook_properties=PostCommitHookProperties(create_checkpoint=False))
+    lake = open_home(copy.parent, copy.parent / "tiny", copy.name)
+    lake.checkpoint(TABLE)
+    return copy
+
+
 def measure(lake: lakehouse.Lakehouse, product: str) -> dict[str, float]:
     """Seconds of a typical read and of a no-change run (medians), after one run that takes in
     the table's current version (the stages that read it run; not timed)."""
@@ -156,7 +190,7 @@ def main() -> None:
     lake = open_home(root, tiny, "home")
     history = History(lake)
     product = history.products[PRODUCTS // 2]
-    before, after = {}, {}
+    before, after, year = {}, {}, {}
     for count in args.commits:
         history.grow_to(count)
         # Data files no version needs any more (each commit rewrites the table's file): dropped, so
@@ -167,11 +201,17 @@ def main() -> None:
         old = open_home(root, tiny, without_checkpoints(root / "home", root / f"before-{count}").name)
         before[count] = measure(old, product)
         shutil.rmtree(root / f"before-{count}")
+        kept = open_home(root, tiny, after_a_year(root / "home", root / f"year-{count}", count).name)
+        logs = len(list(Path(kept.location(TABLE), "_delta_log").glob("*.json")))
+        year[count] = measure(kept, product)
+        shutil.rmtree(root / f"year-{count}")
         print(f"  {count} commits: checkpoints on ({checkpoints} checkpoints): read {after[count]['read']:.3f} s, "
               f"no-change run {after[count]['run']:.2f} s; off: read {before[count]['read']:.3f} s, "
-              f"no-change run {before[count]['run']:.2f} s", flush=True)
+              f"no-change run {before[count]['run']:.2f} s; maintained year ({logs} log files): read "
+              f"{year[count]['read']:.3f} s, no-change run {year[count]['run']:.2f} s", flush=True)
     print(line("checkpoints off (before)", before, args.commits))
-    print(line("checkpoints on", after, args.commits))
+    print(line("checkpoints on, unmaintained, every commit within minutes", after, args.commits))
+    print(line("checkpoints on, maintained, commits spread over a year (modelled retention)", year, args.commits))
 
 
 if __name__ == "__main__":

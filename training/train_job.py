@@ -296,7 +296,7 @@ def _train_task(settings: Settings, zoo: ModelZoo, arm: str, row, _state: dict) 
 def train_product(settings: Settings, zoo: ModelZoo, product_id: str, rows: pd.DataFrame, spec: dict) -> dict:
     """One adapter from `rows` (image, kind, is_positive, caption): token sweep (ours only),
     training with checkpoints and validation; writes under spec["work"], touches no table or
-    tracking store, and returns what the driver logs and records."""
+    tracking store, and returns what its task logs (`log_training_run`) and the driver records."""
     arm, class_noun = spec["arm"], spec["class_noun"]
     config = arm_config(settings, arm)
     references = [decode_rgb(b) for b in rows[rows.kind == "reference"].image]
@@ -450,7 +450,7 @@ class _ProductTraining:
             images = pipeline([instance_prompt(token, self.class_noun)] * config.validation_images,
                               num_inference_steps=self.settings.augment.steps, height=config.resolution,
                               width=config.resolution, generator=generator).images
-            if save_images:  # the driver logs them with the run
+            if save_images:  # the task logs them with the run
                 (self.work / "validation").mkdir(parents=True, exist_ok=True)
                 for i, image in enumerate(images):
                     image.save(self.work / "validation" / f"step_{step:06d}_{i}.png")
