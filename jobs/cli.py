@@ -446,21 +446,14 @@ def cmd_promote(settings: Settings, args) -> int:
 
     if not args.version.isdigit():
         raise UserError(f"a version is a registered model version number, not {args.version!r}")
-    seen = _promote(_lake(settings), args.product_id, args.version, args.arm)
+    from etl.evaluation import promote
+
+    seen = promote(_lake(settings), args.product_id, args.version, args.arm)
     print(f"{registered_model_name(args.product_id, args.arm)} version {args.version} is now @champion")
     if seen:
         print(f"recorded: promoted after {len(seen)} evaluation(s) of {args.product_id} existed; evaluations of this "
               "version are marked selected after seeing results")
     return 0
-
-
-def _promote(lake, product_id: str, version: str, arm: str) -> list[str]:
-    """Promote and record it (with the product's evaluations that existed then)."""
-    from etl.evaluation import record_promotion
-    from etl.tracking import promote
-
-    promote(lake.settings, product_id, version, arm)
-    return record_promotion(lake, product_id, arm, version)
 
 
 def cmd_evaluations(settings: Settings, args) -> int:
@@ -542,6 +535,7 @@ def cmd_demo(settings: Settings, args) -> int:
     """The whole pipeline on the bundled sample catalog, through the same runner as `recontext run`."""
     import dataclasses
 
+    from etl.evaluation import promote
     from etl.rating_package import export_package, synthetic_ratings
     from etl.ratings import import_ratings
     from etl.sample_catalog import write_sample_catalog
@@ -588,7 +582,7 @@ def cmd_demo(settings: Settings, args) -> int:
     adapters = lake.spark.sql("SELECT product_id, arm, min(CAST(model_version AS INT)) AS version FROM adapters "
                               "GROUP BY product_id, arm").toPandas()
     for row in adapters.itertuples():  # the demo promotes every first adapter of both arms; people review first
-        _promote(lake, row.product_id, str(row.version), row.arm)
+        promote(lake, row.product_id, str(row.version), row.arm)
     print("\npromoted each product's first adapter of each arm to @champion; generation, ranking, evaluation:")
     run(lake, groups["evaluate"])
     _print_ranking(lake)
