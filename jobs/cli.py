@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     answers.add_argument("files", nargs="+")
     answers.set_defaults(run=cmd_ratings_import)
 
+    console = commands.add_parser("console", help="the review console in a browser: prompt bank, product types, "
+                                  "adapters and promotion, rating (local web application)")
+    console.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
+    console.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default loopback: only this machine can connect)")
+    console.set_defaults(run=cmd_console)
+
     report = commands.add_parser("report", help="write the static HTML report (opens from disk)")
     report.add_argument("--product", action="append", help="only this product (repeatable)")
     report.add_argument("--out", help="folder (default: <home>/report)")
@@ -418,6 +425,15 @@ def cmd_report(settings: Settings, args) -> int:
 
     index = write_report(_lake(settings), Path(args.out) if args.out else settings.home / "report", args.product)
     print(f"report: {index.as_uri()}")
+    return 0
+
+
+def cmd_console(settings: Settings, args) -> int:
+    from jobs.console import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535, not {args.port}")
+    serve(_lake(settings), args.host, args.port, announce=lambda line: print(line, flush=True))
     return 0
 
 
