@@ -4,8 +4,8 @@ make: curating the prompt bank, typing products, promoting adapters, rating gene
 Starlette (ASGI) served by uvicorn; pages are Jinja2 templates (jobs/templates/console). Every
 write calls the function the command line calls (etl.prompt_bank.set_status / review / set_type,
 etl.evaluation.promote, etl.ratings.write_ratings), so the same refusals apply, and each action
-is one upsert. One lock serializes the console's own use of its engine session, so two people
-acting at once are applied one after the other and nothing is lost; a `recontext run` in another
+is one upsert. One lock serializes the console's writes, so two people acting at once are applied
+one after the other and nothing is lost; pages read without it. A `recontext run` in another
 process holds the home's run lock, which the console neither takes nor waits for.
 
 Security, for a tool that may run on a shared machine: loopback by default; a token made at
@@ -17,13 +17,13 @@ validation listing), never by a path; the browser sends actions, never SQL.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 import secrets
 import socket
 import tempfile
 import threading
-from functools import wraps
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -49,7 +49,7 @@ TEMPLATES = Path(__file__).with_name("templates") / "console"
 def _action(method):
     """A write endpoint: JSON in, JSON out; the console's lock held; a refusal (UserError) is a
     400 whose message the page shows."""
-    @wraps(method)
+    @functools.wraps(method)
     async def endpoint(self, request: Request):
         try:
             body = await request.json()
@@ -104,25 +104,25 @@ class Console:
         return HTMLResponse(self.pages.get_template(template).render(csrf=self.csrf, **values))
 
     def notice(self, ratings: bool = False) -> str:
+        from etl import tracking
         from etl.report import honesty_notice
 
+        tracking.configure(self.lake.settings)
         return honesty_notice(self.lake, where="on this page", ratings=ratings)
 
     def index(self, request: Request):
-        with self.lock:
-            counts = self.sql("SELECT status, count(*) AS n FROM prompt_bank GROUP BY status")
-            return self.render("index.html", home=self.lake.settings.home, prompts=dict(counts.itertuples(index=False)),
-                               untyped=len(self._untyped()), tasks=len(self._tasks()))
+        counts = self.sql("SELECT status, count(*) AS n FROM prompt_bank GROUP BY status")
+        return self.render("index.html", home=self.lake.settings.home, prompts=dict(counts.itertuples(index=False)),
+                           untyped=len(self._untyped()), tasks=len(self._tasks()))
 
     def prompts(self, request: Request):
-        with self.lock:
-            types = list(self.sql("SELECT DISTINCT product_type FROM prompt_bank ORDER BY product_type").product_type)
-            chosen = request.query_params.get("type") or (types[0] if types else "")
-            rows = self.sql(f"""SELECT prompt_id, purpose, status, reason, reviewed_by, source, text FROM prompt_bank
-                                WHERE product_type = {sql_literal(chosen)}
-                                ORDER BY purpose, CASE status WHEN 'pending' THEN 0 WHEN 'approved' THEN 1 ELSE 2 END,
-                                         prompt_id""")
-            return self.render("prompts.html", types=types, chosen=chosen, rows=_records(rows))
+        types = list(self.sql("SELECT DISTINCT product_type FROM prompt_bank ORDER BY product_type").product_type)
+        chosen = request.query_params.get("type") or (types[0] if types else "")
+        rows = self.sql(f"""SELECT prompt_id, purpose, status, reason, reviewed_by, source, text FROM prompt_bank
+                            WHERE product_type = {sql_literal(chosen)}
+                            ORDER BY purpose, CASE status WHEN 'pending' THEN 0 WHEN 'approved' THEN 1 ELSE 2 END,
+                                     prompt_id""")
+        return self.render("prompts.html", types=types, chosen=chosen, rows=_records(rows))
 
     def _untyped(self) -> pd.DataFrame:
         """Products without a catalog type whose typing is `unknown` or came from a model with a
@@ -139,20 +139,18 @@ class Console:
     def types(self, request: Request):
         from etl.prompt_bank import UNKNOWN, resolved_types, seed_types
 
-        with self.lock:
-            known = {r.product_type for r in resolved_types(self.lake).toPandas().itertuples() if r.product_type}
-            vocabulary = sorted((known | set(seed_types())) - {UNKNOWN})
-            return self.render("types.html", products=_records(self._untyped()), vocabulary=vocabulary)
+        known = {r.product_type for r in resolved_types(self.lake).toPandas().itertuples() if r.product_type}
+        vocabulary = sorted((known | set(seed_types())) - {UNKNOWN})
+        return self.render("types.html", products=_records(self._untyped()), vocabulary=vocabulary)
 
     def adapters(self, request: Request):
-        with self.lock:
-            rows = self.sql("SELECT product_id, arm, count(*) AS trained FROM adapters GROUP BY product_id, arm "
-                            "ORDER BY product_id, arm")
-            versions = {(r.product_id, r.arm): self._versions(r.product_id, r.arm) for r in rows.itertuples()}
-            listing = [{"product_id": r.product_id, "arm": r.arm, "versions": len(versions[r.product_id, r.arm]),
-                        "champion": next((v["version"] for v in versions[r.product_id, r.arm] if v["champion"]), None)}
-                       for r in rows.itertuples()]
-            return self.render("adapters.html", rows=listing)
+        rows = self.sql("SELECT product_id, arm, count(*) AS trained FROM adapters GROUP BY product_id, arm "
+                        "ORDER BY product_id, arm")
+        versions = {(r.product_id, r.arm): self._versions(r.product_id, r.arm) for r in rows.itertuples()}
+        listing = [{"product_id": r.product_id, "arm": r.arm, "versions": len(versions[r.product_id, r.arm]),
+                    "champion": next((v["version"] for v in versions[r.product_id, r.arm] if v["champion"]), None)}
+                   for r in rows.itertuples()]
+        return self.render("adapters.html", rows=listing)
 
     def _versions(self, product_id: str, arm: str) -> list[dict]:
         """Every registered version of the product's adapter in `arm`, newest first, with its
@@ -166,42 +164,42 @@ class Console:
         trained = self.sql(f"""SELECT model_version, token, final_loss, clip_i, dino_i, images, created_at
                                FROM adapters WHERE product_id = {sql_literal(product_id)} AND arm = {sql_literal(arm)}""")
         figures = {r["model_version"]: r for r in _records(trained)}
-        out = []
-        for version in sorted(MlflowClient().search_model_versions(f"name = {sql_literal(name)}"),
+        client, out = MlflowClient(), []
+        champion = str(client.get_registered_model(name).aliases.get(tracking.CHAMPION))  # search omits aliases
+        for version in sorted(client.search_model_versions(f"name = {sql_literal(name)}"),
                               key=lambda v: -int(v.version)):
             out.append({"version": str(version.version), "run_id": version.run_id, "name": name,
-                        "champion": tracking.CHAMPION in (version.aliases or []),
-                        **figures.get(str(version.version), {})})
+                        "champion": str(version.version) == champion,
+                        **figures.get(str(version.version), dict.fromkeys(trained.columns))})
         return out
 
     def product(self, request: Request):
         from etl.evaluation import latest_complete
 
         product_id = request.path_params["product_id"]
-        with self.lock:
-            if not len(self.sql(f"SELECT 1 FROM products WHERE product_id = {sql_literal(product_id)}")):
-                return HTMLResponse("unknown product", status_code=404)
-            arms = []
-            for arm in sorted(self.sql(f"SELECT DISTINCT arm FROM adapters WHERE product_id = "
-                                       f"{sql_literal(product_id)}").arm):
-                versions = self._versions(product_id, arm)
-                for v in versions:
-                    v["validation"] = list(range(len(_validation_images(v["run_id"])))) if v["run_id"] else []
-                    v["generated"] = list(self.sql(
-                        f"""SELECT image_id FROM generations WHERE product_id = {sql_literal(product_id)}
-                            AND arm = {sql_literal(arm)} AND adapter_version = {sql_literal(v['version'])}
-                            ORDER BY image_id LIMIT 6""").image_id)
-                arms.append({"arm": arm, "versions": versions})
-            evaluation = latest_complete(self.lake)
-            figures = self.sql(
-                f"""SELECT arm, selection, images, rated_images, clip_i, clip_t, dino_i, seg_dino_i, image_pass_rate,
-                           ranking_gain, ratings_source FROM evaluation_metrics
-                    WHERE evaluation_id = {sql_literal(evaluation or '')} AND product_id = {sql_literal(product_id)}
-                    ORDER BY arm, selection""")
-            references = list(self.sql(f"SELECT image_id FROM product_images WHERE product_id = "
-                                       f"{sql_literal(product_id)} ORDER BY image_id").image_id)
-            return self.render("product.html", product_id=product_id, arms=arms, evaluation=evaluation,
-                               figures=_records(figures), references=references, notice=self.notice(ratings=True))
+        if not len(self.sql(f"SELECT 1 FROM products WHERE product_id = {sql_literal(product_id)}")):
+            return HTMLResponse("unknown product", status_code=404)
+        arms = []
+        for arm in sorted(self.sql(f"SELECT DISTINCT arm FROM adapters WHERE product_id = "
+                                   f"{sql_literal(product_id)}").arm):
+            versions = self._versions(product_id, arm)
+            for v in versions:
+                v["validation"] = list(range(len(_validation_images(v["run_id"])))) if v["run_id"] else []
+                v["generated"] = list(self.sql(
+                    f"""SELECT image_id FROM generations WHERE product_id = {sql_literal(product_id)}
+                        AND arm = {sql_literal(arm)} AND adapter_version = {sql_literal(v['version'])}
+                        ORDER BY image_id LIMIT 6""").image_id)
+            arms.append({"arm": arm, "versions": versions})
+        evaluation = latest_complete(self.lake)
+        figures = self.sql(
+            f"""SELECT arm, selection, images, rated_images, clip_i, clip_t, dino_i, seg_dino_i, image_pass_rate,
+                       ranking_gain, ratings_source FROM evaluation_metrics
+                WHERE evaluation_id = {sql_literal(evaluation or '')} AND product_id = {sql_literal(product_id)}
+                ORDER BY arm, selection""")
+        references = list(self.sql(f"SELECT image_id FROM product_images WHERE product_id = "
+                                   f"{sql_literal(product_id)} ORDER BY image_id").image_id)
+        return self.render("product.html", product_id=product_id, arms=arms, evaluation=evaluation,
+                           figures=_records(figures), references=references, notice=self.notice(ratings=True))
 
     def _tasks(self) -> pd.DataFrame:
         from etl.rating_package import rating_tasks
@@ -216,19 +214,18 @@ class Console:
             return self.render("rate.html", rater=None)
         if not RATER_ID.fullmatch(rater):
             return HTMLResponse("a rater id is 1-64 letters, digits or . @ + - _", status_code=400)
-        with self.lock:
-            tasks = self._tasks()
-            done = set(self.sql(f"""SELECT image_id FROM human_ratings WHERE rater = {sql_literal(rater)}
-                                    GROUP BY image_id HAVING count(DISTINCT question) = {len(QUESTIONS)}""").image_id)
-            left = tasks[~tasks.image_id.isin(done)]
-            task = None
-            if len(left):
-                row = left.iloc[0]
-                references = list(self.sql(f"SELECT image_id FROM product_images WHERE product_id = "
-                                           f"{sql_literal(row.product_id)} ORDER BY image_id").image_id)
-                task = {"image_id": row.image_id, "prompt": row.prompt, "references": references}
-            return self.render("rate.html", rater=rater, task=task, done=len(tasks) - len(left), total=len(tasks),
-                               questions=QUESTIONS, answers=ANSWERS)
+        tasks = self._tasks()
+        done = set(self.sql(f"""SELECT image_id FROM human_ratings WHERE rater = {sql_literal(rater)}
+                                GROUP BY image_id HAVING count(DISTINCT question) = {len(QUESTIONS)}""").image_id)
+        left = tasks[~tasks.image_id.isin(done)]
+        task = None
+        if len(left):
+            row = left.iloc[0]
+            references = list(self.sql(f"SELECT image_id FROM product_images WHERE product_id = "
+                                       f"{sql_literal(row.product_id)} ORDER BY image_id").image_id)
+            task = {"image_id": row.image_id, "prompt": row.prompt, "references": references}
+        return self.render("rate.html", rater=rater, task=task, done=len(tasks) - len(left), total=len(tasks),
+                           questions=QUESTIONS, answers=ANSWERS)
 
     def _agreement(self) -> dict:
         """Pass rates per arm and Krippendorff's alpha over the rated images of the evaluations,
@@ -256,44 +253,52 @@ class Console:
         return {"sources": out, "raters_per_image": settings.raters_per_image, "pass_rule": settings.pass_rule}
 
     def agreement(self, request: Request):
-        with self.lock:
-            return self.render("agreement.html", stats=self._agreement(), notice=self.notice(ratings=True))
+        return self.render("agreement.html", stats=self._agreement(), notice=self.notice(ratings=True))
 
     def agreement_json(self, request: Request):
-        with self.lock:
-            return JSONResponse(self._agreement())
+        return JSONResponse(self._agreement())
 
     def image(self, request: Request):
         """An image's bytes by its id, from the tables that hold images; anything else is not found."""
         image_id = request.path_params["image_id"]
         if not IMAGE_ID.fullmatch(image_id):
             return Response("not an image id", status_code=404)
-        with self.lock:
-            for table in IMAGE_TABLES:
-                row = self.lake.spark.sql(f"SELECT image FROM {table} WHERE image_id = {sql_literal(image_id)} "
-                                          "LIMIT 1").collect()
-                if row:
-                    return Response(bytes(row[0]["image"]), media_type=_media_type(bytes(row[0]["image"])),
-                                    headers={"Cache-Control": "private, max-age=3600"})
-        return Response("no such image", status_code=404)
+        data = self._image(image_id)
+        if data is None:
+            return Response("no such image", status_code=404)
+        return Response(data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=3600"})
+
+    @functools.lru_cache(maxsize=512)  # an id names its bytes (sha256): a cached image never goes stale
+    def _image(self, image_id: str) -> bytes | None:
+        for table in IMAGE_TABLES:
+            row = self.lake.spark.sql(f"SELECT image FROM {table} WHERE image_id = {sql_literal(image_id)} "
+                                      "LIMIT 1").collect()
+            if row:
+                return bytes(row[0]["image"])
+        return None
 
     def validation(self, request: Request):
         """The n-th final validation image of a training run, as MLflow lists the run's artifacts."""
         run_id, number = request.path_params["run_id"], request.path_params["number"]
         if not RUN_ID.fullmatch(run_id):
             return Response("not a run id", status_code=404)
-        with self.lock:
-            from etl import tracking
+        data = self._validation(run_id, number)
+        if data is None:
+            return Response("no such image", status_code=404)
+        return Response(data, media_type=_media_type(data), headers={"Cache-Control": "private, max-age=3600"})
 
-            tracking.configure(self.lake.settings)
-            names = _validation_images(run_id)
-            if not 0 <= number < len(names):
-                return Response("no such image", status_code=404)
-            from mlflow import MlflowClient
+    @functools.lru_cache(maxsize=256)  # a finished run's artifacts do not change
+    def _validation(self, run_id: str, number: int) -> bytes | None:
+        from mlflow import MlflowClient
 
-            with tempfile.TemporaryDirectory() as folder:
-                data = Path(MlflowClient().download_artifacts(run_id, names[number], folder)).read_bytes()
-        return Response(data, media_type=_media_type(data))
+        from etl import tracking
+
+        tracking.configure(self.lake.settings)
+        names = _validation_images(run_id)
+        if not 0 <= number < len(names):
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            return Path(MlflowClient().download_artifacts(run_id, names[number], folder)).read_bytes()
 
     # --- writing: one action, one call of the command line's function ------------------------
 
@@ -431,6 +436,7 @@ def serve(lake: Lakehouse, host: str = "127.0.0.1", port: int = 0, announce=prin
     import uvicorn
 
     console = Console(lake)
+    console.notice()  # the first page would pay for loading MLflow and the model zoo: pay before announcing
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
