@@ -162,7 +162,8 @@ class Console:
         tracking.configure(self.lake.settings)
         name = tracking.registered_model_name(product_id, arm)
         trained = self.sql(f"""SELECT model_version, token, final_loss, clip_i, dino_i, images, created_at
-                               FROM adapters WHERE product_id = {sql_literal(product_id)} AND arm = {sql_literal(arm)}""")
+                               FROM adapters
+                               WHERE product_id = {sql_literal(product_id)} AND arm = {sql_literal(arm)}""")
         figures = {r["model_version"]: r for r in _records(trained)}
         client, out = MlflowClient(), []
         champion = str(client.get_registered_model(name).aliases.get(tracking.CHAMPION))  # search omits aliases

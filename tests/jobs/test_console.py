@@ -38,6 +38,17 @@ def keyed(home: Path, table: str, key: list[str], columns: list[str]) -> dict[tu
     return {tuple(r[k] for k in key): r for r in delta_rows(home, table, key + columns)}
 
 
+def registry(home: Path, code: str) -> str:
+    """The last line `code` prints, run in another process with `client`, an MlflowClient on the
+    home's registry."""
+    store = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    prelude = (f"import mlflow\nmlflow.set_tracking_uri({store!r})\nmlflow.set_registry_uri({store!r})\n"
+               "client = mlflow.MlflowClient()\n")
+    ran = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=cli_env())
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout.split()[-1]
+
+
 @pytest.fixture(scope="module")
 def console(demo_home, tmp_path_factory):
     """A copy of the demo home with one candidate adapter (a second registered version of
@@ -45,12 +56,9 @@ def console(demo_home, tmp_path_factory):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); the console is checked in a browser")
     home = copy_home(demo_home, tmp_path_factory.mktemp("console") / "home")
-    registry = (f"import mlflow\nfrom mlflow import MlflowClient\nmlflow.set_tracking_uri('sqlite:///"
-                f"{home / 'mlflow' / 'mlflow.db'}')\nmlflow.set_registry_uri(mlflow.get_tracking_uri())\nc = MlflowClient()\nv = c.get_model_version("
-                "'recontext-coffee-cup', '1')\nprint(c.create_model_version('recontext-coffee-cup', v.source, "
-                "v.run_id).version)\n")
-    made = subprocess.run([sys.executable, "-c", registry], capture_output=True, text=True, env=cli_env())
-    assert made.returncode == 0 and made.stdout.split()[-1] == "2", made.stderr
+    made = registry(home, "v = client.get_model_version('recontext-coffee-cup', '1')\n"
+                          "print(client.create_model_version('recontext-coffee-cup', v.source, v.run_id).version)")
+    assert made == "2"
     server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "--home", str(home), "console", "--port", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
@@ -105,6 +113,26 @@ def test_refuses_requests_without_token_forged_writes_and_paths(console):
     assert request(f"{base}/api/sql", "POST", cookie=token, headers={"X-CSRF-Token": csrf},
                    body={"query": "DELETE FROM prompt_bank"})[0] in (404, 405)
     assert versions(home) == before  # nothing was written
+
+
+def test_two_people_acting_at_once_lose_nothing(console):
+    """Two reviewers approve different scenes at the same moment (two sessions' requests in
+    parallel): both land, each in its own commit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    home, base, token = console
+    csrf = re.search(rb'name="csrf-token" content="([^"]+)"', request(f"{base}/", cookie=token)[1]).group(1).decode()
+    rejected = sorted(r["prompt_id"] for r in delta_rows(home, "prompt_bank", ["prompt_id", "product_type", "status"])
+                      if r["status"] == "rejected" and r["product_type"] == "motorcycle")[:2]
+    before = versions(home)["prompt_bank"]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda pid: request(f"{base}/api/prompts/status", "POST", cookie=token,
+                                                    headers={"X-CSRF-Token": csrf},
+                                                    body={"prompt_id": pid, "status": "approved"}), rejected))
+    assert [status for status, _ in answers] == [200, 200], answers
+    statuses = {r["prompt_id"]: r["status"] for r in delta_rows(home, "prompt_bank", ["prompt_id", "status"])}
+    assert [statuses[pid] for pid in rejected] == ["approved", "approved"]
+    assert versions(home)["prompt_bank"] == before + 2
 
 
 def test_decisions_in_the_browser_land_in_delta_exactly(console, tmp_path):
@@ -219,8 +247,4 @@ def test_decisions_in_the_browser_land_in_delta_exactly(console, tmp_path):
     assert {(r["rater"], r["image_id"], r["source"]) for r in new} == {("rater-a", rated, "human")}
     assert all(r["source_uri"].startswith("console:rater-a") and r["imported_at"] for r in new)
     # The registry moved the alias, as `recontext promote` does.
-    alias = subprocess.run([sys.executable, "-c", (
-        f"import mlflow\nfrom mlflow import MlflowClient\nmlflow.set_tracking_uri('sqlite:///"
-        f"{home / 'mlflow' / 'mlflow.db'}')\nmlflow.set_registry_uri(mlflow.get_tracking_uri())\nprint(MlflowClient().get_model_version_by_alias("
-        "'recontext-coffee-cup', 'champion').version)")], capture_output=True, text=True, env=cli_env())
-    assert alias.stdout.split()[-1] == "2", alias.stderr
+    assert registry(home, "print(client.get_model_version_by_alias('recontext-coffee-cup', 'champion').version)") == "2"
