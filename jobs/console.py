@@ -182,7 +182,7 @@ class Console:
             return HTMLResponse("unknown product", status_code=404)
         arms = []
         for arm in sorted(self.sql(f"SELECT DISTINCT arm FROM adapters WHERE product_id = "
-                                   f"{sql_literal(product_id)}").arm):
+                                   f"{sql_literal(product_id)}").arm, key=lambda a: (a != "ours", a)):
             versions = self._versions(product_id, arm)
             for v in versions:
                 v["validation"] = list(range(len(_validation_images(v["run_id"])))) if v["run_id"] else []

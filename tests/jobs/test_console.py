@@ -210,10 +210,14 @@ def test_decisions_in_the_browser_land_in_delta_exactly(console, tmp_path):
 
         # Adapters: the candidate beside the champion, promoted with one click (last: a new champion
         # leaves the pinned evaluation without images until `recontext evaluate`, so nothing to rate).
-        page.goto(f"{base}/adapters/coffee-cup")
+        page.goto(f"{base}/adapters")
+        page.screenshot(path=SHOTS / "adapters.png")
+        page.click("text=coffee-cup")
+        page.wait_for_url(f"{base}/adapters/coffee-cup")
         candidate = '[data-arm="ours"][data-version="2"]'
         assert page.get_attribute(f"tr{candidate}", "class") == "candidate"
         assert page.locator('tr.champion[data-arm="ours"][data-version="1"] img').count() >= 1  # its images
+        page.locator(f"tr{candidate}").evaluate("row => row.scrollIntoView({block: 'center'})")  # beside the champion
         page.screenshot(path=SHOTS / "adapter.png")
         page.click(f"tr{candidate} button.promote")
         page.wait_for_selector(f'tr.champion{candidate}')
