@@ -166,6 +166,13 @@ def selected_after_results(lake: Lakehouse, plans: pd.DataFrame) -> set[tuple[st
     return flagged
 
 
+def promote(lake: Lakehouse, product_id: str, version: str, arm: str) -> list[str]:
+    """Make `version` the arm's champion and record it (`recontext promote`, the review console);
+    returns the product's evaluations that existed then (see selected_after_results)."""
+    tracking.promote(lake.settings, product_id, version, arm)
+    return record_promotion(lake, product_id, arm, version)
+
+
 def record_promotion(lake: Lakehouse, product_id: str, arm: str, version: str) -> list[str]:
     """Record a promotion with the evaluations of the product that existed then; returns them."""
     existing = sorted(r["evaluation_id"] for r in lake.spark.sql(

@@ -428,31 +428,44 @@ def export_csv(lake: Lakehouse, path: str | Path, product_type: str | None = Non
 
 
 def import_csv(lake: Lakehouse, path: str | Path) -> int:
-    """Apply a reviewed CSV: changed statuses/reasons of known prompts, and new prompts (rows
-    without a prompt_id, with product_type, purpose and text), all marked reviewed by a human. A
-    prompt left approved or pending that names a brand refuses the whole file, naming the rows."""
+    """Apply a reviewed CSV (`recontext prompts import`) through review(); a refusal names the file."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return review(lake, frame, str(path))
+
+
+def review(lake: Lakehouse, frame: pd.DataFrame, origin: str) -> int:
+    """Apply reviewed prompts (the CSV of `prompts import`, or an action in the review console) in
+    one upsert: changed statuses/reasons of known prompts, and new prompts (rows without a
+    prompt_id, with product_type, purpose and text), all marked reviewed by a human. Refused as a
+    whole, naming the rows: a prompt left approved or pending that names a brand (a person's
+    prompt is held to the same rule as the LLM's), and a new one whose text is too short or long
+    or degenerate. Returns rows written."""
     required = {"product_type", "purpose", "text", "status"}
     if not required <= set(frame.columns):
-        raise UserError(f"{path}: needs columns {', '.join(sorted(required))} (prompt_id and reason optional)")
+        raise UserError(f"{origin}: needs columns {', '.join(sorted(required))} (prompt_id and reason optional)")
+    frame = frame.reset_index(drop=True)
     bad = frame[~frame.status.isin(STATUSES) | ~frame.purpose.isin(PURPOSES)]
     if len(bad):
-        raise UserError(f"{path}: row {bad.index[0] + 2} has status '{bad.iloc[0].status}' / purpose "
+        raise UserError(f"{origin}: row {bad.index[0] + 2} has status '{bad.iloc[0].status}' / purpose "
                         f"'{bad.iloc[0].purpose}'; statuses: {', '.join(STATUSES)}, purposes: {', '.join(PURPOSES)}")
-    # A person's prompt is held to the same brand rule as the LLM's: one in use may name none.
-    extra = [*catalog_brands(lake), *lake.settings.prompt_bank.brands]
-    branded = [f"row {i + 2}: names a brand ({found})" for i, (text, status) in enumerate(zip(frame.text, frame.status))
-               if status != "rejected" and (found := brand_in(text, extra))]
-    if branded:
-        raise UserError(f"{path}: {'; '.join(branded[:5])}{' ...' if len(branded) > 5 else ''}; reword them or "
-                        "mark them rejected (nothing was imported)")
     for optional in ("prompt_id", "reason"):
         if optional not in frame:
             frame[optional] = ""
+    frame["text"] = [" ".join(str(t).split()) for t in frame.text]
     frame["prompt_id"] = [pid or prompt_id(t, p, x) for pid, t, p, x in
                           zip(frame.prompt_id, frame.product_type, frame.purpose, frame.text)]
-    frame["reason"] = frame.reason.where(frame.reason != "", None)
     stored = lake.spark.sql("SELECT prompt_id, llm, seed, source FROM prompt_bank").toPandas()
+    settings, extra = lake.settings.prompt_bank, [*catalog_brands(lake), *lake.settings.prompt_bank.brands]
+    known = set(stored.prompt_id)
+    refused = [f"row {i + 2}: {why}" for i, (pid, text, status) in enumerate(zip(frame.prompt_id, frame.text,
+                                                                                   frame.status))
+               if status != "rejected" and (why := (f"names a brand ({found})" if (found := brand_in(text, extra))
+                                                    else None if pid in known
+                                                    else length_refusal(text, settings) or degenerate(text, settings)))]
+    if refused:
+        raise UserError(f"{origin}: {'; '.join(refused[:5])}{' ...' if len(refused) > 5 else ''}; reword them or "
+                        "mark them rejected (nothing was imported)")
+    frame["reason"] = frame.reason.where(frame.reason != "", None)
     frame = frame.merge(stored, on="prompt_id", how="left")
     frame["llm"] = frame.llm.fillna("human")
     frame["source"] = frame.source.fillna("human")

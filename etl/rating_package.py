@@ -24,11 +24,9 @@ def export_package(lake: Lakehouse, out_dir: Path) -> tuple[Path, int]:
     questions, a button that downloads the answers as CSV), the images, and ratings_template.csv
     for raters who prefer a spreadsheet. Images are shuffled by hash and carry no arm, so raters
     are blind to it. Returns (index.html, images)."""
-    images = evaluated_images(lake)
+    images = rating_tasks(lake)
     if images.empty:
         raise UserError("nothing to rate: no evaluated generations yet (run `recontext evaluate` first)")
-    images = images.assign(order=[hashlib.sha256(i.encode()).hexdigest() for i in images.image_id]).sort_values(
-        "order").drop_duplicates("image_id")
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir / "img", ignore_errors=True)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
@@ -45,6 +43,14 @@ def export_package(lake: Lakehouse, out_dir: Path) -> tuple[Path, int]:
     index = out_dir / "index.html"
     index.write_text(_package_html(images, references))
     return index, len(images)
+
+
+def rating_tasks(lake: Lakehouse) -> pd.DataFrame:
+    """The evaluated images to rate, once each, in an order that hides the arm (by a hash of the
+    image id): the package's order and the review console's."""
+    images = evaluated_images(lake)
+    return (images.assign(order=[hashlib.sha256(i.encode()).hexdigest() for i in images.image_id])
+            .sort_values("order").drop_duplicates("image_id").reset_index(drop=True))
 
 
 def _package_html(images: pd.DataFrame, references: pd.DataFrame) -> str:

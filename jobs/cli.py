@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     answers.add_argument("files", nargs="+")
     answers.set_defaults(run=cmd_ratings_import)
 
+    console = commands.add_parser("console", help="the review console in a browser: prompt bank, product types, "
+                                  "adapters and promotion, rating (local web application)")
+    console.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
+    console.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default loopback: only this machine can connect)")
+    console.set_defaults(run=cmd_console)
+
     report = commands.add_parser("report", help="write the static HTML report (opens from disk)")
     report.add_argument("--product", action="append", help="only this product (repeatable)")
     report.add_argument("--out", help="folder (default: <home>/report)")
@@ -421,6 +428,15 @@ def cmd_report(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_console(settings: Settings, args) -> int:
+    from jobs.console import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535, not {args.port}")
+    serve(_lake(settings), args.host, args.port, announce=lambda line: print(line, flush=True))
+    return 0
+
+
 def cmd_maintain(settings: Settings, args) -> int:
     hours = settings.retention_hours if args.retention_hours is None else args.retention_hours
     if hours < 0:
@@ -446,21 +462,14 @@ def cmd_promote(settings: Settings, args) -> int:
 
     if not args.version.isdigit():
         raise UserError(f"a version is a registered model version number, not {args.version!r}")
-    seen = _promote(_lake(settings), args.product_id, args.version, args.arm)
+    from etl.evaluation import promote
+
+    seen = promote(_lake(settings), args.product_id, args.version, args.arm)
     print(f"{registered_model_name(args.product_id, args.arm)} version {args.version} is now @champion")
     if seen:
         print(f"recorded: promoted after {len(seen)} evaluation(s) of {args.product_id} existed; evaluations of this "
               "version are marked selected after seeing results")
     return 0
-
-
-def _promote(lake, product_id: str, version: str, arm: str) -> list[str]:
-    """Promote and record it (with the product's evaluations that existed then)."""
-    from etl.evaluation import record_promotion
-    from etl.tracking import promote
-
-    promote(lake.settings, product_id, version, arm)
-    return record_promotion(lake, product_id, arm, version)
 
 
 def cmd_evaluations(settings: Settings, args) -> int:
@@ -542,6 +551,7 @@ def cmd_demo(settings: Settings, args) -> int:
     """The whole pipeline on the bundled sample catalog, through the same runner as `recontext run`."""
     import dataclasses
 
+    from etl.evaluation import promote
     from etl.rating_package import export_package, synthetic_ratings
     from etl.ratings import import_ratings
     from etl.sample_catalog import write_sample_catalog
@@ -588,7 +598,7 @@ def cmd_demo(settings: Settings, args) -> int:
     adapters = lake.spark.sql("SELECT product_id, arm, min(CAST(model_version AS INT)) AS version FROM adapters "
                               "GROUP BY product_id, arm").toPandas()
     for row in adapters.itertuples():  # the demo promotes every first adapter of both arms; people review first
-        _promote(lake, row.product_id, str(row.version), row.arm)
+        promote(lake, row.product_id, str(row.version), row.arm)
     print("\npromoted each product's first adapter of each arm to @champion; generation, ranking, evaluation:")
     run(lake, groups["evaluate"])
     _print_ranking(lake)

@@ -85,3 +85,27 @@ def test_pearson_matches_scipy():
     passed = score + rng.normal(scale=1.0, size=40) > 0
     assert pearson(score, passed) == pytest.approx(pearsonr(score, passed.astype(float)).statistic, abs=1e-12)
     assert pearson([1, 2, 3], [1, 1, 1]) is None and pearson([1.0], [1.0]) is None
+
+
+def test_krippendorffs_alpha_matches_the_krippendorff_package():
+    """Nominal alpha over (image, question) units with missing answers, against the `krippendorff`
+    package's reliability-matrix computation; perfect agreement is 1, none to decide is None."""
+    import krippendorff
+
+    from etl.ratings import ANSWERS, krippendorff_alpha
+
+    rng = np.random.default_rng(3)
+    rows = [{"rater": f"r{r}", "image_id": f"i{i}", "question": q,
+             "answer": ANSWERS[0] if rng.random() < 0.6 else str(rng.choice(ANSWERS))}
+            for i in range(7) for q in QUESTIONS for r in range(4) if rng.random() < 0.75]
+    ratings = pd.DataFrame(rows)
+    units = sorted(set(zip(ratings.image_id, ratings.question)))
+    raters = sorted(set(ratings.rater))
+    matrix = np.full((len(raters), len(units)), np.nan)
+    for r in ratings.itertuples():
+        matrix[raters.index(r.rater), units.index((r.image_id, r.question))] = ANSWERS.index(r.answer)
+    expected = krippendorff.alpha(reliability_data=matrix, level_of_measurement="nominal")
+    assert krippendorff_alpha(ratings) == pytest.approx(expected, abs=1e-12)
+    agreeing = ratings.assign(answer=[ANSWERS[len(i + q) % 2] for i, q in zip(ratings.image_id, ratings.question)])
+    assert krippendorff_alpha(agreeing) == pytest.approx(1.0)
+    assert krippendorff_alpha(ratings[ratings.rater == "r0"]) is None  # one rater: no pairs

@@ -278,3 +278,18 @@ def test_untyped_folder_catalog_gets_scenes_and_outpaints(lake, tmp_path):
     assert set(synthetic[synthetic.kind == "outpaint"].product_id) == {"sku-1001", "sku-1002"}
     bank = DeltaTable(lake.location("prompt_bank")).to_pandas()
     assert set(bank.product_type) == {UNKNOWN} and set(bank.source) == {"seed"}  # no LLM asked about "unknown"
+
+
+def test_a_new_prompt_with_degenerate_or_too_short_text_is_refused_whole(lake, tmp_path):
+    """A person's new prompt (`prompts import`, the review console) meets the curation's text checks:
+    the whole review is refused naming the rows, unless the row is rejected."""
+    rows = pd.DataFrame({"product_type": ["mug"] * 3, "purpose": ["scene"] * 3, "status": ["approved"] * 3,
+                         "text": ["a marble kitchen counter", "a desk desk desk by the window", "counter"]})
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    with pytest.raises(UserError, match=r"row 3: .*three times.*row 4: too short") as refused:
+        import_csv(lake, tmp_path / "new.csv")
+    assert "nothing was imported" in str(refused.value)
+    assert lake.spark.sql("SELECT count(*) AS n FROM prompt_bank").first()["n"] == 0
+    rows.loc[1:, "status"] = "rejected"
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    assert import_csv(lake, tmp_path / "new.csv") == 3
