@@ -51,7 +51,6 @@ def _common(settings: AugmentSettings) -> dict:
 
 def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None) -> dict[str, int]:
     settings = settings or lake.settings.augment
-    zoo.check("image2video")
     model = zoo.name("image2video")
     frames = settings.novel_view_frames
     keep = sorted({round(i * (frames - 1) / settings.novel_views_per_image)
@@ -62,14 +61,13 @@ def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | 
     tasks = [_task("novel_view", r.product_id, r.image_id, None, "", model,
                    task_seed(settings.seed, "novel_view", r.image_id), parameters)
              for r in references.itertuples(index=False)]
-    return _run_tasks(lake, zoo, tasks)
+    return _run_tasks(lake, zoo, tasks, masked=False)
 
 
 def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None,
                  mask_method: str | None = None) -> dict[str, int]:
     """Approved scenes painted around each reference and novel view, product pixels kept."""
     settings, mask_method = settings or lake.settings.augment, mask_method or zoo.models.segmenter
-    zoo.check("inpaint")
     model = zoo.name("inpaint")
     scenes = approved_prompts(lake, "scene")
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
@@ -111,7 +109,6 @@ def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | No
     """
     settings = settings or lake.settings.augment
     mask_method, caption_model, caption_prompt = zoo.models.segmenter, zoo.name("captioner"), zoo.models.caption_prompt
-    zoo.check("inpaint", "text2img")
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
     positives = lake.spark.sql(
         f"""SELECT i.product_id, i.image_id, i.kind, m.image_id IS NOT NULL AS has_mask, c.caption FROM (
@@ -154,8 +151,10 @@ def _strip_caption_prefix(caption: str, prompt: str) -> str:
     return text[len(prompt):].strip(" ,") if prompt and text.lower().startswith(prompt.lower()) else text
 
 
-def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: str | None = None) -> dict[str, int]:
-    """Run the tasks not stored yet; write images to synthetic_images, failures to quarantine."""
+def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: str | None = None,
+               masked: bool = True) -> dict[str, int]:
+    """Run the tasks not stored yet; write images to synthetic_images, failures to quarantine.
+    `masked`: the tasks take their parent's product mask (novel views do not: no masks read)."""
     spark = lake.spark
     if not tasks:
         return {"synthetic_images": 0, "quarantine": 0}
@@ -171,11 +170,11 @@ def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: s
     method = mask_method or zoo.models.segmenter
     pending.createOrReplaceTempView("_pending_tasks")
     # Parents come with their bytes and product mask; text-to-image tasks have neither.
+    masks = (f"LEFT JOIN masks m ON m.image_id = t.parent_image_id AND m.method = {sql_literal(method)}" if masked
+             else "LEFT JOIN (SELECT CAST(NULL AS STRING) AS image_id, CAST(NULL AS BINARY) AS mask) m ON FALSE")
     inputs = spark.sql(
         f"""SELECT t.*, p.image, m.mask FROM _pending_tasks t
-            LEFT JOIN ({IMAGE_BYTES}) p ON p.image_id = t.parent_image_id
-            LEFT JOIN masks m ON m.image_id = t.parent_image_id AND m.method = {sql_literal(method)}""")
-    zoo.check(*sorted({KINDS[t["kind"]].role for t in tasks}))
+            LEFT JOIN ({IMAGE_BYTES}) p ON p.image_id = t.parent_image_id {masks}""")
     schema = ", ".join(f"{name} {_type(name)}" for name in OUTPUT_COLUMNS)
     generated = inputs.mapInPandas(generate_batches(zoo), schema)
     with lake.staged(generated) as staged:

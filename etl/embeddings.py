@@ -19,7 +19,6 @@ IMAGE_ROLES = ("clip", "dino")
 
 
 def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
-    zoo.check(*IMAGE_ROLES)
     written = {"embeddings": 0, "text_embeddings": 0, "quarantine": 0}
     method = zoo.models.segmenter
     # Segmented variants exist only where a product was found.

@@ -16,7 +16,6 @@ STAGE = "masks"
 
 def run_masks(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     method = zoo.models.segmenter
-    zoo.check(method)
     written = {"masks": 0, "quarantine": 0}
     for method, model_name, fingerprint, alpha_only in [
         (method, zoo.name(method), zoo.fingerprint(method), False),

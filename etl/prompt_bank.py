@@ -170,7 +170,7 @@ def set_type(lake: Lakehouse, product_id: str, product_type: str) -> int:
     row = pd.DataFrame([(product_id, product_type.strip(), "human", 1.0, "")],
                        columns=TABLES["product_classes"].data_columns)
     written = lake.upsert_rows("product_classes", row)
-    lake.spark.sql(f"DELETE FROM quarantine WHERE stage = 'classify' AND product_id = {sql_literal(product_id)}")
+    lake.delete("quarantine", f"stage = 'classify' AND product_id = {sql_literal(product_id)}")
     return written
 
 
@@ -290,7 +290,6 @@ def _llm(zoo: ModelZoo, settings: PromptBankSettings):
         from udfs.llm import OpenAICompatibleLLM
 
         return OpenAICompatibleLLM(settings.endpoint, settings.endpoint_model, settings.api_key_env)
-    zoo.check("llm")
     return zoo.load("llm")
 
 

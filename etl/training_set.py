@@ -147,5 +147,6 @@ def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
         return {"training_images": lake.upsert("training_images", staged)}
 
 
-TRAINING_SET = Step("training_set", run_training_set, reads=("image_metrics", "captions", "synthetic_images"),
+TRAINING_SET = Step("training_set", run_training_set,
+                    reads=("image_metrics", "captions", "synthetic_images", "products"),
                     writes=("training_images",), description="the filtered, audited training set")

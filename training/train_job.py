@@ -91,7 +91,6 @@ def run_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = No
                  progress=print) -> dict[str, int]:
     """Train the products whose selected training rows or training settings changed since their
     last adapter (the digest covers both), on a pinned version of `training_images`."""
-    zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("training_images")).version()
     pinned = lake.at_version("training_images", version)
     pinned.where("selected").createOrReplaceTempView("_training_set")
@@ -125,7 +124,6 @@ def run_baseline_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | 
     """The baseline arm for every product that has an adapter of ours: references only."""
     if not lake.settings.evaluation.baseline:
         return {"adapters": 0}
-    zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("product_images")).version()
     references = lake.spark.sql(
         f"""SELECT i.product_id, i.image_id FROM product_images i
@@ -477,11 +475,12 @@ def _scores(zoo: ModelZoo, images: list[Image.Image], references: dict[str, np.n
 
 
 TRAIN = Step("train", run_training,
-             reads=("training_images", "product_images", "synthetic_images", "products", "product_classes"),
+             reads=("training_images", "product_images", "synthetic_images", "products", "product_classes",
+                    "prompt_bank"),
              writes=("adapters", "quarantine", REGISTERED_MODELS), roles=("text2img", "clip", "dino"),
              description="a DreamBooth-style LoRA per product (rare-token sweep), tracked and registered in MLflow")
 TRAIN_BASELINE = Step("train_baseline", run_baseline_training,
-                      reads=("adapters", "product_images", "products", "product_classes"),
+                      reads=("adapters", "product_images", "products", "product_classes", "prompt_bank"),
                       writes=("adapters", "quarantine", REGISTERED_MODELS), roles=("text2img", "clip", "dino"),
                       description="the baseline arm: standard DreamBooth + LoRA (rank 64, prior preservation) "
                                   "on the references")
