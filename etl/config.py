@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,7 +285,51 @@ class Settings:
             values["spark_remote"] = os.environ["SPARK_REMOTE"]
         values.update(overrides)
         values = _with_profile(values, str(config_file))
-        return cls(home=home, **_build(cls, values, str(config_file)))
+        settings = cls(home=home, **_build(cls, values, str(config_file)))
+        validate(settings, str(config_file))
+        return settings
+
+
+# Every enumerated setting and its allowed values, checked when settings load (a wrong value fails
+# there, not later on a worker). Keys of dict settings that name a vocabulary entry are checked
+# against it too (KEYED_BY).
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("models", "tiny_family"): ("sd", "sdxl"),
+    ("models", "segmenter"): ("u2netp", "sam"),
+    ("models", "sam_variant"): ("tiny", "vit_h", "vit_l", "vit_b"),
+    ("models", "u2netp_runtime"): ("auto", "torch", "onnxruntime"),
+    # diffusers.optimization.SchedulerType (tests/training/test_training_settings.py checks the list)
+    ("training", "lr_scheduler"): ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                   "constant_with_warmup", "piecewise_constant"),
+    ("training", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
+    ("generation", "fuse_lora"): ("auto", "on", "off"),
+    ("generation", "rank_aggregate"): ("sum", "learned"),
+    ("evaluation", "pass_rule"): ("all_questions", "per_question"),
+}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # models.device: what torch.device takes here
+
+
+def _keyed_by() -> dict[tuple[str, str], tuple[str, ...]]:
+    """Dict settings whose keys are vocabulary entries: metric names and augmentation kinds."""
+    from etl.vocabulary import METRIC_COLUMNS
+
+    return {("training", "score_weights"): METRIC_COLUMNS, ("generation", "rank_weights"): METRIC_COLUMNS}
+
+
+def validate(settings: "Settings", origin: str) -> None:
+    """Refuse enumerated values outside their allowed values, naming them."""
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(settings, section), key)
+        if value not in allowed:
+            raise ValueError(f"{section}.{key} = {value!r} in {origin} is not one of: {', '.join(allowed)}")
+    for (section, key), allowed in _keyed_by().items():
+        unknown = sorted(set(getattr(getattr(settings, section), key)) - set(allowed))
+        if unknown:
+            raise ValueError(f"{section}.{key} names {', '.join(map(repr, unknown))} in {origin}; "
+                             f"allowed keys: {', '.join(allowed)}")
+    if not DEVICE.fullmatch(str(settings.models.device)):
+        raise ValueError(f"models.device = {settings.models.device!r} in {origin} is not one of: auto, cpu, mps, "
+                         "cuda, cuda:<index>")
 
 
 def _build(cls, values: dict, origin: str) -> dict:
@@ -295,7 +340,7 @@ def _build(cls, values: dict, origin: str) -> dict:
         if key not in fields or key == "home":
             raise ValueError(f"unknown setting '{key}' in {origin}; known: {sorted(set(fields) - {'home'})}")
         sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        if isinstance(value, dict) and sub is not None:
+        if isinstance(value, dict) and dataclasses.is_dataclass(sub):  # a section (not a dict setting)
             value = sub(**_build(sub, value, f"{origin} [{key}]"))
         out[key] = value
     return out
