@@ -17,13 +17,13 @@ import random
 
 import pandas as pd
 
-from etl.config import AugmentSettings
+from core.settings import AugmentSettings
 from etl.image_sets import IMAGE_BYTES
 from etl.lakehouse import Lakehouse
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
 from etl.step import Step
-from etl.tables import TABLES, sql_list, sql_literal
-from etl.vocabulary import REFERENCE
+from core.tables import TABLES, sql_list, sql_literal
+from core.vocabulary import REFERENCE
 from udfs.augmentation import KINDS, OUTPUT_COLUMNS, POSITIVE_KINDS, REJECTED, generate_batches
 from udfs.zoo import ModelZoo
 

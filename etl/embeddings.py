@@ -10,7 +10,7 @@ from etl.image_sets import all_images
 from etl.lakehouse import Lakehouse
 from etl.model_outputs import write_model_outputs
 from etl.step import Step
-from etl.tables import sql_literal
+from core.tables import sql_literal
 from udfs.inference import image_embedding_udf, text_embedding_udf
 from udfs.zoo import ModelZoo
 

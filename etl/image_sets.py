@@ -12,8 +12,8 @@ from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from etl.lakehouse import Lakehouse
-from etl.tables import sql_list
-from etl.vocabulary import GENERATED, REFERENCE
+from core.tables import sql_list
+from core.vocabulary import GENERATED, REFERENCE
 from udfs.augmentation import NEGATIVE_KINDS, POSITIVE_KINDS
 
 PRODUCT_FILTER = 10_000  # pending products up to which image bytes are read by product

@@ -21,10 +21,10 @@ import pandas as pd
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
-from etl.config import Settings
+from core.settings import Settings
 from etl.engine import Engine, spark_session
-from etl.errors import UndeclaredRead
-from etl.tables import TABLES, Table, sql_list, sql_literal
+from core.errors import UndeclaredRead
+from core.tables import TABLES, Table, sql_list, sql_literal
 
 # A checkpoint every 10 commits (Spark's and Sail's default; delta-rs' is 100): a read replays at
 # most 10 JSON commits after the checkpoint, however long the table's history. Homes made before

@@ -25,7 +25,7 @@ from PIL import Image
 from etl.image_sets import scored_images
 from etl.lakehouse import Lakehouse
 from etl.step import Step
-from etl.tables import TABLES, sql_literal
+from core.tables import TABLES, sql_literal
 from udfs.imaging import decode_mask
 from udfs.zoo import ModelZoo
 

@@ -26,11 +26,11 @@ from urllib.parse import quote
 import pandas as pd
 from PIL import Image
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.plans import status
 from etl.step import REPORT_FILES, Step
-from etl.tables import TABLES, sql_list
-from etl.vocabulary import METRIC_COLUMNS, RANKING_METRICS, from_bank
+from core.tables import TABLES, sql_list
+from core.vocabulary import METRIC_COLUMNS, RANKING_METRICS, from_bank
 from udfs.augmentation import KINDS
 
 EVALUATION_COLUMNS = tuple(c for c in TABLES["evaluation_metrics"].data_columns

@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 
 from etl.brands import without_brands
-from etl.config import TrainingSettings
+from core.settings import TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.step import Step
-from etl.tables import TABLES, sql_list, sql_literal
-from etl.vocabulary import GENERATED, METRIC_COLUMNS, REFERENCE, aggregate_score
+from core.tables import TABLES, sql_list, sql_literal
+from core.vocabulary import GENERATED, METRIC_COLUMNS, REFERENCE, aggregate_score
 from udfs.augmentation import NEGATIVE_KINDS
 from udfs.augmentation import POSITIVE_KINDS as AUGMENTED_POSITIVES
 

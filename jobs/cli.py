@@ -11,8 +11,8 @@ import sys
 import textwrap
 import time
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 from etl.sources import FORMATS
 from jobs.logs import configure as configure_logging
 
@@ -208,7 +208,7 @@ def cmd_imagine(settings: Settings, args) -> int:
 
     request = checked_request(settings, args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
     from training.imagine import Imaginer  # the engine's and the models' imports: after the checks
-    from etl.vocabulary import RANKING_METRICS
+    from core.vocabulary import RANKING_METRICS
 
     lake = _lake(settings)
     imaginer = Imaginer(lake)
@@ -341,7 +341,7 @@ def _print_adapters(lake) -> None:
 
 
 def _print_ranking(lake) -> None:
-    from etl.vocabulary import from_bank
+    from core.vocabulary import from_bank
 
     print(lake.spark.sql(
         "SELECT r.product_id, count(*) AS generated, sum(CAST(r.kept AS INT)) AS kept, round(max(r.score), 3) AS "

@@ -13,9 +13,9 @@ from deltalake import DeltaTable
 
 from etl.augment import NEGATIVES, NOVEL_VIEWS, OUTPAINT
 from etl.captions import CAPTIONS
-from etl.config import Settings
+from core.settings import Settings
 from etl.embeddings import EMBEDDINGS
-from etl.errors import UndeclaredRole, UndeclaredWrite, UserError
+from core.errors import UndeclaredRole, UndeclaredWrite, UserError
 from etl.evaluation import EVALUATE
 from etl.ingest import INGEST
 from etl.lakehouse import Lakehouse
@@ -24,11 +24,11 @@ from etl.metrics import METRICS_STEP
 from etl.prompt_bank import CLASSIFY, PROMPT_BANK
 from etl.report import REPORT
 from etl.step import REGISTERED_MODELS, REPORT_FILES, Step
-from etl.tables import TABLES
+from core.tables import TABLES
 from etl.training_set import TRAINING_SET
 from training.generate import GENERATE
-from training.ranker import FIT_RANKER
-from training.ranking import RANK
+from etl.ranker import FIT_RANKER
+from etl.ranking import RANK
 from training.train_job import TRAIN, TRAIN_BASELINE
 from udfs.zoo import SEGMENTER, ModelZoo
 

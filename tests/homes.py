@@ -54,7 +54,7 @@ def home_made_before_checkpoints(home: Path, products: int = 25) -> list[dict]:
     import pandas as pd
 
     from etl import lakehouse
-    from etl.config import Settings
+    from core.settings import Settings
 
     current = lakehouse.TABLE_PROPERTIES
     lakehouse.TABLE_PROPERTIES = {"delta.checkpointInterval": "1000000"}

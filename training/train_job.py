@@ -37,14 +37,14 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from etl.image_sets import IMAGE_BYTES
-from etl.config import Settings, TrainingSettings
+from core.settings import Settings, TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.metrics import cosine
 from etl.progress import Progress
 from etl.prompt_bank import approved_prompts, resolved_types
 from etl.prompt_bank import class_noun as noun_of
 from etl.step import REGISTERED_MODELS, Step
-from etl.tables import sql_list
+from core.tables import sql_list
 from etl import tracking
 from training.fanout import fan_out, parallelism, with_slots
 from training.lora import Example, instance_prompt, lora_alpha, train_lora

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from etl.config import ModelSettings, Settings
-from etl.errors import UndeclaredRole, UserError
+from core.settings import ModelSettings, Settings
+from core.errors import UndeclaredRole, UserError
 
 
 @dataclass(frozen=True)

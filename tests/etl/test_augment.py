@@ -12,12 +12,12 @@ from deltalake import DeltaTable
 from PIL import Image, ImageFilter
 
 from etl.augment import _run_tasks, _task
-from etl.config import Settings
+from core.settings import Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
 from jobs.steps import run_steps
 from etl.prompt_bank import import_csv
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.graph import steps_for
 from sample_images import encode, product_shot, write_files
 from udfs.augmentation import resized_inputs, run_task

@@ -1,6 +1,6 @@
 import pytest
 
-from etl.config import CHOICES, Settings
+from core.settings import CHOICES, Settings
 from etl.engine import embedded_url
 from etl.lakehouse import Lakehouse
 
@@ -136,7 +136,7 @@ def test_maintain_upgrades_a_home_made_with_checkpoints_off(tmp_path):
     import pandas as pd
     from deltalake import DeltaTable
 
-    from etl.tables import TABLES
+    from core.tables import TABLES
     from homes import delta_rows, home_made_before_checkpoints
     from sample_images import recontext
 
@@ -200,9 +200,9 @@ def test_a_home_from_an_older_version_gains_the_new_columns(tmp_path):
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.lakehouse import Lakehouse
-    from etl.tables import TABLES
+    from core.tables import TABLES
 
     old = [c for c in TABLES["prompt_bank"].column_names if c != "source"]
     row = {"prompt_id": "p1", "product_type": "mug", "purpose": "scene", "text": "on a marble counter",

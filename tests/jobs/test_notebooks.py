@@ -66,7 +66,7 @@ def execute(name: str, home: Path, monkeypatch, remote: str | None = None, **par
 def assert_labelled(nb, home: Path) -> None:
     """The notebook says, before any figure, which of the home's models are tiny random-weight
     stand-ins (every one the zoo builds tiny) and that its ratings are synthetic."""
-    from etl.config import Settings
+    from core.settings import Settings
     from udfs.zoo import ModelZoo
 
     first = text(nb.cells[2])

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.graph import check_declarations, load_stages
 from jobs.recovery import home_lock
 from sample_images import cli_env, encode, product_shot, recontext, write_files
@@ -340,7 +340,7 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
         pd.testing.assert_frame_equal(got[name], frame, check_dtype=False, obj=name)
     from mlflow import MlflowClient
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl import tracking
 
     tracking.configure(Settings.load(home))
@@ -354,7 +354,7 @@ def test_maintain_compacts_vacuums_and_prunes_only_orphans(reference_home):
     import mlflow
     from mlflow import MlflowClient
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl import tracking
 
     home, _ = reference_home

@@ -311,7 +311,7 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # models.device: what torch.de
 
 def _keyed_by() -> dict[tuple[str, str], tuple[str, ...]]:
     """Dict settings whose keys are vocabulary entries: metric names and augmentation kinds."""
-    from etl.vocabulary import METRIC_COLUMNS
+    from core.vocabulary import METRIC_COLUMNS
 
     return {("training", "score_weights"): METRIC_COLUMNS, ("generation", "rank_weights"): METRIC_COLUMNS}
 

@@ -1,7 +1,7 @@
 """The pipeline's shared vocabularies, each spelled once: the metric columns (which are
 evaluated in Table 2, and the weighted aggregate) and the kinds of image.
 
-Dependency-free on purpose: `etl/tables.py` declares columns from it, and the metrics job, the
+Dependency-free on purpose: `core/tables.py` declares columns from it, and the metrics job, the
 filter, the ranking, the evaluation and the report read it. The augmentation kinds themselves
 (model role, positive or negative, how each is generated) are one table in
 `udfs/augmentation.py`, beside the code that generates them.

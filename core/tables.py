@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from etl.vocabulary import EVALUATED, LABELS, METRICS
+from core.vocabulary import EVALUATED, LABELS, METRICS
 
 
 @dataclass(frozen=True)
