@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.vocabulary import AUGMENT_KINDS, AUGMENTED_POSITIVES, METRIC_COLUMNS
+
 DEFAULT_HOME = Path("~/.recontext")
 
 
@@ -115,6 +117,9 @@ class AugmentSettings:
     video_steps: int = 4
     outpaints_per_image: int = 2  # approved scenes painted behind each reference / novel view
     positives_per_negative: float = 2.0  # the paper's 2:1 positive:negative ratio, per product
+    # Kinds off by default (AUGMENT_KINDS default_on False) are made for the product types listed
+    # here, e.g. {mirror = ["mug", "bottle"]} for products whose mirror image is still faithful.
+    kinds_for_types: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,9 @@ class TrainingSettings:
     min_score: float | None = None
     # Top K synthetic positives kept per kind, each kind ranked among its own (references always
     # kept): novel views score CLIP-T against their caption, outpaints against their scene prompt.
-    positives_per_kind: dict = field(default_factory=lambda: {"novel_view": 12, "outpaint": 12})
+    # A kind left out keeps its row's default quota (AUGMENT_KINDS).
+    positives_per_kind: dict = field(default_factory=lambda: {k.name: k.quota for k in AUGMENT_KINDS.values()
+                                                              if k.positive})
     score_weights: dict = field(default_factory=lambda: {"clip_i": 1.0, "seg_clip_i": 1.0, "clip_t": 1.0})
     # rare-token sweep
     token_candidates: int = 3  # tokens tried per product in the sweep (1 = no sweep)
@@ -291,8 +298,8 @@ class Settings:
 
 
 # Every enumerated setting and its allowed values, checked when settings load (a wrong value fails
-# there, not later on a worker). Keys of dict settings that name a vocabulary entry are checked
-# against it too (KEYED_BY).
+# there, not later on a worker). Keys of dict settings that name vocabulary entries are checked
+# against them too (KEYED_BY).
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("models", "tiny_family"): ("sd", "sdxl"),
     ("models", "segmenter"): ("u2netp", "sam"),
@@ -309,11 +316,10 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # models.device: what torch.device takes here
 
 
-def _keyed_by() -> dict[tuple[str, str], tuple[str, ...]]:
-    """Dict settings whose keys are vocabulary entries: metric names and augmentation kinds."""
-    from core.vocabulary import METRIC_COLUMNS
-
-    return {("training", "score_weights"): METRIC_COLUMNS, ("generation", "rank_weights"): METRIC_COLUMNS}
+# Dict settings whose keys are vocabulary entries: metric names and augmentation kinds.
+KEYED_BY: dict[tuple[str, str], tuple[str, ...]] = {
+    ("training", "score_weights"): METRIC_COLUMNS, ("generation", "rank_weights"): METRIC_COLUMNS,
+    ("training", "positives_per_kind"): AUGMENTED_POSITIVES, ("augment", "kinds_for_types"): tuple(AUGMENT_KINDS)}
 
 
 def validate(settings: "Settings", origin: str) -> None:
@@ -322,7 +328,7 @@ def validate(settings: "Settings", origin: str) -> None:
         value = getattr(getattr(settings, section), key)
         if value not in allowed:
             raise ValueError(f"{section}.{key} = {value!r} in {origin} is not one of: {', '.join(allowed)}")
-    for (section, key), allowed in _keyed_by().items():
+    for (section, key), allowed in KEYED_BY.items():
         unknown = sorted(set(getattr(getattr(settings, section), key)) - set(allowed))
         if unknown:
             raise ValueError(f"{section}.{key} names {', '.join(map(repr, unknown))} in {origin}; "

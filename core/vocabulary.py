@@ -1,10 +1,9 @@
 """The pipeline's shared vocabularies, each spelled once: the metric columns (which are
-evaluated in Table 2, and the weighted aggregate) and the kinds of image.
+evaluated in Table 2, and the weighted aggregate), the kinds of image and the augmentation
+kinds with their behaviour (AUGMENT_KINDS).
 
 Dependency-free on purpose: `core/tables.py` declares columns from it, and the metrics job, the
-filter, the ranking, the evaluation and the report read it. The augmentation kinds themselves
-(model role, positive or negative, how each is generated) are one table in
-`udfs/augmentation.py`, beside the code that generates them.
+filter, the ranking, the evaluation and the report read it.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ class Metric:
     comment: str  # column comment
 
 
-# The per-image metrics, in image_metrics' column order (NOTES.md 4 for the definitions).
+# The per-image metrics, in image_metrics' column order (docs/metrics.md for the definitions).
 METRICS: tuple[Metric, ...] = (
     Metric("clip_i", "CLIP-I", "mean CLIP cosine to the product's reference images (DreamBooth CLIP-I)"),
     Metric("dino_i", "DINO-I", "mean DINO cosine to the product's reference images (DreamBooth DINO)"),
@@ -49,10 +48,58 @@ def aggregate_score(frame, weights: dict):
     return sum(w * frame[m].astype(float).fillna(0.0) for m, w in weights.items())
 
 
-# Kinds of image: catalog photos, what augmentation makes (udfs/augmentation.py KINDS), and
-# what an adapter generates.
+# Kinds of image: catalog photos, what augmentation makes (AUGMENT_KINDS), and what an adapter
+# generates.
 REFERENCE = "reference"
 GENERATED = "generated"
+
+
+@dataclass(frozen=True)
+class AugmentKind:
+    """An augmentation kind and its behaviour. The planner, the UDF, the training-set filter, the
+    settings and the report ask this row; no other code names a kind. Behaviour is named
+    "module:function" (resolved when used, as udfs/zoo.py ROLES names loaders)."""
+
+    name: str
+    positive: bool  # trains as the product (True) or as "not the product"
+    step: str  # the pipeline step that plans and makes it (etl/augment.py)
+    # (lake, zoo, AugmentSettings) -> (tasks, quarantine rows); kinds sharing a planner are planned together
+    planner: str
+    # (pipeline or None, task, parameters, generator) -> [(image, extra parameters)]
+    generate: str
+    role: str | None  # the model role that makes it (udfs/zoo.py ROLES); None: no model
+    description: str
+    quota: int = 0  # default of training.positives_per_kind: the best-scoring kept per product (positives)
+    masked: bool = False  # its tasks get the parent's product mask
+    min_iou: bool = False  # the filter drops it when its mask IoU with its source is below training.iou_threshold
+    default_on: bool = True  # False: made only for the product types augment.kinds_for_types lists for it
+
+
+AUGMENT_KINDS: dict[str, AugmentKind] = {k.name: k for k in (
+    AugmentKind("novel_view", True, "novel_views", "etl.augment:plan_novel_views", "udfs.augmentation:novel_view",
+                "image2video", "image-to-video clip from a reference; chosen frames become new viewpoints",
+                quota=12),
+    AugmentKind("outpaint", True, "outpaint", "etl.augment:plan_outpaints", "udfs.augmentation:outpaint",
+                "inpaint", "everything outside the product mask repainted from an approved scene prompt; the "
+                "product's pixels are copied back from the source, so they are unchanged exactly",
+                quota=12, masked=True, min_iou=True),
+    AugmentKind("negative", False, "negatives", "etl.augment:plan_negatives", "udfs.augmentation:negative",
+                "text2img", "text-to-image of the class noun in a caption's scene (an in-class negative)"),
+    AugmentKind("counterfactual", False, "negatives", "etl.augment:plan_negatives",
+                "udfs.augmentation:counterfactual", "inpaint",
+                "the (slightly dilated) product region repainted with another object of the class; pixels "
+                "outside it are copied back (same background)", masked=True),
+)}
+AUGMENTED_POSITIVES = tuple(k.name for k in AUGMENT_KINDS.values() if k.positive)
+AUGMENTED_NEGATIVES = tuple(k.name for k in AUGMENT_KINDS.values() if not k.positive)
+
+
+def resolve(reference: str):
+    """The function a row names as "module:function" (imported when first used)."""
+    import importlib
+
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
 
 # Where a generation came from: the batch pipeline's approved target prompts, or a request
 # (`recontext imagine`, the serving model). Batch ranking and Table 2 read the bank's only.

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 
-from core.settings import Settings
+from core.settings import CHOICES, Settings
 from core.errors import UserError
 from etl.sources import FORMATS
 from jobs.logs import configure as configure_logging
@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=cmd_check)
 
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
-    demo.add_argument("--base", choices=["sd", "sdxl"], default=None,
+    demo.add_argument("--base", choices=CHOICES["models", "tiny_family"], default=None,
                       help="the tiny base-model family to build and use (default: models.tiny_family, sd)")
     demo.set_defaults(run=cmd_demo, needs_home=False)
 
