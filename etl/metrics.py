@@ -1,6 +1,6 @@
 """Metrics job: stored embeddings and masks -> `image_metrics`, one row per scored image.
 
-Definitions (raw cosine; backbones recorded next to the values; see NOTES.md section 4):
+Definitions (raw cosine; backbones recorded next to the values; see docs/metrics.md):
 - clip_i / dino_i (DreamBooth CLIP-I / DINO): the mean cosine similarity between the image's
   embedding and the embeddings of its product's reference images. A reference image is compared
   with the *other* references (leave-one-out), so a product with one photo gets NULL rather than

@@ -29,7 +29,7 @@ def copy_home(source: Path, target: Path) -> Path:
 
 def delta_rows(home: Path, table: str, columns: list[str], version: int | None = None) -> list[dict]:
     """Rows of a table (at `version`, else the latest) read by delta-rs in a child process
-    (delta-rs with pyarrow can abort at interpreter exit: NOTES.md 9), as JSON records (binary
+    (delta-rs with pyarrow can abort at interpreter exit: docs/engine.md), as JSON records (binary
     columns base64)."""
     code = ("import base64, json, os, sys\nfrom deltalake import DeltaTable\n"
             f"frame = DeltaTable({str(Path(home) / 'lakehouse' / table)!r}, version={version!r})"
