@@ -89,6 +89,10 @@ AUGMENT_KINDS: dict[str, AugmentKind] = {k.name: k for k in (
                 "udfs.augmentation:counterfactual", "inpaint",
                 "the (slightly dilated) product region repainted with another object of the class; pixels "
                 "outside it are copied back (same background)", masked=True),
+    AugmentKind("mirror", True, "novel_views", "etl.augment:plan_mirrors", "udfs.augmentation:mirror", None,
+                "a reference flipped left to right, pixel for pixel: a new viewpoint for products whose mirror "
+                "image is still faithful (no text or logo, symmetric shape), so off unless a type asks for it",
+                quota=4, default_on=False),
 )}
 AUGMENTED_POSITIVES = tuple(k.name for k in AUGMENT_KINDS.values() if k.positive)
 AUGMENTED_NEGATIVES = tuple(k.name for k in AUGMENT_KINDS.values() if not k.positive)

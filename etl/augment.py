@@ -82,6 +82,13 @@ def plan_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) 
             for r in references.itertuples(index=False)], []
 
 
+def plan_mirrors(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> tuple[list, list]:
+    """Every reference, mirrored (run_augmentation keeps the types `augment.kinds_for_types` lists)."""
+    references = lake.spark.sql("SELECT DISTINCT product_id, image_id FROM product_images").toPandas()
+    return [_task("mirror", r.product_id, r.image_id, None, "", "", 0, {})
+            for r in references.itertuples(index=False)], []
+
+
 def plan_outpaints(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> tuple[list, list]:
     """Approved scenes painted around each reference and novel view, product pixels kept."""
     mask_method = zoo.models.segmenter

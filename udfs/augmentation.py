@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from core.vocabulary import AUGMENT_KINDS, resolve
 from udfs.imaging import decode_mask, decode_rgb, encode_png, pixel_hash
@@ -93,6 +93,13 @@ def novel_view(pipeline, task: dict, params: dict, generator) -> list[tuple[Imag
                       num_inference_steps=params["steps"], decode_chunk_size=params["frames"],
                       generator=generator, noise_aug_strength=0.02).frames[0]
     return [(frames[i].convert("RGB"), {"frame": i}) for i in params["keep_frames"]]
+
+
+def mirror(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
+    """The parent flipped left to right at its own size: no model, every pixel kept."""
+    if task["image"] is None:
+        raise ValueError("the parent image is missing")
+    return [(ImageOps.mirror(decode_rgb(task["image"])), {})]
 
 
 class Rejected(Exception):
