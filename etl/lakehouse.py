@@ -103,7 +103,7 @@ class Lakehouse:
         self.products = set(products)
         listed = sql_list(sorted(self.products))
         self._spark.sql(f"CREATE OR REPLACE TEMP VIEW product_images AS SELECT * FROM "
-                       f"delta.`{self.location('product_images')}` WHERE product_id IN ({listed})")
+                        f"delta.`{self.location('product_images')}` WHERE product_id IN ({listed})")
 
     @contextlib.contextmanager
     def unscoped(self):
