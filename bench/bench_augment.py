@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 
 def tiny_run() -> dict:
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.ingest import ingest
     from etl.lakehouse import Lakehouse
     from jobs.steps import run_steps

@@ -45,7 +45,7 @@ def main() -> None:
         import pandas as pd
 
         from etl import tracking
-        from etl.config import Settings
+        from core.settings import Settings
         from etl.lakehouse import Lakehouse
         from training import train_job
         from udfs.zoo import ModelZoo

@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.lakehouse import Lakehouse
     from udfs.imaging import decode_rgb
     from udfs.inference import image_embedding_udf

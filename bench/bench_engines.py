@@ -75,7 +75,7 @@ def main() -> None:
                       "spark_server_start_s": round(server_start, 1), "demo_s": results,
                       "spark_over_embedded": round(spark / embedded, 2), "rows": counts,
                       "rows_agree": counts["embedded"] == counts["spark"], "homes": homes}, indent=1))
-    os._exit(0)  # deltalake + pyarrow may abort at interpreter exit (NOTES.md 9)
+    os._exit(0)  # deltalake + pyarrow may abort at interpreter exit (docs/engine.md)
 
 
 if __name__ == "__main__":

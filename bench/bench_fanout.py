@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from etl.config import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from etl.ingest import ingest  # noqa: E402
 from etl.lakehouse import Lakehouse  # noqa: E402
 from jobs.steps import SCORING, run_steps  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 
 from bench_train import build_full_size  # noqa: E402
-from etl.config import TrainingSettings  # noqa: E402
+from core.settings import TrainingSettings  # noqa: E402
 from sample_images import product_shot  # noqa: E402
 from training.lora import Example, instance_prompt, train_lora  # noqa: E402
 
@@ -63,7 +63,7 @@ def main() -> None:
         build_full_size(base)
         images = args.images or 8
     else:
-        from etl.config import Settings
+        from core.settings import Settings
         from udfs.zoo import ModelZoo
 
         zoo = ModelZoo.from_settings(Settings.load(work / "home"))

@@ -2,7 +2,7 @@
 
 bench/bench_gpu.py times the model work in a bare PyTorch loop; this times the code every
 product runs: `train_lora` (training/lora.py) with the `sd15` or `sdxl` profile's own training
-settings (etl/config.py PROFILES: resolution, rank, batch, gradient accumulation, learning rate;
+settings (core/settings.py PROFILES: resolution, rank, batch, gradient accumulation, learning rate;
 gradient checkpointing as the trainer decides it, on from 768 px), then generation through
 `adapter_loaded` + `render` at the profile's generation settings, unfused and fused, and the
 cost of one adapter cycle (load, fuse, unfuse, put the base weights back, unload).
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from etl.config import PROFILES, GenerationSettings, TrainingSettings
+    from core.settings import PROFILES, GenerationSettings, TrainingSettings
 
     profile = PROFILES[args.profile]
     config = dataclasses.replace(TrainingSettings(**profile["training"]), mixed_precision="auto",

@@ -39,10 +39,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from etl.config import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from etl.ingest import ingest  # noqa: E402
 from etl.lakehouse import Lakehouse  # noqa: E402
-from etl.tables import TABLES, sql_list  # noqa: E402
+from core.tables import TABLES, sql_list  # noqa: E402
 from jobs.steps import run_steps  # noqa: E402
 from sample_images import encode, product_shot, write_files  # noqa: E402
 from udfs.imaging import encode_mask, pixel_hash  # noqa: E402

@@ -53,8 +53,8 @@ import pyarrow as pa  # noqa: E402
 from deltalake import DeltaTable, PostCommitHookProperties, write_deltalake  # noqa: E402
 
 from etl import lakehouse  # noqa: E402
-from etl.config import Settings  # noqa: E402
-from etl.vocabulary import GENERATED  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.vocabulary import GENERATED  # noqa: E402
 from jobs.runner import run  # noqa: E402
 
 PRODUCTS, IMAGES_PER_PRODUCT, PRODUCTS_PER_COMMIT = 500, 4, 10

@@ -49,7 +49,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from etl.config import Settings
+    from core.settings import Settings
     from jobs.service import SERVICE_NAME, register_service
 
     version = register_service(Settings.load(home))

@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.engine import spark_session
 
     work = Path(tempfile.mkdtemp(prefix="recontext-bench-"))

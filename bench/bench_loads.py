@@ -39,7 +39,7 @@ def counted(cls, *a, **k):
 
 DiffusionPipeline.from_pretrained = classmethod(counted)
 
-from etl.config import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from etl.ingest import ingest  # noqa: E402
 from etl.lakehouse import Lakehouse  # noqa: E402
 from etl import tracking  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
     import pandas as pd
 
     prompts = [("scene", "on a wooden desk"), ("scene", "on a kitchen shelf"), ("target", "on a marble counter")]
-    from etl.tables import TABLES
+    from core.tables import TABLES
 
     lake.upsert_rows("prompt_bank", pd.DataFrame(
         [{"prompt_id": f"bench-{i}", "product_type": "mug", "purpose": purpose, "text": text, "status": "approved",

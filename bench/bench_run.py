@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from etl.config import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from etl.lakehouse import Lakehouse  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
-from etl.config import TrainingSettings  # noqa: E402
+from core.settings import TrainingSettings  # noqa: E402
 from sample_images import product_shot  # noqa: E402
 from training.lora import Example, instance_prompt, train_lora  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> None:
             per_step = timed(pipeline, config, args.steps, args.device, work / f"b{batch}")
             results[f"sd15_rank64_512px_batch{batch}_s_per_1000_steps"] = round(per_step * 1000, 1)
     else:
-        from etl.config import Settings
+        from core.settings import Settings
         from udfs.zoo import ModelZoo
 
         for family in ("sd", "sdxl"):

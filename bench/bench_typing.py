@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etl.brands import brand_in  # noqa: E402
-from etl.config import PromptBankSettings  # noqa: E402
+from core.settings import PromptBankSettings  # noqa: E402
 from etl.product_types import MemoEncoder, type_from_title  # noqa: E402
 from etl.prompt_bank import UNKNOWN, seed_types  # noqa: E402
 from udfs.sentence import SentenceEncoder  # noqa: E402

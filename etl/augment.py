@@ -10,6 +10,7 @@ failure is recorded in `quarantine`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -17,14 +18,14 @@ import random
 
 import pandas as pd
 
-from etl.config import AugmentSettings
+from core.settings import AugmentSettings
 from etl.image_sets import IMAGE_BYTES
 from etl.lakehouse import Lakehouse
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
 from etl.step import Step
-from etl.tables import TABLES, sql_list, sql_literal
-from etl.vocabulary import REFERENCE
-from udfs.augmentation import KINDS, OUTPUT_COLUMNS, POSITIVE_KINDS, REJECTED, generate_batches
+from core.tables import TABLES, sql_list, sql_literal
+from core.vocabulary import AUGMENT_KINDS, AUGMENTED_POSITIVES, REFERENCE, resolve
+from udfs.augmentation import OUTPUT_COLUMNS, REJECTED, generate_batches
 from udfs.zoo import ModelZoo
 
 STAGE = "augment"
@@ -49,9 +50,26 @@ def _common(settings: AugmentSettings) -> dict:
     return {"resolution": settings.resolution, "steps": settings.steps, "guidance_scale": settings.guidance_scale}
 
 
-def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None) -> dict[str, int]:
+def run_augmentation(step: str, lake: Lakehouse, zoo: ModelZoo,
+                     settings: AugmentSettings | None = None) -> dict[str, int]:
+    """The augmentation step `step`: the tasks of every kind it makes (AUGMENT_KINDS rows), planned
+    by each kind's planner, less those of kinds not on for the product's type, run and written."""
     settings = settings or lake.settings.augment
-    zoo.check("image2video")
+    kinds = [k for k in AUGMENT_KINDS.values() if k.step == step]
+    tasks, rejected = [], []
+    for planner in dict.fromkeys(k.planner for k in kinds):
+        planned, refused = resolve(planner)(lake, zoo, settings)
+        tasks, rejected = tasks + planned, rejected + refused
+    if any(not k.default_on for k in kinds):
+        types = dict(resolved_types(lake).toPandas().itertuples(index=False))
+        tasks = [t for t in tasks if AUGMENT_KINDS[t["kind"]].default_on
+                 or types.get(t["product_id"]) in settings.kinds_for_types.get(t["kind"], ())]
+    written = _run_tasks(lake, zoo, tasks, masked=any(k.masked for k in kinds))
+    written["quarantine"] += lake.quarantine(STAGE, rejected)
+    return written
+
+
+def plan_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> tuple[list, list]:
     model = zoo.name("image2video")
     frames = settings.novel_view_frames
     keep = sorted({round(i * (frames - 1) / settings.novel_views_per_image)
@@ -59,17 +77,21 @@ def run_novel_views(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | 
     parameters = {"resolution": settings.resolution, "steps": settings.video_steps, "frames": frames,
                   "keep_frames": keep}
     references = lake.spark.sql("SELECT DISTINCT product_id, image_id FROM product_images").toPandas()
-    tasks = [_task("novel_view", r.product_id, r.image_id, None, "", model,
-                   task_seed(settings.seed, "novel_view", r.image_id), parameters)
-             for r in references.itertuples(index=False)]
-    return _run_tasks(lake, zoo, tasks)
+    return [_task("novel_view", r.product_id, r.image_id, None, "", model,
+                  task_seed(settings.seed, "novel_view", r.image_id), parameters)
+            for r in references.itertuples(index=False)], []
 
 
-def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None,
-                 mask_method: str | None = None) -> dict[str, int]:
+def plan_mirrors(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> tuple[list, list]:
+    """Every reference, mirrored (run_augmentation keeps the types `augment.kinds_for_types` lists)."""
+    references = lake.spark.sql("SELECT DISTINCT product_id, image_id FROM product_images").toPandas()
+    return [_task("mirror", r.product_id, r.image_id, None, "", "", 0, {})
+            for r in references.itertuples(index=False)], []
+
+
+def plan_outpaints(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> tuple[list, list]:
     """Approved scenes painted around each reference and novel view, product pixels kept."""
-    settings, mask_method = settings or lake.settings.augment, mask_method or zoo.models.segmenter
-    zoo.check("inpaint")
+    mask_method = zoo.models.segmenter
     model = zoo.name("inpaint")
     scenes = approved_prompts(lake, "scene")
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
@@ -95,12 +117,10 @@ def run_outpaint(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | Non
             tasks.append(_task("outpaint", parent.product_id, parent.image_id, scene.prompt_id, prompt, model,
                                task_seed(settings.seed, "outpaint", parent.image_id, scene.prompt_id),
                                _common(settings)))
-    written = _run_tasks(lake, zoo, tasks)
-    written["quarantine"] += lake.quarantine(STAGE, missing)
-    return written
+    return tasks, missing
 
 
-def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | None = None) -> dict[str, int]:
+def plan_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings) -> tuple[list, list]:
     """Negatives to reach positives / negatives = settings.positives_per_negative per product.
 
     Positives are the references, novel views and outpaints. Negatives alternate between
@@ -109,15 +129,13 @@ def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | No
     in-class negatives (text-to-image from a positive's caption with the product replaced by its
     class noun); without a masked parent, all are in-class negatives.
     """
-    settings = settings or lake.settings.augment
     mask_method, caption_model, caption_prompt = zoo.models.segmenter, zoo.name("captioner"), zoo.models.caption_prompt
-    zoo.check("inpaint", "text2img")
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
     positives = lake.spark.sql(
         f"""SELECT i.product_id, i.image_id, i.kind, m.image_id IS NOT NULL AS has_mask, c.caption FROM (
               SELECT product_id, image_id, {sql_literal(REFERENCE)} AS kind FROM product_images
               UNION ALL SELECT product_id, image_id, kind FROM synthetic_images
-              WHERE kind IN ({sql_list(POSITIVE_KINDS)})) i
+              WHERE kind IN ({sql_list(AUGMENTED_POSITIVES)})) i
             LEFT JOIN masks m ON m.image_id = i.image_id AND m.method = {sql_literal(mask_method)}
                               AND m.area_fraction > 0
             LEFT JOIN captions c ON c.image_id = i.image_id AND c.model = {sql_literal(caption_model)}
@@ -146,7 +164,7 @@ def run_negatives(lake: Lakehouse, zoo: ModelZoo, settings: AugmentSettings | No
                                    task_seed(settings.seed, "negative", product_id, str(i)),
                                    {**_common(settings), "index": i,
                                     "caption_of": None if source is None else source.image_id}))
-    return _run_tasks(lake, zoo, tasks, mask_method)
+    return tasks, []
 
 
 def _strip_caption_prefix(caption: str, prompt: str) -> str:
@@ -154,8 +172,9 @@ def _strip_caption_prefix(caption: str, prompt: str) -> str:
     return text[len(prompt):].strip(" ,") if prompt and text.lower().startswith(prompt.lower()) else text
 
 
-def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: str | None = None) -> dict[str, int]:
-    """Run the tasks not stored yet; write images to synthetic_images, failures to quarantine."""
+def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], masked: bool = True) -> dict[str, int]:
+    """Run the tasks not stored yet; write images to synthetic_images, failures to quarantine.
+    `masked`: the tasks take their parent's product mask (else no masks are read)."""
     spark = lake.spark
     if not tasks:
         return {"synthetic_images": 0, "quarantine": 0}
@@ -168,14 +187,14 @@ def _run_tasks(lake: Lakehouse, zoo: ModelZoo, tasks: list[dict], mask_method: s
     pending = planned.join(done, "task_key", "left_anti")
     if pending.isEmpty():
         return {"synthetic_images": 0, "quarantine": 0}
-    method = mask_method or zoo.models.segmenter
+    method = zoo.models.segmenter
     pending.createOrReplaceTempView("_pending_tasks")
     # Parents come with their bytes and product mask; text-to-image tasks have neither.
+    masks = (f"LEFT JOIN masks m ON m.image_id = t.parent_image_id AND m.method = {sql_literal(method)}" if masked
+             else "LEFT JOIN (SELECT CAST(NULL AS STRING) AS image_id, CAST(NULL AS BINARY) AS mask) m ON FALSE")
     inputs = spark.sql(
         f"""SELECT t.*, p.image, m.mask FROM _pending_tasks t
-            LEFT JOIN ({IMAGE_BYTES}) p ON p.image_id = t.parent_image_id
-            LEFT JOIN masks m ON m.image_id = t.parent_image_id AND m.method = {sql_literal(method)}""")
-    zoo.check(*sorted({KINDS[t["kind"]].role for t in tasks}))
+            LEFT JOIN ({IMAGE_BYTES}) p ON p.image_id = t.parent_image_id {masks}""")
     schema = ", ".join(f"{name} {_type(name)}" for name in OUTPUT_COLUMNS)
     generated = inputs.mapInPandas(generate_batches(zoo), schema)
     with lake.staged(generated) as staged:
@@ -205,18 +224,20 @@ def _type(column: str) -> str:
     return next(c.type for c in TABLES["synthetic_images"].columns if c.name == column)
 
 
-NOVEL_VIEWS = Step(
-    "novel_views", run_novel_views, reads=("product_images",),
-    writes=("synthetic_images", "quarantine"), roles=(KINDS["novel_view"].role,),
-    description="novel views of every reference from the image-to-video model")
-OUTPAINT = Step(
-    "outpaint", run_outpaint,
-    reads=("product_images", "products", "product_classes", "synthetic_images", "masks", "prompt_bank"),
-    writes=("synthetic_images", "quarantine"), roles=(KINDS["outpaint"].role,),
-    description="approved scenes painted around each reference and novel view (positives)")
-NEGATIVES = Step(
-    "negatives", run_negatives,
-    reads=("product_images", "products", "product_classes", "synthetic_images", "masks", "captions"),
-    writes=("synthetic_images", "quarantine"),
-    roles=tuple(sorted({KINDS["negative"].role, KINDS["counterfactual"].role})),
-    description="in-class negatives and counterfactuals at the positive:negative ratio")
+def _step(name: str, reads: tuple[str, ...], description: str) -> Step:
+    """An augmentation step: it makes the kinds whose row names it, and loads their roles."""
+    kinds = [k for k in AUGMENT_KINDS.values() if k.step == name]
+    typed = ("products", "product_classes") if any(not k.default_on for k in kinds) else ()
+    return Step(name, functools.partial(run_augmentation, name), reads=tuple(dict.fromkeys(reads + typed)),
+                writes=("synthetic_images", "quarantine"), roles=tuple(sorted({k.role for k in kinds if k.role})),
+                description=description)
+
+
+NOVEL_VIEWS = _step("novel_views", ("product_images",),
+                    "novel views of every reference from the image-to-video model")
+OUTPAINT = _step("outpaint", ("product_images", "products", "product_classes", "synthetic_images", "masks",
+                              "prompt_bank"),
+                 "approved scenes painted around each reference and novel view (positives)")
+NEGATIVES = _step("negatives", ("product_images", "products", "product_classes", "synthetic_images", "masks",
+                                "captions"),
+                  "in-class negatives and counterfactuals at the positive:negative ratio")

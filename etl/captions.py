@@ -6,7 +6,7 @@ from etl.image_sets import all_images
 from etl.lakehouse import Lakehouse
 from etl.model_outputs import write_model_outputs
 from etl.step import Step
-from etl.tables import sql_literal
+from core.tables import sql_literal
 from udfs.inference import caption_udf
 from udfs.zoo import ModelZoo
 
@@ -14,7 +14,6 @@ STAGE = "captions"
 
 
 def run_captions(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
-    zoo.check("captioner")
     model, prompt, fingerprint = zoo.name("captioner"), zoo.models.caption_prompt, zoo.fingerprint("captioner")
     done = lake.table("captions").where(
         f"model = {sql_literal(model)} AND prompt = {sql_literal(prompt)} "

@@ -10,7 +10,7 @@ from etl.image_sets import all_images
 from etl.lakehouse import Lakehouse
 from etl.model_outputs import write_model_outputs
 from etl.step import Step
-from etl.tables import sql_literal
+from core.tables import sql_literal
 from udfs.inference import image_embedding_udf, text_embedding_udf
 from udfs.zoo import ModelZoo
 
@@ -19,7 +19,6 @@ IMAGE_ROLES = ("clip", "dino")
 
 
 def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
-    zoo.check(*IMAGE_ROLES)
     written = {"embeddings": 0, "text_embeddings": 0, "quarantine": 0}
     method = zoo.models.segmenter
     # Segmented variants exist only where a product was found.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 
-from etl.config import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

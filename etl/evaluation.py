@@ -32,13 +32,13 @@ import numpy as np
 import pandas as pd
 
 from etl import tracking
-from etl.errors import UserError
+from core.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.plans import describe_training, pin, pinned, planned_images, status
 from etl.ratings import QUESTIONS
 from etl.step import CHAMPIONS, Step
-from etl.tables import TABLES, sql_list, sql_literal
-from etl.vocabulary import EVALUATED, aggregate_score
+from core.tables import TABLES, sql_list, sql_literal
+from core.vocabulary import EVALUATED, aggregate_score
 
 ALL = "(all)"
 PASS_RULES = ("all_questions", "per_question")
@@ -185,7 +185,7 @@ def record_promotion(lake: Lakehouse, product_id: str, arm: str, version: str) -
 def run_evaluation(lake: Lakehouse, zoo=None) -> dict[str, int]:
     """Pin the current plan as an evaluation (if new), then compute Table 2 for every complete
     evaluation, each with the scoring settings it was pinned with; incomplete ones get no rows."""
-    from training.ranking import configured_ranker, rank_generations  # training.ranker imports this module
+    from etl.ranking import configured_ranker, rank_generations  # etl.ranker imports this module
 
     settings = lake.settings
     written = {"evaluation_plans": pin(lake)[1]}

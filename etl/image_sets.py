@@ -12,12 +12,11 @@ from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from etl.lakehouse import Lakehouse
-from etl.tables import sql_list
-from etl.vocabulary import GENERATED, REFERENCE
-from udfs.augmentation import NEGATIVE_KINDS, POSITIVE_KINDS
+from core.tables import sql_list
+from core.vocabulary import AUGMENTED_NEGATIVES, AUGMENTED_POSITIVES, GENERATED, REFERENCE
 
 PRODUCT_FILTER = 10_000  # pending products up to which image bytes are read by product
-KIND_ORDER = (REFERENCE, *POSITIVE_KINDS, *NEGATIVE_KINDS, GENERATED)
+KIND_ORDER = (REFERENCE, *AUGMENTED_POSITIVES, *AUGMENTED_NEGATIVES, GENERATED)
 
 _UNION = f"""
     SELECT image_id, product_id, role AS kind, NULL AS parent_image_id, NULL AS prompt, image, has_alpha

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from etl.config import IngestSettings
+from core.settings import IngestSettings
 from udfs.imaging import encode_png, pixel_hash
 
 # Formats decoded and kept; the first three are stored with their original bytes when

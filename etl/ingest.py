@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from etl.config import IngestSettings
+from core.settings import IngestSettings
 from etl.lakehouse import Lakehouse
 from etl.sources import Listing, list_source
 from etl.step import CATALOG_FILES, Step
-from etl.tables import TABLES
+from core.tables import TABLES
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +21,10 @@ import pandas as pd
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
-from etl.config import Settings
+from core.settings import Settings
 from etl.engine import Engine, spark_session
-from etl.tables import TABLES, Table, sql_list, sql_literal
+from core.errors import UndeclaredRead
+from core.tables import TABLES, Table, sql_list, sql_literal
 
 # A checkpoint every 10 commits (Spark's and Sail's default; delta-rs' is 100): a read replays at
 # most 10 JSON commits after the checkpoint, however long the table's history. Homes made before
@@ -28,6 +32,20 @@ from etl.tables import TABLES, Table, sql_list, sql_literal
 # `recontext maintain`. Sail 0.7.2 cannot time travel to versions before the last checkpoint:
 # `at_version` reads those through delta-rs' file list.
 TABLE_PROPERTIES = {"delta.checkpointInterval": "10"}
+
+# Every commit names its writer: appends in the commit's userMetadata, MERGE and DELETE (which
+# Sail 0.7.2 commits without userMetadata) in a no-op term of their predicate, which the engine
+# records. The runner counts as a step's writes only the commits that carry its own tag, so an
+# on-demand request or another process writing the same table never counts as the step's.
+WRITER_MARK = "recontext-writer="
+_WRITER = re.compile(re.escape(WRITER_MARK) + r"([\w:.@/-]+)")
+
+
+def commit_writer(commit: dict) -> str | None:
+    """The writer tag a Delta commit (a delta-rs history entry) carries, if any."""
+    parameters = commit.get("operationParameters") or {}
+    found = _WRITER.search(" ".join(str(v) for v in (commit.get("userMetadata"), *parameters.values()) if v))
+    return found.group(1) if found else None
 
 
 @dataclass(frozen=True)
@@ -41,12 +59,41 @@ class TableStats:
 class Lakehouse:
     def __init__(self, settings: Settings, spark: SparkSession | None = None):
         self.settings = settings
-        self.spark = spark or spark_session(settings)
-        self.engine = Engine.of(self.spark)
-        self.engine.prepare(self.spark, settings.home)
+        self._spark = spark or spark_session(settings)
+        self.engine = Engine.of(self._spark)
+        self.engine.prepare(self._spark, settings.home)
         self.products: set[str] | None = None  # see limit_to
+        # The tag its commits carry (WRITER_MARK): this process and this lakehouse in it.
+        self.writer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._scope: _StepScope | None = None  # see step_scope
         settings.lakehouse.mkdir(parents=True, exist_ok=True)
         self.register_tables()
+
+    @property
+    def spark(self) -> SparkSession:
+        """The session; inside step_scope, one whose queries may name only the step's tables."""
+        return self._spark if self._scope is None else _CheckedSession(self._spark, self._scope)
+
+    @contextlib.contextmanager
+    def step_scope(self, step: str, reads, writes):
+        """Run a step's code: its commits carry a writer tag of their own (yielded, for
+        `commits_by`), and a query naming a table outside its reads and writes raises
+        UndeclaredRead. The lakehouse's own writes (upsert) query their target unchecked: a
+        write is checked by its commits."""
+        tag = f"step:{step}:{uuid.uuid4().hex[:12]}"
+        previous = self.writer, self._scope
+        self.writer, self._scope = tag, _StepScope(step, frozenset(reads) | frozenset(writes))
+        try:
+            yield tag
+        finally:
+            self.writer, self._scope = previous
+
+    def commits_by(self, name: str, since: int, tag: str) -> list[int]:
+        """Versions of table `name` after `since` whose commit carries writer `tag`."""
+        delta = DeltaTable(self.location(_declared(name).name))
+        newer = delta.version() - since
+        return [c["version"] for c in (delta.history(newer) if newer > 0 else []) if c["version"] > since
+                and commit_writer(c) == tag]
 
     def limit_to(self, products: set[str]) -> None:
         """Make every stage of this session see only `products`: reference photos are the root of
@@ -55,8 +102,8 @@ class Lakehouse:
         loops (training, generation) read `self.products`."""
         self.products = set(products)
         listed = sql_list(sorted(self.products))
-        self.spark.sql(f"CREATE OR REPLACE TEMP VIEW product_images AS SELECT * FROM "
-                       f"delta.`{self.location('product_images')}` WHERE product_id IN ({listed})")
+        self._spark.sql(f"CREATE OR REPLACE TEMP VIEW product_images AS SELECT * FROM "
+                        f"delta.`{self.location('product_images')}` WHERE product_id IN ({listed})")
 
     @contextlib.contextmanager
     def unscoped(self):
@@ -64,7 +111,7 @@ class Lakehouse:
         if self.products is None:
             yield
             return
-        self.spark.sql("DROP VIEW IF EXISTS product_images")
+        self._spark.sql("DROP VIEW IF EXISTS product_images")
         try:
             yield
         finally:
@@ -90,11 +137,11 @@ class Lakehouse:
                 # Existing tables register from their own log: Sail 0.7.2 compares a declared
                 # ARRAY column's element name with the stored one and refuses the match. (On Spark
                 # this is the ordinary way to register an existing Delta table.)
-                self.spark.sql(f"CREATE TABLE IF NOT EXISTS {table.name} USING delta LOCATION '{location}'")
+                self._spark.sql(f"CREATE TABLE IF NOT EXISTS {table.name} USING delta LOCATION '{location}'")
                 continue
-            self.engine.forget_table(self.spark, table.name)
+            self.engine.forget_table(self._spark, table.name)
             partitioned = f"PARTITIONED BY ({', '.join(table.partition_by)})" if table.partition_by else ""
-            self.spark.sql(
+            self._spark.sql(
                 f"CREATE TABLE IF NOT EXISTS {table.name} ({table.ddl_columns()}) USING delta "
                 f"{partitioned} LOCATION '{location}' "
                 f"COMMENT {sql_literal(table.comment)} TBLPROPERTIES ({properties})"
@@ -106,6 +153,8 @@ class Lakehouse:
     def at_version(self, name: str, version: int) -> DataFrame:
         """Table `name` as of Delta `version` (time travel)."""
         table, location = _declared(name), self.location(name)
+        if self._scope:
+            self._scope.check({name})
         if self.engine.sail and version < _last_checkpoint(location):
             # Sail 0.7.2 fails time travel to most versions before the table's last checkpoint
             # ("Missing commit file: expected version 0"; at or after it, it works). delta-rs lists
@@ -118,9 +167,9 @@ class Lakehouse:
                                           f"embedded engine needs a plain table (has {sorted(features)})")
             schema = ", ".join(f"{c.name} {c.type}" for c in table.columns)
             files = snapshot.file_uris()
-            return (self.spark.read.schema(schema).parquet(*files) if files
-                    else self.spark.createDataFrame([], schema))
-        return self.spark.read.format("delta").option("versionAsOf", version).load(location)
+            return (self._spark.read.schema(schema).parquet(*files) if files
+                    else self._spark.createDataFrame([], schema))
+        return self._spark.read.format("delta").option("versionAsOf", version).load(location)
 
     def upsert(self, name: str, rows: DataFrame) -> int:
         """MERGE `rows` into table `name` on its key; returns how many rows were written.
@@ -137,7 +186,7 @@ class Lakehouse:
         source = _view(rows.selectExpr(*(f"CAST({c.name} AS {c.type}) AS {c.name}" for c in table.columns)))
         on_key = " AND ".join(f"t.{k} = s.{k}" for k in table.key)
         unchanged = " AND ".join(f"t.{c} <=> s.{c}" for c in table.compared) or "TRUE"
-        changed = self.spark.sql(
+        changed = self._spark.sql(
             f"SELECT s.* FROM {source} s LEFT ANTI JOIN {table.name} t ON {on_key} AND {unchanged}"
         )
         # Staging the changed rows decouples the writes from a source that reads its own target.
@@ -152,21 +201,30 @@ class Lakehouse:
                 # changes a stored key pays for a MERGE, which inserts its new keys too.
                 keys = f"(SELECT {', '.join(table.key)} FROM {table.name})"
                 staged_view = _view(staged)
-                updates = self.spark.sql(f"SELECT s.* FROM {staged_view} s LEFT SEMI JOIN {keys} t ON {on_key}")
+                updates = self._spark.sql(f"SELECT s.* FROM {staged_view} s LEFT SEMI JOIN {keys} t ON {on_key}")
                 if not updates.isEmpty():
-                    self.spark.sql(
-                        f"MERGE INTO {table.name} t USING {staged_view} s ON {on_key} "
+                    self._spark.sql(
+                        f"MERGE INTO {table.name} t USING {staged_view} s ON {on_key} AND {self._mark()} "
                         "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
                     )
                 else:
-                    staged.write.format("delta").mode("append").save(self.location(table.name))
+                    (staged.write.format("delta").mode("append").option("userMetadata", WRITER_MARK + self.writer)
+                     .save(self.location(table.name)))
         return count
+
+    def delete(self, name: str, where: str) -> None:
+        """DELETE FROM table `name` WHERE `where` (a SQL condition), as this writer."""
+        self._spark.sql(f"DELETE FROM {_declared(name).name} WHERE ({where}) AND {self._mark()}")
+
+    def _mark(self) -> str:
+        """A no-op predicate term naming the writer (WRITER_MARK)."""
+        return f"{sql_literal(WRITER_MARK + self.writer)} IS NOT NULL"
 
     def upsert_rows(self, name: str, rows: pd.DataFrame) -> int:
         """upsert() a pandas frame holding `name`'s data columns (NaN becomes NULL)."""
         table = _declared(name)
         rows = rows[table.data_columns]
-        frame = self.spark.createDataFrame(rows.astype(object).where(rows.notna(), None), table.data_schema())
+        frame = self._spark.createDataFrame(rows.astype(object).where(rows.notna(), None), table.data_schema())
         return self.upsert(name, frame)
 
     def quarantine(self, stage: str, rows: list[tuple], source: str | None = None) -> int:
@@ -182,7 +240,7 @@ class Lakehouse:
 
         Used where a DataFrame that runs a model or reads files must feed several writes.
         """
-        return self.engine.staged(self.spark, rows, self.settings.lakehouse / "_staging")
+        return self.engine.staged(self._spark, rows, self.settings.lakehouse / "_staging")
 
     def history(self, name: str, limit: int | None = None) -> list[dict]:
         """Delta commits, newest first (the engine lacks DESCRIBE HISTORY)."""
@@ -200,7 +258,7 @@ class Lakehouse:
         if len(delta.file_uris()) < 2:  # one file is compact and clustered already; no engine job
             return {"numFilesRemoved": 0, "numFilesAdded": 0}
         if not self.engine.sail:  # Spark and Databricks: their own OPTIMIZE (Z-order by Delta's curve)
-            metrics = self.spark.sql(f"OPTIMIZE delta.`{location}`"
+            metrics = self._spark.sql(f"OPTIMIZE delta.`{location}`"
                                      + (" ZORDER BY (product_id)" if clustered else "")).collect()[0]["metrics"]
             return {"numFilesRemoved": metrics["numFilesRemoved"], "numFilesAdded": metrics["numFilesAdded"]}
         return delta.optimize.z_order(["product_id"]) if clustered else delta.optimize.compact()
@@ -229,7 +287,7 @@ class Lakehouse:
         if not DeltaTable(self.location(name)).file_uris():  # an empty table: no engine job
             return []
         key = ", ".join(_declared(name).key)
-        return [r.asDict() for r in self.spark.sql(
+        return [r.asDict() for r in self._spark.sql(
             f"SELECT {key}, count(*) AS rows FROM {name} GROUP BY {key} HAVING count(*) > 1 "
             f"ORDER BY {key} LIMIT {int(limit)}").collect()]
 
@@ -238,7 +296,7 @@ class Lakehouse:
         for name in TABLES:
             delta = DeltaTable(self.location(name))
             last = self.history(name, 1)[0].get("operation", "")
-            rows = self.spark.sql(f"SELECT count(*) AS n FROM {name}").collect()[0]["n"]
+            rows = self._spark.sql(f"SELECT count(*) AS n FROM {name}").collect()[0]["n"]
             out.append(TableStats(name, rows, delta.version(), last))
         return out
 
@@ -287,6 +345,47 @@ def _refuse_duplicate_keys(table: Table, rows: DataFrame) -> None:
         examples = "; ".join(", ".join(f"{k}={r[k]}" for k in table.key) + f" ({r['count']} rows)" for r in found)
         raise DuplicateKeyError(f"refusing to write {table.name}: rows share its key ({key}): {examples}. "
                                 "A job must produce one row per key; this is a bug in the job that wrote it")
+
+
+# A table a query reads or writes: the name after FROM, JOIN, INTO, UPDATE or TABLE (quoted
+# text and `delta.`path`` reads left out). The pipeline's queries join with JOIN, not commas.
+_RELATION = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+([A-Za-z_]\w*)", re.IGNORECASE)
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|`[^`]*`")
+
+
+def tables_named(query: str) -> set[str]:
+    """The declared tables a SQL statement reads or writes."""
+    return {name for name in _RELATION.findall(_QUOTED.sub("''", query)) if name in TABLES}
+
+
+@dataclass(frozen=True)
+class _StepScope:
+    step: str
+    allowed: frozenset
+
+    def check(self, names) -> None:
+        undeclared = sorted(set(names) - self.allowed)
+        if undeclared:
+            raise UndeclaredRead(f"step {self.step!r} read table(s) {', '.join(undeclared)} that its declaration "
+                                 "lists in neither `reads` nor `writes`; declare them where the step is defined")
+
+
+class _CheckedSession:
+    """A step's view of the session: `sql` and `table` check the tables they name."""
+
+    def __init__(self, spark: SparkSession, scope: _StepScope):
+        self._spark, self._scope = spark, scope
+
+    def sql(self, query: str, *args, **kwargs) -> DataFrame:
+        self._scope.check(tables_named(query))
+        return self._spark.sql(query, *args, **kwargs)
+
+    def table(self, name: str) -> DataFrame:
+        self._scope.check({name} & set(TABLES))
+        return self._spark.table(name)
+
+    def __getattr__(self, name):
+        return getattr(self._spark, name)
 
 
 def _declared(name: str) -> Table:

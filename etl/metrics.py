@@ -1,6 +1,6 @@
 """Metrics job: stored embeddings and masks -> `image_metrics`, one row per scored image.
 
-Definitions (raw cosine; backbones recorded next to the values; see NOTES.md section 4):
+Definitions (raw cosine; backbones recorded next to the values; see docs/metrics.md):
 - clip_i / dino_i (DreamBooth CLIP-I / DINO): the mean cosine similarity between the image's
   embedding and the embeddings of its product's reference images. A reference image is compared
   with the *other* references (leave-one-out), so a product with one photo gets NULL rather than
@@ -25,7 +25,7 @@ from PIL import Image
 from etl.image_sets import scored_images
 from etl.lakehouse import Lakehouse
 from etl.step import Step
-from etl.tables import TABLES, sql_literal
+from core.tables import TABLES, sql_literal
 from udfs.imaging import decode_mask
 from udfs.zoo import ModelZoo
 

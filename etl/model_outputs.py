@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 
 from etl.lakehouse import Lakehouse
-from etl.tables import TABLES
+from core.tables import TABLES
 
 
 def write_model_outputs(lake: Lakehouse, stage: str, table: str, pending: DataFrame,

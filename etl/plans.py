@@ -22,11 +22,11 @@ import json
 import pandas as pd
 
 from etl import tracking
-from etl.config import GenerationSettings
+from core.settings import GenerationSettings
 from etl.lakehouse import Lakehouse
 from etl.prompt_bank import approved_prompts, class_noun, resolved_types
-from etl.tables import TABLES, sql_list
-from etl.vocabulary import BANK
+from core.tables import TABLES, sql_list
+from core.vocabulary import BANK
 
 PLAN_COLUMNS = TABLES["evaluation_plans"].data_columns
 

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 
 from etl.brands import brand_in
-from etl.config import PromptBankSettings
-from etl.errors import UserError
+from core.settings import PromptBankSettings
+from core.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.product_types import MemoEncoder, type_from_attributes, type_from_title
 from etl.prompt_text import capitalized_refusal, degenerate, length_refusal, lower_words
 from etl.step import Step
-from etl.tables import TABLES, sql_list, sql_literal
+from core.tables import TABLES, sql_list, sql_literal
 from udfs.zoo import ModelZoo
 
 STAGE = "prompt_bank"
@@ -170,7 +170,7 @@ def set_type(lake: Lakehouse, product_id: str, product_type: str) -> int:
     row = pd.DataFrame([(product_id, product_type.strip(), "human", 1.0, "")],
                        columns=TABLES["product_classes"].data_columns)
     written = lake.upsert_rows("product_classes", row)
-    lake.spark.sql(f"DELETE FROM quarantine WHERE stage = 'classify' AND product_id = {sql_literal(product_id)}")
+    lake.delete("quarantine", f"stage = 'classify' AND product_id = {sql_literal(product_id)}")
     return written
 
 
@@ -290,7 +290,6 @@ def _llm(zoo: ModelZoo, settings: PromptBankSettings):
         from udfs.llm import OpenAICompatibleLLM
 
         return OpenAICompatibleLLM(settings.endpoint, settings.endpoint_model, settings.api_key_env)
-    zoo.check("llm")
     return zoo.load("llm")
 
 
@@ -481,7 +480,7 @@ def approved_prompts(lake: Lakehouse, purpose: str) -> pd.DataFrame:
 
 
 CLASSIFY = Step("classify", run_classify, reads=("products", "product_images", "embeddings"),
-                writes=("product_classes", "quarantine"), roles=("clip",),
+                writes=("product_classes", "quarantine"), roles=("clip", "sentence"),
                 description="product type of each untyped product: attributes, title, else zero-shot CLIP")
 PROMPT_BANK = Step("prompt_bank", run_prompt_bank, reads=("products", "product_classes"),
                    writes=("prompt_bank",), roles=("sentence", "llm"),

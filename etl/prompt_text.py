@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from etl.brands import brand_refusal
-from etl.config import PromptBankSettings
+from core.settings import PromptBankSettings
 
 # Words that carry no content, for the repetition and adjective checks.
 STOPWORDS = frozenset("a an the of on in with and by at to for from into onto near under over beside next its "

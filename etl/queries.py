@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from etl.errors import UserError
+from core.errors import UserError
 
 QUERY_STARTS = {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC"}
 # Every other word a Spark, Databricks, Delta or Sail statement can start with: such a statement

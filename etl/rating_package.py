@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.evaluation import evaluated_images
 from etl.lakehouse import Lakehouse
 from etl.ratings import ANSWERS, QUESTIONS
-from etl.tables import sql_list
+from core.tables import sql_list
 
 
 def export_package(lake: Lakehouse, out_dir: Path) -> tuple[Path, int]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.lakehouse import Lakehouse
-from etl.tables import TABLES
+from core.tables import TABLES
 
 STAGE = "ratings"
 ANSWERS = ("yes", "maybe", "no", "unclear")

@@ -26,12 +26,11 @@ from urllib.parse import quote
 import pandas as pd
 from PIL import Image
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.plans import status
 from etl.step import REPORT_FILES, Step
-from etl.tables import TABLES, sql_list
-from etl.vocabulary import METRIC_COLUMNS, RANKING_METRICS, from_bank
-from udfs.augmentation import KINDS
+from core.tables import TABLES, sql_list
+from core.vocabulary import AUGMENT_KINDS, METRIC_COLUMNS, RANKING_METRICS, from_bank
 
 EVALUATION_COLUMNS = tuple(c for c in TABLES["evaluation_metrics"].data_columns
                            if c not in ("product_id", "evaluation_id", "selected_after_results"))
@@ -160,7 +159,7 @@ def _load(lake, ids: list[str]) -> _Data:
                                 FROM synthetic_images) s
                                 ON s.product_id = t.product_id AND s.image_id = t.image_id AND s.n = 1
                               WHERE t.product_id {chosen}
-                                AND t.kind IN ({sql_list(KINDS)})
+                                AND t.kind IN ({sql_list(AUGMENT_KINDS)})
                               ORDER BY t.product_id, t.selected DESC, t.kind, t.rank, t.image_id"""),
         # Baseline generations are not ranked: the left join leaves their ranking NULL.
         generations=sql(f"""SELECT g.product_id, g.image_id, g.arm, g.prompt, g.seed, g.adapter_version,
@@ -434,5 +433,6 @@ def run_report(lake, zoo=None) -> dict[str, int]:
 
 REPORT = Step("report", run_report,
               reads=("products", "product_images", "masks", "synthetic_images", "training_images", "image_metrics",
-                     "generations", "ranked_generations", "evaluation_metrics", "evaluation_plans", "human_ratings"),
+                     "generations", "ranked_generations", "evaluation_metrics", "evaluation_plans", "human_ratings",
+                     "rated_images"),
               writes=(REPORT_FILES,), description="the static HTML report under <home>/report")

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.product_types import catalog_type
 
 FORMATS = ("folder", "manifest", "abo")

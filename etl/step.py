@@ -2,8 +2,9 @@
 reads and writes, and which model roles it loads (and so whether it wants a GPU).
 
 jobs/steps.py collects the declarations; jobs/pipeline.toml groups steps into stages, whose
-reads, writes, roles and device are the union of their steps'. The runner checks every write
-against the declaration and every model role before a stage starts.
+reads, writes, roles and device are the union of their steps'. The runner (jobs/steps.py
+run_step) holds each step to its declaration: the tables its queries name, the roles it loads and
+the tables its own commits change.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Step:
     # that it consults only to skip done work: a later stage adding to them is no new input.
     reads: tuple[str, ...]
     writes: tuple[str, ...]  # tables (or NON_TABLES outputs) it may write; checked after it runs
-    roles: tuple[str, ...] = ()  # model roles (udfs/zoo.py ROLES; "segmenter" = the configured one)
+    roles: tuple[str, ...] = ()  # model roles it may load (udfs/zoo.py ROLES; "segmenter" = the configured one)
     description: str = ""
 
     @property

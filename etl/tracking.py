@@ -15,8 +15,8 @@ import logging
 import os
 import threading
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 OURS, BASELINE = "ours", "baseline"

@@ -25,15 +25,13 @@ import numpy as np
 import pandas as pd
 
 from etl.brands import without_brands
-from etl.config import TrainingSettings
+from core.settings import TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.step import Step
-from etl.tables import TABLES, sql_list, sql_literal
-from etl.vocabulary import GENERATED, METRIC_COLUMNS, REFERENCE, aggregate_score
-from udfs.augmentation import NEGATIVE_KINDS
-from udfs.augmentation import POSITIVE_KINDS as AUGMENTED_POSITIVES
+from core.tables import TABLES, sql_list, sql_literal
+from core.vocabulary import (AUGMENT_KINDS, AUGMENTED_NEGATIVES, AUGMENTED_POSITIVES, GENERATED, METRIC_COLUMNS,
+                             REFERENCE, aggregate_score)
 
-POSITIVE_KINDS = (REFERENCE, *AUGMENTED_POSITIVES)
 COLUMNS = TABLES["training_images"].data_columns
 
 
@@ -64,7 +62,7 @@ def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positiv
     rows = rows.copy()
     twin = rows.twin.fillna(False).astype(bool) if "twin" in rows else pd.Series(False, index=rows.index)
     rows["score"] = aggregate_score(rows, config.score_weights)
-    rows["is_positive"] = rows.kind.isin(POSITIVE_KINDS)
+    rows["is_positive"] = rows.kind.isin((REFERENCE, *AUGMENTED_POSITIVES))
     rows["selected"], rows["reason"], rows["rank"] = False, None, None
     rows["config_hash"] = config_hash
 
@@ -72,7 +70,8 @@ def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positiv
     rows.loc[references, "selected"] = True
     synthetic = rows.is_positive & ~references
     iou = rows.mask_iou.astype(float)
-    low_iou = synthetic & (rows.kind == "outpaint") & ~(iou >= config.iou_threshold)
+    low_iou = synthetic & rows.kind.map(lambda k: k in AUGMENT_KINDS and AUGMENT_KINDS[k].min_iou) \
+        & ~(iou >= config.iou_threshold)
     rows.loc[low_iou, "reason"] = [
         "no mask IoU (no product mask found)" if np.isnan(v) else
         f"mask IoU {v:.2f} below {config.iou_threshold} (product lost or hallucinated)" for v in iou[low_iou]]
@@ -82,7 +81,7 @@ def select_training_images(rows: pd.DataFrame, config: TrainingSettings, positiv
     low_score = synthetic & ~low_iou & ~twins & (rows.score < bar)
     rows.loc[low_score, "reason"] = [f"score {v:.3f} below {bar:.3f} ({why})" for v in rows.score[low_score]]
     for kind, group in rows[synthetic & ~low_iou & ~twins & ~low_score].groupby("kind"):
-        quota = int(config.positives_per_kind.get(kind, 0))
+        quota = int(config.positives_per_kind.get(kind, AUGMENT_KINDS[kind].quota))
         eligible = group.sort_values(["score", "image_id"], ascending=[False, True])
         keep_first(rows, list(eligible.index), quota, "selected",
                    lambda rank, kind=kind, quota=quota: f"over the {kind} quota (rank {rank}, keeping {quota})")
@@ -133,7 +132,7 @@ def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
             LEFT JOIN captions c ON c.image_id = m.image_id AND c.model = {sql_literal(zoo.name('captioner'))}
                                  AND c.prompt = {sql_literal(zoo.models.caption_prompt)}
             LEFT JOIN (SELECT DISTINCT product_id, image_id FROM synthetic_images
-                       WHERE kind IN ({sql_list(NEGATIVE_KINDS)})) t
+                       WHERE kind IN ({sql_list(AUGMENTED_NEGATIVES)})) t
                    ON t.product_id = m.product_id AND t.image_id = m.image_id
             WHERE m.kind <> {sql_literal(GENERATED)}""")  # the adapter's own outputs never train it
     schema = TABLES["training_images"].data_schema()
@@ -147,5 +146,6 @@ def run_training_set(lake: Lakehouse, zoo) -> dict[str, int]:
         return {"training_images": lake.upsert("training_images", staged)}
 
 
-TRAINING_SET = Step("training_set", run_training_set, reads=("image_metrics", "captions", "synthetic_images"),
+TRAINING_SET = Step("training_set", run_training_set,
+                    reads=("image_metrics", "captions", "synthetic_images", "products"),
                     writes=("training_images",), description="the filtered, audited training set")

@@ -11,8 +11,8 @@ import sys
 import textwrap
 import time
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import CHOICES, Settings
+from core.errors import UserError
 from etl.sources import FORMATS
 from jobs.logs import configure as configure_logging
 
@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=cmd_check)
 
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
-    demo.add_argument("--base", choices=["sd", "sdxl"], default=None,
+    demo.add_argument("--base", choices=CHOICES["models", "tiny_family"], default=None,
                       help="the tiny base-model family to build and use (default: models.tiny_family, sd)")
     demo.set_defaults(run=cmd_demo, needs_home=False)
 
@@ -215,7 +215,7 @@ def cmd_imagine(settings: Settings, args) -> int:
 
     request = checked_request(settings, args.product_id, args.scene, args.n, args.keep, args.seed, args.arm)
     from training.imagine import Imaginer  # the engine's and the models' imports: after the checks
-    from etl.vocabulary import RANKING_METRICS
+    from core.vocabulary import RANKING_METRICS
 
     lake = _lake(settings)
     imaginer = Imaginer(lake)
@@ -348,7 +348,7 @@ def _print_adapters(lake) -> None:
 
 
 def _print_ranking(lake) -> None:
-    from etl.vocabulary import from_bank
+    from core.vocabulary import from_bank
 
     print(lake.spark.sql(
         "SELECT r.product_id, count(*) AS generated, sum(CAST(r.kept AS INT)) AS kept, round(max(r.score), 3) AS "

@@ -34,9 +34,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.lakehouse import Lakehouse
-from etl.tables import sql_literal
+from core.tables import sql_literal
 
 COOKIE = "recontext_console"
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # images are named by the sha256 of their bytes

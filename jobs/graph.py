@@ -10,10 +10,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 from etl.step import NON_TABLES
-from etl.tables import TABLES
+from core.tables import TABLES
 
 PIPELINE_FILE = Path(__file__).with_name("pipeline.toml")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from etl.lakehouse import Lakehouse
-from etl.tables import TABLES
+from core.tables import TABLES
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.lakehouse import Lakehouse
 
 

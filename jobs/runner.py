@@ -28,7 +28,7 @@ import pandas as pd
 
 from etl.lakehouse import Lakehouse
 from etl.step import CATALOG_FILES, CHAMPIONS
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.graph import PIPELINE_FILE, Stage, load_stages, select
 from jobs.recovery import home_lock, recover, write_runs
 from udfs.zoo import LOAD_LOG, diffusion_loads_between

@@ -42,7 +42,7 @@ from mlflow.pyfunc import PythonModel
 
 class RecontextService(PythonModel):
     def load_context(self, context) -> None:
-        from etl.config import Settings
+        from core.settings import Settings
         from etl.lakehouse import Lakehouse
         from training.imagine import Imaginer
 
@@ -53,7 +53,7 @@ class RecontextService(PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from etl.errors import UserError
+        from core.errors import UserError
         from udfs.zoo import LOADS
 
         answers = []

@@ -13,9 +13,9 @@ from deltalake import DeltaTable
 
 from etl.augment import NEGATIVES, NOVEL_VIEWS, OUTPAINT
 from etl.captions import CAPTIONS
-from etl.config import Settings
+from core.settings import Settings
 from etl.embeddings import EMBEDDINGS
-from etl.errors import UserError
+from core.errors import UndeclaredRole, UndeclaredWrite, UserError
 from etl.evaluation import EVALUATE
 from etl.ingest import INGEST
 from etl.lakehouse import Lakehouse
@@ -24,11 +24,11 @@ from etl.metrics import METRICS_STEP
 from etl.prompt_bank import CLASSIFY, PROMPT_BANK
 from etl.report import REPORT
 from etl.step import REGISTERED_MODELS, REPORT_FILES, Step
-from etl.tables import TABLES
+from core.tables import TABLES
 from etl.training_set import TRAINING_SET
 from training.generate import GENERATE
-from training.ranker import FIT_RANKER
-from training.ranking import RANK
+from etl.ranker import FIT_RANKER
+from etl.ranking import RANK
 from training.train_job import TRAIN, TRAIN_BASELINE
 from udfs.zoo import SEGMENTER, ModelZoo
 
@@ -39,10 +39,6 @@ STEPS: dict[str, Step] = {s.name: s for s in (
 OUTPUT_UNITS = {REGISTERED_MODELS: "model versions registered", REPORT_FILES: "report pages written"}
 # What a new image needs before the metrics can use it.
 SCORING = ["masks", "captions", "embeddings", "metrics"]
-
-
-class UndeclaredWrite(RuntimeError):
-    """A step wrote a table its declaration does not list."""
 
 
 def step_roles(step: Step, settings: Settings) -> tuple[str, ...]:
@@ -57,10 +53,22 @@ def _versions(lake: Lakehouse) -> dict[str, int]:
 
 
 def run_step(lake: Lakehouse, step: Step, zoo: ModelZoo) -> dict[str, int]:
-    """Run one step; fail, naming the table, when it wrote a table it did not declare."""
+    """Run one step with its declaration checked; fail, naming the step and the table or role, when
+    it queried a table it does not declare (UndeclaredRead, raised by the lakehouse), loaded a
+    role it does not declare (UndeclaredRole, raised by the zoo, wherever the load ran) or
+    committed to a table it does not declare. Only commits tagged as this step's count: other
+    writers (on-demand requests, the service, another process) may commit to the same tables."""
     before = _versions(lake)
-    written = step.run(lake, zoo)
-    changed = {name for name, version in _versions(lake).items() if version != before[name]}
+    with lake.step_scope(step.name, step.reads, step.writes) as tag:
+        try:
+            written = step.run(lake, zoo.for_step(tag, step_roles(step, lake.settings)))
+        finally:  # a refused load fails the step even where the step caught the error (a fanned-out task)
+            refused = zoo.refused_roles(tag)
+            if refused:
+                raise UndeclaredRole(f"step {step.name!r} loaded model role(s) {', '.join(refused)} that its "
+                                     "declaration does not list in `roles`; declare them where the step is defined")
+    changed = {name for name, version in _versions(lake).items()
+               if version != before[name] and lake.commits_by(name, before[name], tag)}
     reported = {t for t, n in written.items() if n and t in TABLES}  # (other counts, e.g. registered models)
     undeclared = sorted((changed | reported) - set(step.writes))
     if undeclared:

@@ -7,7 +7,7 @@ os.environ.pop("RECONTEXT_HOME", None)
 
 import pytest  # noqa: E402
 
-from etl.config import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def copy_home(source: Path, target: Path) -> Path:
 
 def delta_rows(home: Path, table: str, columns: list[str], version: int | None = None) -> list[dict]:
     """Rows of a table (at `version`, else the latest) read by delta-rs in a child process
-    (delta-rs with pyarrow can abort at interpreter exit: NOTES.md 9), as JSON records (binary
+    (delta-rs with pyarrow can abort at interpreter exit: docs/engine.md), as JSON records (binary
     columns base64)."""
     code = ("import base64, json, os, sys\nfrom deltalake import DeltaTable\n"
             f"frame = DeltaTable({str(Path(home) / 'lakehouse' / table)!r}, version={version!r})"
@@ -54,7 +54,7 @@ def home_made_before_checkpoints(home: Path, products: int = 25) -> list[dict]:
     import pandas as pd
 
     from etl import lakehouse
-    from etl.config import Settings
+    from core.settings import Settings
 
     current = lakehouse.TABLE_PROPERTIES
     lakehouse.TABLE_PROPERTIES = {"delta.checkpointInterval": "1000000"}

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 
-from etl.config import Settings
+from core.settings import Settings
 from udfs.device import visible_gpus
 
 BATCH_ROWS = "spark.sql.execution.arrow.maxRecordsPerBatch"

@@ -1,5 +1,5 @@
 """Generation with the champion adapters -> `generations` (paper 2.5; the ranking that follows
-is training/ranking.py).
+is etl/ranking.py).
 
 The driver takes the tasks of the generation plan (etl/plans.py: per product, each arm's
 `@champion` adapter on the same approved target prompts and seeds) and of every pinned
@@ -22,11 +22,11 @@ import logging
 
 import pandas as pd
 
-from etl.config import GenerationSettings, Settings
+from core.settings import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
 from etl.plans import pending_tasks
 from etl.step import CHAMPIONS, Step
-from etl.tables import TABLES
+from core.tables import TABLES
 from training.fanout import fan_out, parallelism, with_slots
 from udfs.device import task_device
 from udfs.diffusion import adapter_loaded, render

@@ -8,7 +8,7 @@ champion adapter (its rare token, class noun, then the scene), `n` images from
 training.generate.render at the resolution the adapter was trained at, the metrics of
 etl/metrics.py (`score_product`: the new images' embeddings, made here by the models the
 embeddings job uses, against the product's stored reference embeddings), ranked by
-training.ranking.rank_generations among the request's images. The arguments pass the checks that
+etl.ranking.rank_generations among the request's images. The arguments pass the checks that
 need no data first (training/requests.py: the CLI runs them before the engine starts), then the
 prompt bank's checks against the home's types and brands (etl/prompt_bank.scene_refusal); a
 refused scene is an error, never edited.
@@ -30,16 +30,16 @@ from dataclasses import dataclass
 import pandas as pd
 
 from etl import tracking
-from etl.errors import UserError
+from core.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.metrics import metric_constants, score_product
 from etl.prompt_bank import class_noun, resolved_types, scene_refusal
-from etl.tables import sql_list, sql_literal
-from etl.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
+from core.tables import sql_list, sql_literal
+from core.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
 from etl.plans import prompts, task_key
 from training.generate import adapter_on, image_row
 from udfs.diffusion import render
-from training.ranking import configured_ranker, rank_generations
+from etl.ranking import configured_ranker, rank_generations
 from training.requests import REFUSED, checked_request
 from udfs.imaging import decode_rgb, segment
 from udfs.zoo import SEGMENTER, ModelZoo

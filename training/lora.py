@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from etl.config import TrainingSettings
+from core.settings import TrainingSettings
 from udfs.device import BUILDING
 from udfs.diffusion import FAMILIES, Family
 

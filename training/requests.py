@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from etl import tracking
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 
 MAX_IMAGES = 64  # per request: a larger ask is a batch job (approve target prompts, `recontext generate`)
 REFUSED = 2  # exit code of a refused request (bad input the caller can fix)

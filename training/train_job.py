@@ -38,14 +38,14 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from etl.image_sets import IMAGE_BYTES
-from etl.config import Settings, TrainingSettings
+from core.settings import Settings, TrainingSettings
 from etl.lakehouse import Lakehouse
 from etl.metrics import cosine
 from etl.progress import Progress
 from etl.prompt_bank import approved_prompts, resolved_types
 from etl.prompt_bank import class_noun as noun_of
 from etl.step import REGISTERED_MODELS, Step
-from etl.tables import sql_list
+from core.tables import sql_list
 from etl import tracking
 from training.fanout import fan_out, parallelism, with_slots
 from training.lora import Example, instance_prompt, lora_alpha, train_lora
@@ -92,7 +92,6 @@ def run_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | None = No
                  progress=print) -> dict[str, int]:
     """Train the products whose selected training rows or training settings changed since their
     last adapter (the digest covers both), on a pinned version of `training_images`."""
-    zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("training_images")).version()
     pinned = lake.at_version("training_images", version)
     pinned.where("selected").createOrReplaceTempView("_training_set")
@@ -126,7 +125,6 @@ def run_baseline_training(lake: Lakehouse, zoo: ModelZoo, products: list[str] | 
     """The baseline arm for every product that has an adapter of ours: references only."""
     if not lake.settings.evaluation.baseline:
         return {"adapters": 0}
-    zoo.check("text2img", "clip", "dino")
     version = DeltaTable(lake.location("product_images")).version()
     references = lake.spark.sql(
         f"""SELECT i.product_id, i.image_id FROM product_images i
@@ -511,11 +509,12 @@ def _scores(zoo: ModelZoo, images: list[Image.Image], references: dict[str, np.n
 
 
 TRAIN = Step("train", run_training,
-             reads=("training_images", "product_images", "synthetic_images", "products", "product_classes"),
+             reads=("training_images", "product_images", "synthetic_images", "products", "product_classes",
+                    "prompt_bank"),
              writes=("adapters", "quarantine", REGISTERED_MODELS), roles=("text2img", "clip", "dino"),
              description="a DreamBooth-style LoRA per product (rare-token sweep), tracked and registered in MLflow")
 TRAIN_BASELINE = Step("train_baseline", run_baseline_training,
-                      reads=("adapters", "product_images", "products", "product_classes"),
+                      reads=("adapters", "product_images", "products", "product_classes", "prompt_bank"),
                       writes=("adapters", "quarantine", REGISTERED_MODELS), roles=("text2img", "clip", "dino"),
                       description="the baseline arm: standard DreamBooth + LoRA (rank 64, prior preservation) "
                                   "on the references")

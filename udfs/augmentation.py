@@ -1,22 +1,22 @@
 """Augmentation kinds and their UDF: one row per augmentation task in, one row per image out.
 
-KINDS is the one table of augmentation kinds (paper sections 2.1-2.2, appendix A.2): the
-planner (etl/augment.py), this UDF, the training-set filter and the report all read it.
+One function per augmentation kind makes its images; the kinds themselves (paper sections
+2.1-2.2, appendix A.2), with the model role and the function each uses, are rows of
+core/vocabulary.py AUGMENT_KINDS.
 Noise comes from a CPU generator seeded per task, so a task gives the same image on any device
 and the same bytes on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
+from core.vocabulary import AUGMENT_KINDS, resolve
 from udfs.imaging import decode_mask, decode_rgb, encode_png, pixel_hash
 from udfs.zoo import ModelZoo
 
@@ -52,7 +52,8 @@ def generate_batches(zoo: ModelZoo):
                 base = [task["product_id"], task["kind"], task["parent_image_id"], task["task_key"],
                         task["prompt_id"], task["prompt"], task["model"], int(task["seed"])]
                 try:
-                    with zoo.exclusive(KINDS[task["kind"]].role):
+                    role = AUGMENT_KINDS[task["kind"]].role
+                    with zoo.exclusive(role) if role else contextlib.nullcontext():
                         outputs = run_task(zoo, task)
                     for image, extra in outputs:
                         params = {**json.loads(task["parameters"]), **extra}
@@ -71,19 +72,20 @@ def generate_batches(zoo: ModelZoo):
 def run_task(zoo: ModelZoo, task: dict) -> list[tuple[Image.Image, dict]]:
     import torch
 
-    kind = KINDS[task["kind"]]
+    kind = AUGMENT_KINDS[task["kind"]]
     generator = torch.Generator("cpu").manual_seed(int(task["seed"]))
-    return kind.generate(zoo.load(kind.role), task, json.loads(task["parameters"]), generator)
+    pipeline = zoo.load(kind.role) if kind.role else None
+    return resolve(kind.generate)(pipeline, task, json.loads(task["parameters"]), generator)
 
 
-def _negative(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
+def negative(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
     resolution = params["resolution"]
     image = pipeline(task["prompt"], height=resolution, width=resolution, num_inference_steps=params["steps"],
                      guidance_scale=params["guidance_scale"], generator=generator).images[0]
     return [(image, {})]
 
 
-def _novel_view(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
+def novel_view(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
     if task["image"] is None:
         raise ValueError("the parent image is missing")
     parent, _ = resized_inputs(task["image"], None, params["resolution"])
@@ -91,6 +93,13 @@ def _novel_view(pipeline, task: dict, params: dict, generator) -> list[tuple[Ima
                       num_inference_steps=params["steps"], decode_chunk_size=params["frames"],
                       generator=generator, noise_aug_strength=0.02).frames[0]
     return [(frames[i].convert("RGB"), {"frame": i}) for i in params["keep_frames"]]
+
+
+def mirror(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
+    """The parent flipped left to right at its own size: no model, every pixel kept."""
+    if task["image"] is None:
+        raise ValueError("the parent image is missing")
+    return [(ImageOps.mirror(decode_rgb(task["image"])), {})]
 
 
 class Rejected(Exception):
@@ -134,34 +143,9 @@ def _check_changed(parent: Image.Image, result: Image.Image, region: Image.Image
                                                    f"(minimum {min_change}): the image would be its parent again")
 
 
-def _outpaint(pipeline, task, params, generator):
+def outpaint(pipeline, task, params, generator):
     return _inpainted(pipeline, task, params, generator, outpaint=True)
 
 
-def _counterfactual(pipeline, task, params, generator):
+def counterfactual(pipeline, task, params, generator):
     return _inpainted(pipeline, task, params, generator, outpaint=False)
-
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    role: str  # the model role that generates it (udfs/zoo.py ROLES)
-    positive: bool  # trains as the product (True) or as "not the product" (False)
-    generate: Callable  # (pipeline, task, parameters, generator) -> [(image, extra parameters)]
-    description: str
-
-
-KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("novel_view", "image2video", True, _novel_view,
-         "image-to-video clip from a reference; chosen frames become new viewpoints"),
-    Kind("outpaint", "inpaint", True, _outpaint,
-         "everything outside the product mask repainted from an approved scene prompt; the product's "
-         "pixels are copied back from the source, so they are unchanged exactly"),
-    Kind("negative", "text2img", False, _negative,
-         "text-to-image of the class noun in a caption's scene (an in-class negative)"),
-    Kind("counterfactual", "inpaint", False, _counterfactual,
-         "the (slightly dilated) product region repainted with another object of the class; pixels outside "
-         "it are copied back (same background)"),
-)}
-POSITIVE_KINDS = tuple(k.name for k in KINDS.values() if k.positive)
-NEGATIVE_KINDS = tuple(k.name for k in KINDS.values() if not k.positive)

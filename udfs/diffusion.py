@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from etl.errors import UserError
+from core.errors import UserError
 from udfs.device import BUILDING, pick_device
 
 TINY_TEXT_DIM = 32

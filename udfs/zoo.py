@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from etl.config import ModelSettings, Settings
-from etl.errors import UserError
+from core.settings import ModelSettings, Settings
+from core.errors import UndeclaredRole, UserError
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ LOADS: Counter = Counter()
 # <home>/logs/model_loads/, so a stage's loads are counted where they happen (job_runs), on the
 # embedded engine (one process) and on a cluster (workers) alike.
 LOAD_LOG = Path("logs") / "model_loads"
+REFUSED = "refused_roles"  # beside LOAD_LOG: loads a step tried without declaring the role
 
 
 def resolved_device(device: str) -> str:
@@ -133,11 +134,25 @@ class ModelZoo:
     models: ModelSettings
     tiny_dir: Path
     load_log: Path | None = None  # where each process records its loads (LOAD_LOG under the home)
+    # A step's zoo (for_step): loads only the roles its declaration lists; a refused load raises
+    # and is recorded under REFUSED, where the runner finds it even if the step caught the error.
+    step: str | None = None
+    declared: tuple[str, ...] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ModelZoo":
         tiny = Path(settings.models.tiny_dir) if settings.models.tiny_dir else settings.home / "models" / "tiny"
         return cls(settings.models, tiny, settings.home / LOAD_LOG)
+
+    def for_step(self, tag: str, roles) -> "ModelZoo":
+        """This zoo for one run of a step (its writer tag, jobs/steps.py) that declares `roles`."""
+        return dataclasses.replace(self, step=tag, declared=tuple(roles))
+
+    def refused_roles(self, tag: str) -> list[str]:
+        """The roles step run `tag` tried to load without declaring them, in any process."""
+        found = self.load_log.parent / REFUSED / f"{tag}.jsonl" if self.load_log else None
+        return sorted({json.loads(line)["role"] for line in found.read_text().splitlines() if line.strip()}) \
+            if found and found.exists() else []
 
     def on(self, device: str) -> "ModelZoo":
         """The same models on another device (a fanned-out task's GPU): loaded once per device."""
@@ -218,7 +233,12 @@ class ModelZoo:
                 models.u2netp_runtime)
 
     def load(self, role: str):
-        """The loaded model for a role, once per process (every UDF batch reuses it)."""
+        """The loaded model for a role, once per process (every UDF batch reuses it); a missing
+        tiny model is built first."""
+        if self.declared is not None and role not in self.declared:
+            self._refuse(role)
+        if self.is_tiny(role) and not self.path(role).exists():
+            self.check(role)
         key = self._key(role)
         with _lock:
             if key not in _loaded:
@@ -227,6 +247,16 @@ class ModelZoo:
                 self._record_load(role)
                 _in_use[key] = threading.RLock()
             return _loaded[key]
+
+    def _refuse(self, role: str) -> None:
+        step = self.step.split(":")[1] if self.step and self.step.count(":") >= 2 else self.step
+        if self.load_log is not None:
+            (self.load_log.parent / REFUSED).mkdir(parents=True, exist_ok=True)
+            with open(self.load_log.parent / REFUSED / f"{self.step}.jsonl", "a") as log:
+                log.write(json.dumps({"role": role, "at": time.time(), "pid": os.getpid()}) + "\n")
+        raise UndeclaredRole(f"step {step!r} loaded model role {role!r} that its declaration does not list in "
+                             f"`roles` (it lists {', '.join(self.declared) or 'none'}); declare it where the step "
+                             "is defined")
 
     def _record_load(self, role: str) -> None:
         if self.load_log is None:

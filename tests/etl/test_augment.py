@@ -12,12 +12,12 @@ from deltalake import DeltaTable
 from PIL import Image, ImageFilter
 
 from etl.augment import _run_tasks, _task
-from etl.config import Settings
+from core.settings import Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
 from jobs.steps import run_steps
 from etl.prompt_bank import import_csv
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.graph import steps_for
 from sample_images import encode, product_shot, write_files
 from udfs.augmentation import resized_inputs, run_task
@@ -197,3 +197,33 @@ def test_a_failed_generation_is_quarantined_and_the_rest_kept(lake):
     row = table(lake, "quarantine").iloc[0]
     assert (row.stage, row.product_id, row.reason_code) == ("augment", "p", "generation_failed")
     assert "parent image is missing" in row.reason
+
+
+def test_a_mirrored_reference_is_made_only_for_the_types_that_ask_for_it(augmented):
+    """The mirror kind is off by default: none under the defaults, none for a type not listed in
+    augment.kinds_for_types; for a listed type, every reference once, flipped pixel for pixel."""
+    import dataclasses
+
+    from etl.augment import NOVEL_VIEWS
+
+    lake, _, _ = augmented
+    assert "mirror" not in set(table(lake, "synthetic_images").kind)
+
+    def with_mirrors_for(types):
+        augment = dataclasses.replace(lake.settings.augment, kinds_for_types={"mirror": types})
+        scoped = Lakehouse(dataclasses.replace(lake.settings, augment=augment), spark=lake.spark)
+        return run_steps(scoped, ["novel_views"], progress=lambda _: None)["novel_views"]
+
+    assert with_mirrors_for(["bottle"])["synthetic_images"] == 0
+    references = table(lake, "product_images")
+    assert with_mirrors_for(["mug"])["synthetic_images"] == len(references)
+    mirrors = table(lake, "synthetic_images").query("kind == 'mirror'").set_index("parent_image_id")
+    assert sorted(mirrors.index) == sorted(references.image_id)
+    for reference in references.itertuples():
+        flipped = np.asarray(Image.open(io.BytesIO(reference.image)).convert("RGB"))[:, ::-1]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(mirrors.loc[reference.image_id, "image"]))), flipped)
+    assert with_mirrors_for(["mug"])["synthetic_images"] == 0  # done once
+    # Its step reads the product types it needs and loads no model for it; its filter quota defaults from its row.
+    assert {"products", "product_classes"} <= set(NOVEL_VIEWS.reads) and NOVEL_VIEWS.roles == ("image2video",)
+    assert Settings.load(lake.settings.home).training.positives_per_kind == {"novel_view": 12, "outpaint": 12,
+                                                                             "mirror": 4}

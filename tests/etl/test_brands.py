@@ -6,8 +6,8 @@ import pytest
 
 from etl.brands import brand_in
 from etl.prompt_text import scene_text_refusal
-from etl.config import PromptBankSettings
-from etl.errors import UserError
+from core.settings import PromptBankSettings
+from core.errors import UserError
 from etl.prompt_bank import _seed_bank, import_csv, set_status, text_refusal
 from jobs.cli import main
 
@@ -92,7 +92,7 @@ def test_training_captions_lose_brands_unless_the_own_brand_is_allowed(lake, tmp
 
     from deltalake import DeltaTable
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.ingest import ingest
     from etl.lakehouse import Lakehouse
     from jobs.steps import SCORING, run_steps
@@ -121,7 +121,7 @@ def test_training_captions_lose_brands_unless_the_own_brand_is_allowed(lake, tmp
 def test_a_products_own_brand_passes_its_own_requests_only_by_setting(lake, tmp_path):
     import json
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.ingest import ingest
     from etl.lakehouse import Lakehouse
     from etl.prompt_bank import scene_refusal

@@ -1,6 +1,6 @@
 import pytest
 
-from etl.config import Settings
+from core.settings import CHOICES, Settings
 from etl.engine import embedded_url
 from etl.lakehouse import Lakehouse
 
@@ -45,6 +45,38 @@ def test_unknown_config_key_is_an_error(tmp_path):
     (tmp_path / "config.toml").write_text("[ingest]\nmax_sides = 512\n")
     with pytest.raises(ValueError, match="unknown setting 'max_sides'"):
         Settings.load(tmp_path)
+
+
+def test_a_misspelled_family_is_refused_at_load_naming_the_allowed_values(tmp_path):
+    (tmp_path / "config.toml").write_text('[models]\ntiny_family = "sdxl1"\n')
+    with pytest.raises(ValueError, match=r"models.tiny_family = 'sdxl1' in .*config.toml is not one of: sd, sdxl"):
+        Settings.load(tmp_path)
+
+
+@pytest.mark.parametrize("section, key", sorted(CHOICES))
+def test_every_enumerated_setting_is_checked_at_load(tmp_path, section, key):
+    assert getattr(getattr(Settings.load(tmp_path), section), key) in CHOICES[section, key]  # the default is allowed
+    with pytest.raises(ValueError) as refused:
+        Settings.load(tmp_path, **{section: {key: "nonesuch"}})
+    assert f"{section}.{key} = 'nonesuch'" in str(refused.value)
+    assert str(refused.value).endswith(", ".join(CHOICES[section, key]))
+
+
+def test_devices_and_metric_weights_are_checked_at_load(tmp_path):
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert Settings.load(tmp_path, models={"device": device}).models.device == device
+    with pytest.raises(ValueError, match="models.device = 'gpu' .* not one of: auto, cpu, mps, cuda, cuda:<index>"):
+        Settings.load(tmp_path, models={"device": "gpu"})
+    with pytest.raises(ValueError, match=r"generation.rank_weights names 'clipt' .*allowed keys: clip_i, dino_i"):
+        Settings.load(tmp_path, generation={"rank_weights": {"clipt": 1.0}})
+    (tmp_path / "config.toml").write_text("[generation]\nrank_weights = {clip_t = 2.0}\n")  # a dict setting, in TOML
+    assert Settings.load(tmp_path).generation.rank_weights == {"clip_t": 2.0}
+
+
+def test_the_scheduler_choices_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+
+    assert set(CHOICES["training", "lr_scheduler"]) == {s.value for s in SchedulerType}
 
 
 def test_unknown_table_is_an_error(lake):
@@ -104,7 +136,7 @@ def test_maintain_upgrades_a_home_made_with_checkpoints_off(tmp_path):
     import pandas as pd
     from deltalake import DeltaTable
 
-    from etl.tables import TABLES
+    from core.tables import TABLES
     from homes import delta_rows, home_made_before_checkpoints
     from sample_images import recontext
 
@@ -168,9 +200,9 @@ def test_a_home_from_an_older_version_gains_the_new_columns(tmp_path):
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.lakehouse import Lakehouse
-    from etl.tables import TABLES
+    from core.tables import TABLES
 
     old = [c for c in TABLES["prompt_bank"].column_names if c != "source"]
     row = {"prompt_id": "p1", "product_type": "mug", "purpose": "scene", "text": "on a marble counter",

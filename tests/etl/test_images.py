@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from etl.config import IngestSettings
+from core.settings import IngestSettings
 from etl.images import RejectedImage, normalize_image
 from sample_images import bad_files, encode, photo, unusual_images
 

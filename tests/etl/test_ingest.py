@@ -9,10 +9,10 @@ import pytest
 from deltalake import DeltaTable
 from PIL import Image
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.ingest import ingest
 from etl.sample_catalog import write_sample_catalog
-from etl.tables import TABLES
+from core.tables import TABLES
 from sample_images import bad_files, encode, photo, unusual_images, write_files
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from etl.config import PromptBankSettings, Settings
+from core.settings import PromptBankSettings, Settings
 from etl.brands import brand_in
 from etl.product_types import MemoEncoder, catalog_type, head_phrase, type_from_attributes, type_from_title
 from etl.prompt_bank import seed_types

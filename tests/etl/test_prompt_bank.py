@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from etl.config import PromptBankSettings, Settings
-from etl.errors import UserError
+from core.settings import PromptBankSettings, Settings
+from core.errors import UserError
 from etl.ingest import ingest
 from jobs.steps import SCORING, run_steps
 from etl.prompt_bank import (UNKNOWN, approved_prompts, curate, degenerate, export_csv, import_csv, run_classify,

@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
 from jobs.steps import SCORING, run_steps
 from etl.report import write_report
-from etl.tables import TABLES
+from core.tables import TABLES
 from sample_images import encode, photo, product_shot, write_files
 from udfs.zoo import ModelZoo
 

@@ -9,14 +9,14 @@ import pytest
 from deltalake import DeltaTable
 from PIL import Image
 
-from etl.config import Settings
+from core.settings import Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
 from etl.masks import run_masks
 from etl.metrics import cosine, mask_iou, score_product
 from etl.sample_catalog import write_sample_catalog
 from jobs.steps import run_scoring
-from etl.tables import TABLES
+from core.tables import TABLES
 from sample_images import encode
 
 

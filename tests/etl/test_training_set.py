@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from etl.config import TrainingSettings
+from core.settings import TrainingSettings
 from etl.training_set import select_training_images
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from etl.prompt_bank import UNKNOWN, _zero_shot
-from etl.tables import TABLES
+from core.tables import TABLES
 from udfs.zoo import ModelZoo
 
 KNOWN = ["mug", "lamp", "sofa"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from etl.config import TrainingSettings
+from core.settings import TrainingSettings
 from random_adapters import random_adapter
 from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, instance_prompt, train_lora

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.cli import main
 from sample_images import recontext
 
@@ -112,7 +112,7 @@ def test_demo_figures_are_labelled_synthetic(demo_home):
     assert ("ours", "ranked") in rows and {r["ratings_source"] for r in rows.values()} == {"synthetic"}
     index = (demo_home / "report" / "index.html").read_text()
     assert "ratings on these pages are SYNTHETIC" in index and "tiny random-weight stand-ins" in index
-    from etl.config import Settings
+    from core.settings import Settings
     from udfs.zoo import ModelZoo
 
     tiny = ModelZoo.from_settings(Settings.load(demo_home)).tiny_roles()  # the zoo's list, not a hand list

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.cli import main
 from sample_images import cli_env, recontext
 
@@ -16,7 +16,7 @@ SCENE = "on a marble kitchen counter, morning light"
 # whether the embedded engine was started (or pyspark even imported) on the way.
 _CHILD = """
 import contextlib, io, json, sys
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.cli import main
 out = []
 for argv in json.loads(sys.argv[1]):
@@ -67,7 +67,7 @@ def test_bad_arguments_are_refused_before_any_engine_starts(tmp_path):
 
 def test_the_request_checks_are_the_ones_imagine_applies(lake):
     """The checks made before the engine starts are the same the library call makes (one place)."""
-    from etl.errors import UserError
+    from core.errors import UserError
     from training.imagine import imagine
 
     for args, message in [((SCENE, 0), "n must be between 1 and 64"), (("next to a Nike shoe", 2), "Nike")]:
@@ -141,7 +141,7 @@ def test_every_rows_written_count_names_a_real_table(lake):
 
 
 def test_demo_summary_fits_100_columns_with_the_full_table_one_command_away(demo_home, capsys):
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.lakehouse import Lakehouse
     from jobs.cli import _print_evaluation
 

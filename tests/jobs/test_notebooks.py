@@ -66,7 +66,7 @@ def execute(name: str, home: Path, monkeypatch, remote: str | None = None, **par
 def assert_labelled(nb, home: Path) -> None:
     """The notebook says, before any figure, which of the home's models are tiny random-weight
     stand-ins (every one the zoo builds tiny) and that its ratings are synthetic."""
-    from etl.config import Settings
+    from core.settings import Settings
     from udfs.zoo import ModelZoo
 
     first = text(nb.cells[2])
@@ -204,3 +204,16 @@ def empty_home(tmp_path_factory):
 def test_notebooks_on_an_empty_home(name, empty_home, monkeypatch):
     nb = execute(name, empty_home, monkeypatch)
     assert "no rows yet" in text(nb)
+
+
+def test_the_notebooks_import_their_shared_helpers_from_the_package():
+    import inspect
+
+    from jobs import notebook
+
+    shared = {name for name, f in vars(notebook).items() if inspect.isfunction(f) and f.__module__ == notebook.__name__}
+    assert {"open_home", "show", "thumbnails"} <= shared
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert "from jobs.notebook import" in code, path.name
+        assert not set(re.findall(r"^def (\w+)", code, re.MULTILINE)) & shared, f"{path.name} pastes a shared helper"

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from etl.tables import TABLES
+from core.tables import TABLES
 from sample_images import recontext
 from test_runner import ONE_THREAD, PRODUCTS, _run_until_killed, job_runs, make_home, tables
 
@@ -38,7 +38,7 @@ def test_two_homes_on_one_spark_server_keep_their_own_tables(spark_remote, tmp_p
     """Spark shares one catalog among a server's sessions: each home gets its own database."""
     from pyspark.sql import SparkSession
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.lakehouse import Lakehouse
 
     # The thread's first session is pyspark's active one: the homes' sessions are not (Engine.staged).
@@ -153,7 +153,7 @@ def registered(home, names):
     from safetensors.numpy import load_file
 
     from etl import tracking
-    from etl.config import Settings
+    from core.settings import Settings
 
     tracking.configure(Settings.load(home))
     client, runs, weights = MlflowClient(), {}, {}
@@ -172,7 +172,7 @@ def test_maintain_on_spark_upgrades_a_home_made_with_checkpoints_off(spark_remot
     (OPTIMIZE ZORDER BY there): checkpointed, and Spark and delta-rs read the same rows."""
     import json
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.lakehouse import Lakehouse
     from homes import delta_rows, home_made_before_checkpoints
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from etl.tables import TABLES
+from core.tables import TABLES
 from jobs.graph import check_declarations, load_stages
 from jobs.recovery import home_lock
 from sample_images import cli_env, encode, product_shot, recontext, write_files
@@ -122,6 +122,87 @@ def test_a_step_writing_an_undeclared_table_fails_its_stage(lake, tmp_path, monk
     [result] = run(lake, ["all"], pipeline=pipeline, progress=lambda _: None)
     assert result.status == "failed"
     assert "step 'rogue' wrote table(s) quarantine" in result.error
+
+
+def _run_rogue(lake, tmp_path, monkeypatch, step):
+    from jobs import steps
+    from jobs.runner import run
+
+    monkeypatch.setitem(steps.STEPS, step.name, step)
+    pipeline = tmp_path / f"{step.name}.toml"
+    pipeline.write_text(f'[stages.{step.name}]\nsteps = ["{step.name}"]\ndepends_on = []\n')
+    [result] = run(lake, ["all"], pipeline=pipeline, progress=lambda _: None)
+    return result
+
+
+def test_a_step_reading_an_undeclared_table_fails_naming_it(lake, tmp_path, monkeypatch):
+    from etl.step import Step
+
+    def nosy(lake, zoo):  # declares products; its own writes (quarantine) it may consult
+        lake.spark.sql("SELECT count(*) FROM quarantine").collect()
+        lake.spark.sql("SELECT p.product_id FROM products p LEFT JOIN masks m ON m.product_id = p.product_id "
+                       "WHERE p.title <> 'FROM rated_images'").collect()
+        return {}
+
+    result = _run_rogue(lake, tmp_path, monkeypatch,
+                        Step("nosy", nosy, reads=("products",), writes=("quarantine",)))
+    assert result.status == "failed"
+    assert result.error.startswith("UndeclaredRead: step 'nosy' read table(s) masks that")  # not the quoted one
+
+    def by_name(lake, zoo):
+        lake.table("image_metrics").count()
+        return {}
+
+    result = _run_rogue(lake, tmp_path, monkeypatch, Step("by_name", by_name, reads=("products",), writes=()))
+    assert "step 'by_name' read table(s) image_metrics" in result.error
+
+
+def test_a_step_loading_an_undeclared_role_fails_even_if_it_catches_the_error(lake, tmp_path, monkeypatch):
+    from etl.step import Step
+
+    def greedy(lake, zoo):
+        try:  # as a fanned-out task does: its errors become quarantine rows
+            zoo.load("captioner")
+        except Exception:  # noqa: BLE001
+            pass
+        return {}
+
+    result = _run_rogue(lake, tmp_path, monkeypatch, Step("greedy", greedy, reads=("products",), writes=()))
+    assert result.status == "failed"
+    assert result.error.startswith("UndeclaredRole: step 'greedy' loaded model role(s) captioner")
+    assert not (lake.settings.home / "models" / "tiny" / "captioner").exists()  # refused before any build
+
+
+def test_another_writers_commits_during_a_step_are_not_the_steps(lake, tmp_path, monkeypatch):
+    """The write check counts only commits tagged as the step's: a commit by another writer
+    (here a second lakehouse on the same home, as `recontext imagine` in another process)
+    to a table the step does not declare leaves the step succeeding; the same write by the
+    step itself fails it."""
+    from etl.lakehouse import Lakehouse, commit_writer
+    from etl.step import Step
+
+    other = Lakehouse(lake.settings)
+
+    def quiet(lake, zoo):
+        other.quarantine("imagine", [("p", "request-1", "test", "an on-demand request's row")])
+        return {}
+
+    result = _run_rogue(lake, tmp_path, monkeypatch, Step("quiet", quiet, reads=("products",), writes=()))
+    assert result.status == "succeeded", result.error
+    [last] = other.history("quarantine", 1)
+    assert commit_writer(last) == other.writer != lake.writer
+    assert other.spark.sql("SELECT count(*) AS n FROM quarantine").first()["n"] == 1
+
+    def loud(lake, zoo):
+        other.quarantine("imagine", [("p", "request-2", "test", "an on-demand request's row")])
+        lake.quarantine("loud", [("p", "x", "test", "the step's own")])  # a MERGE-free append
+        lake.delete("quarantine", "source_uri = 'x'")  # and a DELETE: both carry the step's tag
+        return {}
+
+    result = _run_rogue(lake, tmp_path, monkeypatch, Step("loud", loud, reads=("products",), writes=()))
+    assert result.status == "failed" and "step 'loud' wrote table(s) quarantine" in result.error
+    tags = [commit_writer(c) for c in lake.history("quarantine", 3)]
+    assert tags[0] == tags[1] != other.writer and tags[0].startswith("step:loud:")
 
 
 def test_stages_describe_reads_writes_roles_and_device(tmp_path):
@@ -259,7 +340,7 @@ def test_killed_runs_end_with_the_same_tables_as_an_uninterrupted_run(reference_
         pd.testing.assert_frame_equal(got[name], frame, check_dtype=False, obj=name)
     from mlflow import MlflowClient
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl import tracking
 
     tracking.configure(Settings.load(home))
@@ -273,7 +354,7 @@ def test_maintain_compacts_vacuums_and_prunes_only_orphans(reference_home):
     import mlflow
     from mlflow import MlflowClient
 
-    from etl.config import Settings
+    from core.settings import Settings
     from etl import tracking
 
     home, _ = reference_home

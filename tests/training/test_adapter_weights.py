@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from etl.config import Settings, TrainingSettings
+from core.settings import Settings, TrainingSettings
 from random_adapters import random_adapter
 from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, instance_prompt, train_lora

@@ -7,19 +7,19 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from etl.config import GenerationSettings, Settings
+from core.settings import GenerationSettings, Settings
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
 from jobs.steps import SCORING, run_steps
 from jobs.graph import steps_for
 from etl.evaluation import record_promotion
 from etl.plans import status
-from etl.tables import TABLES
+from core.tables import TABLES
 from etl.prompt_bank import import_csv
 from etl.step import REGISTERED_MODELS
 from sample_images import encode, product_shot, write_files
 from etl import tracking
-from training.ranking import rank_generations
+from etl.ranking import rank_generations
 from training.train_job import run_training
 from udfs.zoo import ModelZoo
 

@@ -106,11 +106,11 @@ def test_imagine_writes_on_demand_lineage_and_returns_the_kept_images(request_ho
 
 
 def test_batch_ranking_and_evaluation_leave_on_demand_images_out(request_home):
-    from etl.config import Settings
+    from core.settings import Settings
     from etl.evaluation import evaluated_images
     from etl.lakehouse import Lakehouse
     from training.imagine import imagine
-    from training.ranking import run_ranking
+    from etl.ranking import run_ranking
 
     lake = Lakehouse(Settings.load(request_home))
     images = imagine(lake, "motorcycle", "parked on a city street at dusk", n=2, keep=1, seed=7)
@@ -160,7 +160,7 @@ def _post(port: int, records: list[dict]):
 
 
 def test_service_serves_ranked_images_over_http_and_keeps_the_base_model_loaded(request_home, tmp_path):
-    from etl.config import Settings
+    from core.settings import Settings
     from jobs.service import SERVICE_NAME, register_service
 
     version = register_service(Settings.load(request_home))

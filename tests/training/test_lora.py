@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from etl.config import Settings, TrainingSettings
+from core.settings import Settings, TrainingSettings
 from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, instance_prompt, train_lora
 from training.tokens import _pool, by_association, edit_distance, rare_token_candidates

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from etl.config import Settings
+from core.settings import Settings
 from training.lora import FAMILIES, _encode, _loss
 from udfs.zoo import ModelZoo
 

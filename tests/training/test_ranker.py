@@ -7,8 +7,8 @@ from mlflow import MlflowClient
 
 from etl import tracking
 from etl.step import REGISTERED_MODELS
-from etl.tables import TABLES
-from training.ranker import MODEL_NAME, run_fit_ranker
+from core.tables import TABLES
+from etl.ranker import MODEL_NAME, run_fit_ranker
 
 
 def _rated_images(lake, source: str) -> None:

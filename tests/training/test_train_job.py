@@ -13,8 +13,8 @@ from deltalake import DeltaTable
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 from etl.ingest import ingest
 from etl.lakehouse import Lakehouse
 from jobs.steps import SCORING, run_steps

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from etl.config import TrainingSettings
+from core.settings import TrainingSettings
 from sample_images import product_shot
 from training.lora import ADAPTER_FILE, Example, checkpoints, instance_prompt, train_lora, training_pixels
 from udfs.diffusion import load_pipeline

@@ -7,7 +7,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from etl.config import Settings
+from core.settings import Settings
 from udfs import zoo as zoo_module
 from udfs.zoo import DIGEST_CACHE, ModelZoo
 

@@ -10,8 +10,8 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 from sample_images import photo
 from udfs import captioner, clip, dino, segmenter
 from udfs.imaging import decode_rgb
@@ -111,7 +111,7 @@ def test_loads_are_counted_in_every_process_that_loads(tiny_models, tmp_path):
     started = time.time()
     worker = textwrap.dedent(f"""
         import os
-        from etl.config import Settings
+        from core.settings import Settings
         from udfs.zoo import ModelZoo
         settings = Settings.load({str(settings.home)!r}, models={{"tiny_dir": {str(tiny_models)!r}, "device": "cpu"}})
         zoo = ModelZoo.from_settings(settings)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from etl.config import Settings
+from core.settings import Settings
 from sample_images import photo, product_shot
 from udfs.zoo import ModelZoo
 

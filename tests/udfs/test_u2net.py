@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from etl.config import Settings
-from etl.errors import UserError
+from core.settings import Settings
+from core.errors import UserError
 from etl.sample_catalog import write_sample_catalog
 from udfs.imaging import decode_rgb
 from udfs.onnx_graph import read_graph

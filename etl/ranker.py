@@ -15,9 +15,9 @@ import logging
 import numpy as np
 import pandas as pd
 
-from etl.errors import UserError
+from core.errors import UserError
 from etl.evaluation import pearson
-from etl.vocabulary import EVALUATED as METRICS, aggregate_score
+from core.vocabulary import EVALUATED as METRICS, aggregate_score
 from etl.lakehouse import Lakehouse
 from etl.step import REGISTERED_MODELS, Step
 from etl import tracking

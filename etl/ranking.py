@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from etl.config import GenerationSettings
-from etl.errors import UserError
+from core.settings import GenerationSettings
+from core.errors import UserError
 from etl.lakehouse import Lakehouse
 from etl.step import CHAMPIONS, Step
-from etl.tables import TABLES
+from core.tables import TABLES
 from etl.training_set import keep_first
-from etl.vocabulary import BANK, EVALUATED, aggregate_score, from_bank
+from core.vocabulary import BANK, EVALUATED, aggregate_score, from_bank
 from etl import tracking
-from training.ranker import MODEL_NAME, features
+from etl.ranker import MODEL_NAME, features
 
 
 def rank_generations(scores: pd.DataFrame, settings: GenerationSettings, ranker=None,
@@ -70,7 +70,7 @@ def configured_ranker(lake: Lakehouse, aggregate: str | None = None):
         raise UserError(f"generation.rank_aggregate must be 'sum' or 'learned', not {aggregate!r}")
     if aggregate == "sum":
         return None
-    from training.ranker import load_champion
+    from etl.ranker import load_champion
 
     tracking.configure(lake.settings)
     return load_champion()

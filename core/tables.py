@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from etl.vocabulary import EVALUATED, LABELS, METRICS
+from core.vocabulary import AUGMENT_KINDS, AUGMENTED_NEGATIVES, AUGMENTED_POSITIVES, EVALUATED, LABELS, METRICS, REFERENCE
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Table:
         return [c for c in self.column_names if c not in self.key and c not in self.audit]
 
     def ddl_columns(self) -> str:
-        # All columns nullable: Sail drops appended columns after NOT NULL ones (NOTES.md 1).
+        # All columns nullable: Sail drops appended columns after NOT NULL ones (docs/engine.md).
         return ", ".join(f"{c.name} {c.type} COMMENT {sql_literal(c.comment)}" for c in self.columns)
 
 
@@ -160,7 +160,8 @@ TABLES: dict[str, Table] = {
             [
                 ("image_id", "STRING", "sha256 of the image's pixels"),
                 ("product_id", "STRING", "products.product_id"),
-                ("kind", "STRING", "novel_view, outpaint (positives); negative, counterfactual (negatives)"),
+                ("kind", "STRING", f"{', '.join(AUGMENTED_POSITIVES)} (positives); "
+                                   f"{', '.join(AUGMENTED_NEGATIVES)} (negatives)"),
                 ("parent_image_id", "STRING", "the image it was made from; NULL for text-to-image negatives"),
                 ("task_key", "STRING", "hash of everything that determines the output; re-runs skip done keys"),
                 ("prompt_id", "STRING", "prompt_bank.prompt_id, when a bank prompt was used"),
@@ -184,7 +185,7 @@ TABLES: dict[str, Table] = {
             [
                 ("product_id", "STRING", "products.product_id"),
                 ("image_id", "STRING", "the image"),
-                ("kind", "STRING", "reference, novel_view, outpaint, negative, counterfactual"),
+                ("kind", "STRING", ", ".join((REFERENCE, *AUGMENT_KINDS))),
                 ("is_positive", "BOOLEAN", "shows the product (trained with the rare token)"),
                 ("score", "DOUBLE", "weighted sum of metric columns (training.score_weights)"),
                 ("rank", "INT", "rank among the product's eligible synthetic positives / negatives"),

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.vocabulary import AUGMENT_KINDS, AUGMENTED_POSITIVES, METRIC_COLUMNS
 
 DEFAULT_HOME = Path("~/.recontext")
 
@@ -114,6 +117,9 @@ class AugmentSettings:
     video_steps: int = 4
     outpaints_per_image: int = 2  # approved scenes painted behind each reference / novel view
     positives_per_negative: float = 2.0  # the paper's 2:1 positive:negative ratio, per product
+    # Kinds off by default (AUGMENT_KINDS default_on False) are made for the product types listed
+    # here, e.g. {mirror = ["mug", "bottle"]} for products whose mirror image is still faithful.
+    kinds_for_types: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,9 @@ class TrainingSettings:
     min_score: float | None = None
     # Top K synthetic positives kept per kind, each kind ranked among its own (references always
     # kept): novel views score CLIP-T against their caption, outpaints against their scene prompt.
-    positives_per_kind: dict = field(default_factory=lambda: {"novel_view": 12, "outpaint": 12})
+    # A kind left out keeps its row's default quota (AUGMENT_KINDS).
+    positives_per_kind: dict = field(default_factory=lambda: {k.name: k.quota for k in AUGMENT_KINDS.values()
+                                                              if k.positive})
     score_weights: dict = field(default_factory=lambda: {"clip_i": 1.0, "seg_clip_i": 1.0, "clip_t": 1.0})
     # rare-token sweep
     token_candidates: int = 3  # tokens tried per product in the sweep (1 = no sweep)
@@ -284,7 +292,50 @@ class Settings:
             values["spark_remote"] = os.environ["SPARK_REMOTE"]
         values.update(overrides)
         values = _with_profile(values, str(config_file))
-        return cls(home=home, **_build(cls, values, str(config_file)))
+        settings = cls(home=home, **_build(cls, values, str(config_file)))
+        validate(settings, str(config_file))
+        return settings
+
+
+# Every enumerated setting and its allowed values, checked when settings load (a wrong value fails
+# there, not later on a worker). Keys of dict settings that name vocabulary entries are checked
+# against them too (KEYED_BY).
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("models", "tiny_family"): ("sd", "sdxl"),
+    ("models", "segmenter"): ("u2netp", "sam"),
+    ("models", "sam_variant"): ("tiny", "vit_h", "vit_l", "vit_b"),
+    ("models", "u2netp_runtime"): ("auto", "torch", "onnxruntime"),
+    # diffusers.optimization.SchedulerType (tests/training/test_training_settings.py checks the list)
+    ("training", "lr_scheduler"): ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                   "constant_with_warmup", "piecewise_constant"),
+    ("training", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
+    ("generation", "fuse_lora"): ("auto", "on", "off"),
+    ("generation", "rank_aggregate"): ("sum", "learned"),
+    ("evaluation", "pass_rule"): ("all_questions", "per_question"),
+}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # models.device: what torch.device takes here
+
+
+# Dict settings whose keys are vocabulary entries: metric names and augmentation kinds.
+KEYED_BY: dict[tuple[str, str], tuple[str, ...]] = {
+    ("training", "score_weights"): METRIC_COLUMNS, ("generation", "rank_weights"): METRIC_COLUMNS,
+    ("training", "positives_per_kind"): AUGMENTED_POSITIVES, ("augment", "kinds_for_types"): tuple(AUGMENT_KINDS)}
+
+
+def validate(settings: "Settings", origin: str) -> None:
+    """Refuse enumerated values outside their allowed values, naming them."""
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(settings, section), key)
+        if value not in allowed:
+            raise ValueError(f"{section}.{key} = {value!r} in {origin} is not one of: {', '.join(allowed)}")
+    for (section, key), allowed in KEYED_BY.items():
+        unknown = sorted(set(getattr(getattr(settings, section), key)) - set(allowed))
+        if unknown:
+            raise ValueError(f"{section}.{key} names {', '.join(map(repr, unknown))} in {origin}; "
+                             f"allowed keys: {', '.join(allowed)}")
+    if not DEVICE.fullmatch(str(settings.models.device)):
+        raise ValueError(f"models.device = {settings.models.device!r} in {origin} is not one of: auto, cpu, mps, "
+                         "cuda, cuda:<index>")
 
 
 def _build(cls, values: dict, origin: str) -> dict:
@@ -295,7 +346,7 @@ def _build(cls, values: dict, origin: str) -> dict:
         if key not in fields or key == "home":
             raise ValueError(f"unknown setting '{key}' in {origin}; known: {sorted(set(fields) - {'home'})}")
         sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        if isinstance(value, dict) and sub is not None:
+        if isinstance(value, dict) and dataclasses.is_dataclass(sub):  # a section (not a dict setting)
             value = sub(**_build(sub, value, f"{origin} [{key}]"))
         out[key] = value
     return out
