@@ -162,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=cmd_check)
 
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
-    demo.add_argument("--base", choices=["sd", "sdxl"], default=None,
-                      help="the tiny base-model family to build and use (default: models.tiny_family, sd)")
+    demo.add_argument("--base", default=None, help="the tiny base-model family to build and use: sd, sdxl or "
+                      "flux2-klein (udfs/diffusion.py FAMILIES; default: models.tiny_family, sd)")
     demo.set_defaults(run=cmd_demo, needs_home=False)
 
     models = commands.add_parser("models", help="each model role: weights, family, device and precision")
@@ -548,6 +548,10 @@ def cmd_demo(settings: Settings, args) -> int:
     from jobs.graph import load_groups
     from jobs.runner import run
 
+    from udfs.diffusion import BY_NAME
+
+    if args.base and args.base not in BY_NAME:
+        raise UserError(f"unknown base family '{args.base}'; families: {', '.join(BY_NAME)}")
     if args.base and args.base != settings.models.tiny_family:
         if (settings.home / "config.toml").exists():
             raise UserError(f"{settings.home}/config.toml exists; set [models] tiny_family = \"{args.base}\" "

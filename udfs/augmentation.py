@@ -78,7 +78,7 @@ def run_task(zoo: ModelZoo, task: dict) -> list[tuple[Image.Image, dict]]:
 
 def _negative(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
     resolution = params["resolution"]
-    image = pipeline(task["prompt"], height=resolution, width=resolution, num_inference_steps=params["steps"],
+    image = pipeline(prompt=task["prompt"], height=resolution, width=resolution, num_inference_steps=params["steps"],
                      guidance_scale=params["guidance_scale"], generator=generator).images[0]
     return [(image, {})]
 
