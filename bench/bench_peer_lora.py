@@ -68,7 +68,8 @@ def loaded_completely(pipeline, adapter: Path) -> bool:
     from peft.utils import get_peft_model_state_dict
 
     name = next(iter(pipeline.transformer.peft_config))
-    inside = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(pipeline.transformer, adapter_name=name).items()}
+    state = get_peft_model_state_dict(pipeline.transformer, adapter_name=name)
+    inside = {f"transformer.{k}": v for k, v in state.items()}
     file = load_file(adapter)
     return set(inside) == set(file) and all(torch.equal(inside[k].cpu(), file[k]) for k in file)
 

@@ -153,7 +153,8 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
                                  num_training_steps=steps)
     scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 else None
     flow = family.loss == "flow_matching"
-    noise_scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_config(pipeline.scheduler.config)
+    scheduler_class = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
+    noise_scheduler = scheduler_class.from_config(pipeline.scheduler.config)
 
     # Instance examples first, then the prior (class) examples: one tensor, two index ranges.
     everything = [*examples, *prior]
@@ -196,9 +197,10 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
             part = torch.arange(m * batch, (m + 1) * batch)
             if prior:
                 part = torch.cat([part, len(index) + part])
-            loss = (_flow_loss if flow else _loss)(family, unet, encoders, noise_scheduler, prediction_type, frozen, token_ids, time_ids,
-                         rows[part], latents[part].to(target), noise[part].to(target), timesteps[part].to(target),
-                         target, weight_dtype, batch if prior else None, prior_loss_weight, config)
+            loss = (_flow_loss if flow else _loss)(
+                family, unet, encoders, noise_scheduler, prediction_type, frozen, token_ids, time_ids,
+                rows[part], latents[part].to(target), noise[part].to(target), timesteps[part].to(target),
+                target, weight_dtype, batch if prior else None, prior_loss_weight, config)
             scaled = loss / micro_batches
             (scaler.scale(scaled) if scaler else scaled).backward()
             micro_losses.append(float(loss.detach()))

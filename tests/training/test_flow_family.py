@@ -67,7 +67,8 @@ def test_adapter_has_the_klein_trainers_keys_and_loads_in_diffusers(base, zoo, t
     before = np.asarray(render(pipeline, ["a photo of mmes mug"], [0], 2, 4.0, 64, 1)[0], dtype=float)
     pipeline.load_lora_weights(str(adapter))
     name = next(iter(pipeline.transformer.peft_config))  # load_lora_weights names it default_0
-    inside = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(pipeline.transformer, adapter_name=name).items()}
+    state = get_peft_model_state_dict(pipeline.transformer, adapter_name=name)
+    inside = {f"transformer.{k}": v for k, v in state.items()}
     assert inside.keys() == weights.keys() and all(torch.equal(inside[k], weights[k]) for k in weights)
     after = np.asarray(render(pipeline, ["a photo of mmes mug"], [0], 2, 4.0, 64, 1)[0], dtype=float)
     assert np.abs(after - before).mean() > 0.01
