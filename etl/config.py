@@ -218,6 +218,10 @@ class EvaluationSettings:
     """Automatic and human evaluation, ours against the baseline arm (paper 3, appendix A.3)."""
 
     baseline: bool = True  # train and generate the plain DreamBooth + LoRA baseline arm
+    # The zero-shot arm: no training, the base family's reference pipeline (FLUX.2 [klein]) given
+    # the product's `zero_shot_references` best reference photos (largest first) and the scene prompt.
+    zero_shot: bool = False
+    zero_shot_references: int = 3
     raters_per_image: int = 3  # an image's verdict needs this many raters
     # "all_questions" (the paper: a rater passes an image when all 8 answers are yes; the image
     # passes when a majority of its raters pass it) or "per_question" (every question has a yes

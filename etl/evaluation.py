@@ -226,6 +226,42 @@ def comparison(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFram
         f"AND evaluation_id = {sql_literal(evaluation_id)} ORDER BY dataset, arm DESC, selection").toPandas()
 
 
+def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFrame:
+    """The decision a user makes, per product type: each arm's image pass rate over the type's
+    products (selection 'all', the same planned prompts and seeds for every arm), its training
+    device seconds per product, and the arm that passes more often (ties: the cheaper arm, listed
+    first). Empty until an evaluation is complete and rated."""
+    from etl.prompt_bank import resolved_types
+
+    evaluation_id = evaluation_id or latest_complete(lake)
+    if evaluation_id is None:
+        return pd.DataFrame()
+    images = lake.spark.sql(f"""SELECT r.arm, r.product_id, r.passed, r.ratings_source FROM rated_images r
+                                WHERE r.evaluation_id = {sql_literal(evaluation_id)}""").toPandas()
+    if images.empty:
+        return pd.DataFrame()
+    plans = pinned(lake, [evaluation_id])
+    seconds = {arm: _train_seconds(group.training) for arm, group in plans.groupby("arm")}
+    types = dict(resolved_types(lake).toPandas().itertuples(index=False))
+    images["product_type"] = images.product_id.map(types)
+    rows = []
+    for product_type, group in images.groupby("product_type"):
+        rates = group.groupby("arm").passed.mean()
+        best = min(rates.index, key=lambda arm: (-rates[arm], seconds.get(arm) or 0.0, arm))
+        rows.append({"product_type": product_type, "products": int(group.product_id.nunique()),
+                     **{f"{arm}_pass_rate": round(float(rate), 3) for arm, rate in rates.items()},
+                     **{f"{arm}_train_s_per_product": seconds.get(arm) for arm in rates.index},
+                     "passes_more_often": best, "ratings_source": ",".join(sorted(set(group.ratings_source)))})
+    return pd.DataFrame(rows)
+
+
+def _train_seconds(training: pd.Series) -> float | None:
+    """Mean training device seconds per product from an arm's plan rows (0 for the zero-shot arm)."""
+    values = [json.loads(t).get("train_seconds") for t in training.dropna().unique()]
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 1) if values else None
+
+
 def latest_complete(lake: Lakehouse) -> str | None:
     """The most recently pinned evaluation that has figures."""
     states = status(lake)

@@ -370,13 +370,18 @@ def _adapted_weights(pipeline) -> list[torch.Tensor]:
 
 
 def render(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
-           batch_size: int) -> list:
+           batch_size: int, references: list | None = None) -> list:
     """One image per (prompt, seed), `batch_size` per pipeline call, at `size` x `size` pixels.
-    Each image has its own seeded generator, so its noise does not depend on its batch."""
+    Each image has its own seeded generator, so its noise does not depend on its batch.
+    `references` (photos) condition a family's reference pipeline (Family.reference) with no training."""
+    if references and type(pipeline).__name__ != FAMILIES[type(pipeline).__name__].reference:
+        raise UserError(f"{type(pipeline).__name__} takes no reference photos (the zero-shot arm needs a family "
+                        f"with a reference pipeline: {', '.join(f.name for f in BY_NAME.values() if f.reference)})")
+    extra = {"image": list(references)} if references else {}
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[chunk]]
         images += pipeline(prompt=prompts[chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
-                           width=size, generator=generators).images
+                           width=size, generator=generators, **extra).images
     return images
