@@ -273,6 +273,6 @@ def latest_complete(lake: Lakehouse) -> str | None:
 
 EVALUATE = Step("evaluate", run_evaluation,
                 reads=("generations", "image_metrics", "products", "human_ratings", "adapters", "prompt_bank",
-                       "product_classes", "evaluation_plans", "promotions", CHAMPIONS),
+                       "product_classes", "evaluation_plans", "promotions", "product_images", CHAMPIONS),
                 writes=("evaluation_plans", "rated_images", "evaluation_metrics"),
                 description="pin the evaluation plan; Table 2 per evaluation, arm, selection, dataset and product")

@@ -137,6 +137,8 @@ def _generate_task(settings: Settings, zoo: ModelZoo, spec, state: dict) -> list
 
 
 GENERATE = Step("generate", run_generation,
-                reads=("adapters", "prompt_bank", "products", "product_classes", "evaluation_plans", CHAMPIONS),
+                # product_images: the zero-shot arm's reference photos
+                reads=("adapters", "prompt_bank", "products", "product_classes", "evaluation_plans", "product_images",
+                       CHAMPIONS),
                 writes=("generations", "quarantine"), roles=("text2img",),
                 description="images from each product's champion adapter (and the baseline's)")
