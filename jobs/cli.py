@@ -483,13 +483,20 @@ def _promote(lake, product_id: str, version: str, arm: str) -> list[str]:
 
 
 def cmd_evaluations(settings: Settings, args) -> int:
+    from etl.evaluation import arm_by_product_type, latest_complete
     from etl.plans import status
 
-    states = status(_lake(settings))
+    lake = _lake(settings)
+    states = status(lake)
+    latest = latest_complete(lake)
+    by_type = arm_by_product_type(lake, latest)  # empty without a complete evaluation
     if args.format == "json":
         rows = [{"evaluation_id": r.evaluation_id, "created_at": str(r.created_at), "products": int(r.products),
                  "planned_images": json.loads(r.planned), "status": "complete" if r.complete else "incomplete",
-                 "missing": list(r.missing)} for r in states.itertuples()]
+                 "missing": list(r.missing),
+                 # the latest complete evaluation's: per product type, the arm that passes more often
+                 "arm_by_product_type": json.loads(by_type.to_json(orient="records"))
+                 if r.evaluation_id == latest and len(by_type) else []} for r in states.itertuples()]
         print(json.dumps(rows, indent=2))
         return 0
     if states.empty:
@@ -500,14 +507,11 @@ def cmd_evaluations(settings: Settings, args) -> int:
               f"  {'complete' if r.complete else 'INCOMPLETE'}")
         for line in r.missing:
             print(f"    missing: {line}")
-    from etl.evaluation import arm_by_product_type
-
-    by_type = arm_by_product_type(_lake(settings))
     if len(by_type):
-        print("\nper product type, the arm that passes more often (latest complete evaluation; image pass rate, "
+        print(f"\nper product type, the arm that passes more often (evaluation {latest}; image pass rate, "
               "training device s per product):")
         print(by_type.to_string(index=False))
-        _print_notice(_lake(settings), ratings=True)
+        _print_notice(lake, ratings=True)
     return 0
 
 
