@@ -23,6 +23,7 @@ import json
 import logging
 
 import pandas as pd
+from PIL import Image
 
 from etl.config import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
@@ -97,6 +98,8 @@ def generate_images(zoo: ModelZoo, adapter_path, tasks: list[dict], settings: Ge
     pipeline with the adapter loaded (fused on GPUs), `settings.batch_size` prompts per call;
     without an adapter, the base pipeline conditioned on `references` (the zero-shot arm)."""
     block = adapter_on(zoo, adapter_path, settings) if adapter_path else contextlib.nullcontext(zoo.load("text2img"))
+    if references:  # at most the generation's size: a reference's tokens join every attention
+        references = [fitted(image, settings.resolution) for image in references]
     with zoo.exclusive("text2img"), block as pipeline:
         images = render(pipeline, [t["generation_prompt"] for t in tasks], [t["seed"] for t in tasks],
                         settings.steps, settings.guidance_scale, settings.resolution, settings.batch_size,
@@ -112,6 +115,13 @@ def adapter_on(zoo: ModelZoo, adapter_path, settings: GenerationSettings):
     return adapter_loaded(base, adapter_path, fuse=fuse)
 
 
+
+
+def fitted(image, size: int):
+    """The image with its long side at most `size` pixels, aspect kept."""
+    image = image.copy()
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return image
 
 
 def image_row(task: dict, image, scheduler: str) -> dict:
