@@ -113,7 +113,8 @@ def _inpainted(pipeline, task: dict, params: dict, generator, outpaint: bool) ->
         repaint = mask.filter(ImageFilter.MaxFilter(params.get("dilate", 5)))
     generated = pipeline(prompt=task["prompt"], image=parent, mask_image=repaint, height=parent.height,
                          width=parent.width, num_inference_steps=params["steps"],
-                         guidance_scale=params["guidance_scale"], generator=generator).images[0].convert("RGB").resize(parent.size)
+                         guidance_scale=params["guidance_scale"],
+                         generator=generator).images[0].convert("RGB").resize(parent.size)
     # Keep what must not change exactly: the product (outpaint) or the background (counterfactual).
     keep = mask if outpaint else Image.eval(repaint, lambda v: 255 - v)
     result = Image.composite(parent, generated, keep)
