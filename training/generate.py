@@ -23,7 +23,6 @@ import json
 import logging
 
 import pandas as pd
-from PIL import Image
 
 from etl.config import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
@@ -34,7 +33,7 @@ from etl.tables import TABLES
 from training.fanout import fan_out, parallelism, with_slots
 from udfs.device import task_device
 from udfs.diffusion import adapter_loaded, render
-from udfs.imaging import decode_rgb, encode_png, pixel_hash
+from udfs.imaging import decode_rgb, encode_png, padded_square, pixel_hash
 from udfs.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,8 @@ def generate_images(zoo: ModelZoo, adapter_path, tasks: list[dict], settings: Ge
     pipeline with the adapter loaded (fused on GPUs), `settings.batch_size` prompts per call;
     without an adapter, the base pipeline conditioned on `references` (the zero-shot arm)."""
     block = adapter_on(zoo, adapter_path, settings) if adapter_path else contextlib.nullcontext(zoo.load("text2img"))
-    if references:  # at most the generation's size: a reference's tokens join every attention
-        references = [fitted(image, settings.resolution) for image in references]
+    if references:  # as in training, at the generation's size: a reference's tokens join every attention
+        references = [padded_square(image, settings.resolution) for image in references]
     with zoo.exclusive("text2img"), block as pipeline:
         images = render(pipeline, [t["generation_prompt"] for t in tasks], [t["seed"] for t in tasks],
                         settings.steps, settings.guidance_scale, settings.resolution, settings.batch_size,
@@ -115,13 +114,6 @@ def adapter_on(zoo: ModelZoo, adapter_path, settings: GenerationSettings):
     return adapter_loaded(base, adapter_path, fuse=fuse)
 
 
-
-
-def fitted(image, size: int):
-    """The image with its long side at most `size` pixels, aspect kept."""
-    image = image.copy()
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return image
 
 
 def image_row(task: dict, image, scheduler: str) -> dict:

@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from etl.config import TrainingSettings
 from udfs.device import BUILDING
+from udfs.imaging import padded_square
 from udfs.diffusion import FAMILIES, Family
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -315,17 +316,9 @@ def sdxl_time_ids(images: list[Image.Image], resolution: int) -> torch.Tensor:
 
 
 def training_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """An image as the model sees it in training, in [-1, 1]: the long side resized to
-    `resolution`, the short side padded on both ends with the median colour of the photo's border
-    (product shots have plain backgrounds), so wide and tall products keep their ends."""
-    rgb = image.convert("RGB")
-    scale = resolution / max(rgb.size)
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    pixels = np.asarray(rgb)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    canvas = Image.new("RGB", (resolution, resolution), tuple(int(c) for c in np.median(border, axis=0)))
-    canvas.paste(rgb.resize(size, Image.Resampling.LANCZOS), ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
-    array = torch.from_numpy(np.asarray(canvas).copy())
+    """An image as the model sees it in training, in [-1, 1]: udfs.imaging.padded_square (long
+    side resized, short side padded with the border colour, so products keep their ends)."""
+    array = torch.from_numpy(np.asarray(padded_square(image, resolution)).copy())
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
