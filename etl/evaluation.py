@@ -240,13 +240,14 @@ def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd
                                 WHERE r.evaluation_id = {sql_literal(evaluation_id)}""").toPandas()
     if images.empty:
         return pd.DataFrame()
-    plans = pinned(lake, [evaluation_id])
-    seconds = {arm: _train_seconds(group.training) for arm, group in plans.groupby("arm")}
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
+    plans = pinned(lake, [evaluation_id]).assign(product_type=lambda f: f.product_id.map(types))
     images["product_type"] = images.product_id.map(types)
     rows = []
     for product_type, group in images.groupby("product_type"):
         rates = group.groupby("arm").passed.mean()
+        own = plans[plans.product_type == product_type]
+        seconds = {arm: _train_seconds(runs.training) for arm, runs in own.groupby("arm")}
         best = min(rates.index, key=lambda arm: (-rates[arm], seconds.get(arm) or 0.0, arm))
         rows.append({"product_type": product_type, "products": int(group.product_id.nunique()),
                      **{f"{arm}_pass_rate": round(float(rate), 3) for arm, rate in rates.items()},
