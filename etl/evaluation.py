@@ -41,6 +41,9 @@ from etl.tables import TABLES, sql_list, sql_literal
 from etl.vocabulary import EVALUATED, aggregate_score
 
 ALL = "(all)"
+# SQL: ours, the baseline, the zero-shot arm, then any other arm by name
+ARM_ORDER = (f"CASE arm WHEN '{tracking.OURS}' THEN 0 WHEN '{tracking.BASELINE}' THEN 1 "
+             f"WHEN '{tracking.ZERO_SHOT}' THEN 2 ELSE 3 END, arm")
 PASS_RULES = ("all_questions", "per_question")
 SELECTIONS = ("all", "ranked")
 
@@ -223,7 +226,7 @@ def comparison(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFram
     return lake.spark.sql(
         f"SELECT evaluation_id, dataset, arm, selection, products, images, {columns}, rated_images, ratings_source, "
         f"selected_after_results, training FROM evaluation_metrics WHERE product_id = '{ALL}' "
-        f"AND evaluation_id = {sql_literal(evaluation_id)} ORDER BY dataset, arm DESC, selection").toPandas()
+        f"AND evaluation_id = {sql_literal(evaluation_id)} ORDER BY dataset, {ARM_ORDER}, selection").toPandas()
 
 
 def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFrame:

@@ -138,7 +138,7 @@ def _product_ids(lake, products: list[str] | None) -> list[str]:
 
 
 def _load(lake, ids: list[str]) -> _Data:
-    from etl.evaluation import arm_by_product_type
+    from etl.evaluation import ARM_ORDER, arm_by_product_type
 
     """Run one query per section, restricted to `ids`."""
     chosen = f"IN ({sql_list(ids)})" if ids else "IN (NULL)"
@@ -183,7 +183,7 @@ def _load(lake, ids: list[str]) -> _Data:
         evaluation=sql(f"""SELECT product_id, evaluation_id, selected_after_results, {', '.join(EVALUATION_COLUMNS)}
                            FROM evaluation_metrics
                            WHERE evaluation_id IS NOT NULL AND (product_id = '(all)' OR product_id {chosen})
-                           ORDER BY dataset, arm DESC, selection, product_id"""),
+                           ORDER BY dataset, {ARM_ORDER}, selection, product_id"""),
         evaluations=_covering(status(lake), ids),
         by_type=arm_by_product_type(lake),
     )
