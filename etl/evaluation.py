@@ -244,8 +244,8 @@ def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd
     if images.empty:
         return pd.DataFrame()
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
-    plans = pinned(lake, [evaluation_id]).assign(product_type=lambda f: f.product_id.map(types))
-    images["product_type"] = images.product_id.map(types)
+    plans = pinned(lake, [evaluation_id]).assign(product_type=lambda f: f.product_id.map(types).fillna(UNTYPED))
+    images["product_type"] = images.product_id.map(types).fillna(UNTYPED)  # no product left out
     rows = []
     for product_type, group in images.groupby("product_type"):
         rates = group.groupby("arm").passed.mean()
@@ -257,6 +257,9 @@ def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd
                      **{f"{arm}_train_s_per_product": seconds.get(arm) for arm in rates.index},
                      "passes_more_often": best, "ratings_source": ",".join(sorted(set(group.ratings_source)))})
     return pd.DataFrame(rows)
+
+
+UNTYPED = "(untyped)"
 
 
 def _train_seconds(training: pd.Series) -> float | None:
