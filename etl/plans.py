@@ -86,8 +86,12 @@ def zero_shot_champions(lake: Lakehouse, products: list[str]) -> tuple[dict, lis
                      "one (flux2-klein has)") for p in products]
     chosen = reference_photos(lake, products, with_images=False)
     name = f"zero-shot:{zoo.name('text2img')}"
-    return {p: (name, hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12], None)
-            for p, ids in chosen.items()}, []
+    return {p: (name, photos_version(ids), None) for p, ids in chosen.items()}, []
+
+
+def photos_version(image_ids: list[str]) -> str:
+    """The zero-shot arm's version: the digest of the reference photos it is given, in order."""
+    return hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()[:12]
 
 
 def reference_photos(lake: Lakehouse, products: list[str], with_images: bool = True) -> dict[str, list]:

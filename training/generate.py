@@ -26,7 +26,7 @@ import pandas as pd
 
 from etl.config import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
-from etl.plans import pending_tasks, reference_photos
+from etl.plans import pending_tasks, photos_version, reference_photos
 from etl.tracking import ZERO_SHOT
 from etl.step import CHAMPIONS, Step
 from etl.tables import TABLES
@@ -48,11 +48,16 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
 
     tasks, failures = pending_tasks(lake)
     specs = []
-    photos = reference_photos(lake, sorted(set(tasks.product_id[tasks.arm == ZERO_SHOT])))
+    zero_shot = sorted(set(tasks.product_id[tasks.arm == ZERO_SHOT]))
+    photos, photo_ids = reference_photos(lake, zero_shot), reference_photos(lake, zero_shot, with_images=False)
     for (product_id, arm, name, version), group in tasks.groupby(
             ["product_id", "arm", "adapter_model", "adapter_version"], sort=True):
         source = f"adapter:{name}/{version}"
         if arm == ZERO_SHOT:  # no adapter: the reference photos travel with the task
+            if version != photos_version(photo_ids.get(product_id, [])):  # a pinned plan's photos are gone
+                failures.append((product_id, source, "generation_failed", "the reference photos this zero-shot "
+                                 "version was planned with changed; the current plan uses the new ones"))
+                continue
             references = json.dumps([base64.b64encode(bytes(image)).decode() for image in photos.get(product_id, [])])
             specs.append({"product_id": product_id, "arm": arm, "adapter": None, "source": source,
                           "reference_photos": references,
