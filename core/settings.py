@@ -41,7 +41,7 @@ class ModelSettings:
     device: str = "auto"  # auto = cuda when available, else cpu
     batch_size: int = 16  # images per forward pass inside a UDF batch
     tiny_dir: str | None = None  # where tiny random-weight models are built; default <home>/models/tiny
-    tiny_family: str = "sd"  # the tiny text2img/inpaint builds: "sd" (SD 1.5 layout) or "sdxl"
+    tiny_family: str = "sd"  # the tiny text2img/inpaint builds: "sd" (SD 1.5 layout), "sdxl" or "flux2-klein"
     clip: ModelPath = field(default_factory=ModelPath)  # open_clip local-dir folder
     dino: ModelPath = field(default_factory=ModelPath)  # transformers DINO / DINOv2 snapshot
     captioner: ModelPath = field(default_factory=ModelPath)  # transformers image-text-to-text snapshot
@@ -146,7 +146,7 @@ class TrainingSettings:
     # LoRA (diffusers' reference trainers' practice; `profile` presets real-weight values)
     rank: int = 4
     alpha: int | None = None  # None = rank (update scale alpha/rank = 1 at every rank)
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[str, ...] | None = None  # None: the base family's (udfs/diffusion.py Family.lora_targets)
     learning_rate: float = 1e-3
     lr_scheduler: str = "constant"  # any of diffusers' get_scheduler: constant, linear, cosine, ...
     lr_warmup_steps: int = 0
@@ -160,6 +160,14 @@ class TrainingSettings:
     vae_batch_size: int = 4  # images per VAE encode when caching latents
     sample_latents: bool = False  # draw latents from the VAE posterior each step (default: its mean)
     train_text_encoder: bool = False  # LoRA on the text encoder(s) too
+    # Flow-matching families (FLUX.2 [klein]) only, with diffusers' flow trainers' defaults: the
+    # timestep density (none = uniform, logit_normal, mode; cosmap weights the loss) and the
+    # guidance embedding's value where the transformer has one.
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5
     checkpoint_every: int = 10
     checkpoints_keep: int = 1  # newest checkpoints kept while training; all deleted once registered
     validate_every: int = 15
@@ -218,6 +226,10 @@ class EvaluationSettings:
     """Automatic and human evaluation, ours against the baseline arm (paper 3, appendix A.3)."""
 
     baseline: bool = True  # train and generate the plain DreamBooth + LoRA baseline arm
+    # The zero-shot arm: no training, the base family's reference pipeline (FLUX.2 [klein]) given
+    # the product's `zero_shot_references` best reference photos (largest first) and the scene prompt.
+    zero_shot: bool = False
+    zero_shot_references: int = 3
     raters_per_image: int = 3  # an image's verdict needs this many raters
     # "all_questions" (the paper: a rater passes an image when all 8 answers are yes; the image
     # passes when a majority of its raters pass it) or "per_question" (every question has a yes
@@ -227,7 +239,7 @@ class EvaluationSettings:
     ranker_folds: int = 5  # held-out evaluation: folds grouped by product
 
 
-# Presets for real weights (`profile = "sd15"` or `"sdxl"` in config.toml); any key set in the
+# Presets for real weights (`profile = "sd15"`, `"sdxl"` or `"flux2-klein"` in config.toml); any key set in the
 # file wins over its preset. Training follows the paper's appendix A.5 (rank 64 for ~1,800 steps;
 # rank 1 needs ~700) and diffusers' DreamBooth LoRA examples (lr 1e-4, constant schedule).
 PROFILES: dict[str, dict[str, dict]] = {
@@ -245,6 +257,16 @@ PROFILES: dict[str, dict[str, dict]] = {
                      "validate_every": 500, "validation_images": 4},
         "baseline": {"rank": 64, "steps": 1000, "learning_rate": 1e-4, "class_images": 100},
         "generation": {"resolution": 1024, "steps": 30, "guidance_scale": 5.0, "batch_size": 4},
+    },
+    # FLUX.2 [klein] base (undistilled): the pipeline's defaults (50 steps, guidance 4.0) and
+    # diffusers' klein DreamBooth LoRA README (1024 px, lr 1e-4, batch 1 x 4 accumulated).
+    "flux2-klein": {
+        "augment": {"resolution": 1024, "steps": 50, "guidance_scale": 4.0, "video_steps": 25},
+        "training": {"resolution": 1024, "rank": 16, "steps": 1800, "learning_rate": 1e-4, "batch_size": 1,
+                     "gradient_accumulation_steps": 4, "sweep_steps": 200, "checkpoint_every": 250,
+                     "validate_every": 500, "validation_images": 4},
+        "baseline": {"rank": 64, "steps": 1000, "learning_rate": 1e-4, "class_images": 100},
+        "generation": {"resolution": 1024, "steps": 50, "guidance_scale": 4.0, "batch_size": 4},
     },
 }
 
@@ -301,7 +323,7 @@ class Settings:
 # there, not later on a worker). Keys of dict settings that name vocabulary entries are checked
 # against them too (KEYED_BY).
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("models", "tiny_family"): ("sd", "sdxl"),
+    ("models", "tiny_family"): ("sd", "sdxl", "flux2-klein"),  # udfs/diffusion.py FAMILIES (a test holds them equal)
     ("models", "segmenter"): ("u2netp", "sam"),
     ("models", "sam_variant"): ("tiny", "vit_h", "vit_l", "vit_b"),
     ("models", "u2netp_runtime"): ("auto", "torch", "onnxruntime"),

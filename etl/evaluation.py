@@ -41,6 +41,9 @@ from core.tables import TABLES, sql_list, sql_literal
 from core.vocabulary import EVALUATED, aggregate_score
 
 ALL = "(all)"
+# SQL: ours, the baseline, the zero-shot arm, then any other arm by name
+ARM_ORDER = (f"CASE arm WHEN '{tracking.OURS}' THEN 0 WHEN '{tracking.BASELINE}' THEN 1 "
+             f"WHEN '{tracking.ZERO_SHOT}' THEN 2 ELSE 3 END, arm")
 PASS_RULES = ("all_questions", "per_question")
 SELECTIONS = ("all", "ranked")
 
@@ -230,7 +233,47 @@ def comparison(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFram
     return lake.spark.sql(
         f"SELECT evaluation_id, dataset, arm, selection, products, images, {columns}, rated_images, ratings_source, "
         f"selected_after_results, training FROM evaluation_metrics WHERE product_id = '{ALL}' "
-        f"AND evaluation_id = {sql_literal(evaluation_id)} ORDER BY dataset, arm DESC, selection").toPandas()
+        f"AND evaluation_id = {sql_literal(evaluation_id)} ORDER BY dataset, {ARM_ORDER}, selection").toPandas()
+
+
+def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFrame:
+    """The decision a user makes, per product type: each arm's image pass rate over the type's
+    products (selection 'all', the same planned prompts and seeds for every arm), its training
+    device seconds per product, and the arm that passes more often (ties: the cheaper arm, listed
+    first). Empty until an evaluation is complete and rated."""
+    from etl.prompt_bank import resolved_types
+
+    evaluation_id = evaluation_id or latest_complete(lake)
+    if evaluation_id is None:
+        return pd.DataFrame()
+    images = lake.spark.sql(f"""SELECT r.arm, r.product_id, r.passed, r.ratings_source FROM rated_images r
+                                WHERE r.evaluation_id = {sql_literal(evaluation_id)}""").toPandas()
+    if images.empty:
+        return pd.DataFrame()
+    types = dict(resolved_types(lake).toPandas().itertuples(index=False))
+    plans = pinned(lake, [evaluation_id]).assign(product_type=lambda f: f.product_id.map(types).fillna(UNTYPED))
+    images["product_type"] = images.product_id.map(types).fillna(UNTYPED)  # no product left out
+    rows = []
+    for product_type, group in images.groupby("product_type"):
+        rates = group.groupby("arm").passed.mean()
+        own = plans[plans.product_type == product_type]
+        seconds = {arm: _train_seconds(runs.training) for arm, runs in own.groupby("arm")}
+        best = min(rates.index, key=lambda arm: (-rates[arm], seconds.get(arm) or 0.0, arm))
+        rows.append({"product_type": product_type, "products": int(group.product_id.nunique()),
+                     **{f"{arm}_pass_rate": round(float(rate), 3) for arm, rate in rates.items()},
+                     **{f"{arm}_train_s_per_product": seconds.get(arm) for arm in rates.index},
+                     "passes_more_often": best, "ratings_source": ",".join(sorted(set(group.ratings_source)))})
+    return pd.DataFrame(rows)
+
+
+UNTYPED = "(untyped)"
+
+
+def _train_seconds(training: pd.Series) -> float | None:
+    """Mean training device seconds per product from an arm's plan rows (0 for the zero-shot arm)."""
+    values = [json.loads(t).get("train_seconds") for t in training.dropna().unique()]
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 1) if values else None
 
 
 def latest_complete(lake: Lakehouse) -> str | None:
@@ -244,6 +287,6 @@ def latest_complete(lake: Lakehouse) -> str | None:
 
 EVALUATE = Step("evaluate", run_evaluation,
                 reads=("generations", "image_metrics", "products", "human_ratings", "adapters", "prompt_bank",
-                       "product_classes", "evaluation_plans", "promotions", CHAMPIONS),
+                       "product_classes", "evaluation_plans", "promotions", "product_images", CHAMPIONS),
                 writes=("evaluation_plans", "rated_images", "evaluation_metrics"),
                 description="pin the evaluation plan; Table 2 per evaluation, arm, selection, dataset and product")

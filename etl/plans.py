@@ -3,7 +3,9 @@
 The plan is what every arm must generate: per product with a champion adapter of ours, the first
 `generation.prompts_per_product` approved target prompts of its type x `seeds_per_prompt` seeds,
 at the generation settings, for each arm (ours, the baseline when enabled, any other trained
-arm) with that arm's `@champion` version. Its rows are generation tasks: the task key hashes
+arm) with that arm's `@champion` version. The zero-shot arm (evaluation.zero_shot) has no
+adapter: its "version" is the digest of the reference photos the base model's reference pipeline
+is given, and its generation prompt has no token. Its rows are generation tasks: the task key hashes
 adapter version, prompt, seed and settings, so an image already made for the same task is
 reused, never generated twice.
 
@@ -54,13 +56,53 @@ def bank_task(product_id, arm, name, version, run_id, token, noun, prompt_id, pr
 
 
 def arms(lake: Lakehouse, trained: pd.DataFrame) -> list[str]:
-    """The arms an evaluation compares: ours, the baseline when enabled, and any other trained arm."""
-    named = {tracking.OURS, *trained.arm} | ({tracking.BASELINE} if lake.settings.evaluation.baseline else set())
+    """The arms an evaluation compares: ours, the baseline when enabled, the zero-shot arm when
+    enabled, and any other trained arm."""
+    evaluation = lake.settings.evaluation
+    named = {tracking.OURS, *trained.arm} | ({tracking.BASELINE} if evaluation.baseline else set()) \
+        | ({tracking.ZERO_SHOT} if evaluation.zero_shot else set())
     return sorted(named, key=_arm_order)
 
 
 def _arm_order(arm: str) -> tuple:
-    return arm != tracking.OURS, arm != tracking.BASELINE, arm  # ours, the baseline, then the others
+    # ours, the baseline, the zero-shot arm, then the others
+    return arm != tracking.OURS, arm != tracking.BASELINE, arm != tracking.ZERO_SHOT, arm
+
+
+def zero_shot_champions(lake: Lakehouse, products: list[str]) -> tuple[dict, list[tuple]]:
+    """product -> (name, version, None) for the zero-shot arm, as a champion is for a trained arm:
+    the name is the base model's, the version the digest of the reference photos it is given
+    (the product's `zero_shot_references` largest, ties by image id), so new photos are a new
+    version. A base family without a reference pipeline quarantines the arm, naming why."""
+    from udfs.diffusion import family_of
+    from udfs.zoo import ModelZoo
+
+    zoo = ModelZoo.from_settings(lake.settings)
+    zoo.check("text2img")
+    family = family_of(zoo.path("text2img"))
+    if family.reference is None:
+        return {}, [(p, f"arm:{tracking.ZERO_SHOT}", "no_reference_pipeline",
+                     f"the base family {family.name} has no reference-conditioned pipeline; the zero-shot arm needs "
+                     "one (flux2-klein has)") for p in products]
+    chosen = reference_photos(lake, products, with_images=False)
+    name = f"zero-shot:{zoo.name('text2img')}"
+    return {p: (name, photos_version(ids), None) for p, ids in chosen.items()}, []
+
+
+def photos_version(image_ids: list[str]) -> str:
+    """The zero-shot arm's version: the digest of the reference photos it is given, in order."""
+    return hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()[:12]
+
+
+def reference_photos(lake: Lakehouse, products: list[str], with_images: bool = True) -> dict[str, list]:
+    """product -> its `zero_shot_references` best reference photos (image ids, or encoded images)."""
+    count = lake.settings.evaluation.zero_shot_references
+    rows = lake.spark.sql(
+        f"""SELECT product_id, image_id{', image' if with_images else ''} FROM (
+                SELECT *, row_number() OVER (PARTITION BY product_id ORDER BY width * height DESC, image_id) AS n
+                FROM product_images WHERE product_id IN ({sql_list(products)})) WHERE n <= {count}
+            ORDER BY product_id, n""").toPandas() if products else pd.DataFrame(columns=["product_id", "image_id"])
+    return {p: list(group.image if with_images else group.image_id) for p, group in rows.groupby("product_id")}
 
 
 def current_plan(lake: Lakehouse) -> tuple[pd.DataFrame, list[tuple]]:
@@ -74,8 +116,12 @@ def current_plan(lake: Lakehouse) -> tuple[pd.DataFrame, list[tuple]]:
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))
     targets = approved_prompts(lake, "target")
     products = sorted(p for p in set(trained.product_id) if lake.products is None or p in lake.products)
-    champions = {(p, a): tracking.champion(p, a) for p in products for a in arms(lake, trained)}
+    compared = arms(lake, trained)
+    champions = {(p, a): tracking.champion(p, a) for p in products for a in compared if a != tracking.ZERO_SHOT}
     rows, failures, runs, scoring = [], [], {}, scoring_settings(lake.settings)
+    if tracking.ZERO_SHOT in compared:
+        zero_shot, failures = zero_shot_champions(lake, products)
+        champions.update({(p, tracking.ZERO_SHOT): zero_shot.get(p) for p in products})
     seeds = range(settings.seed, settings.seed + settings.seeds_per_prompt)
     for product_id in products:
         if champions[(product_id, tracking.OURS)] is None:
@@ -91,18 +137,20 @@ def current_plan(lake: Lakehouse) -> tuple[pd.DataFrame, list[tuple]]:
             found = champions[(product_id, arm)]
             name, version, run_id = found or (tracking.registered_model_name(product_id, arm), None, None)
             token = tokens.get((product_id, arm, version))
-            if found and run_id not in runs:
+            if found and arm != tracking.ZERO_SHOT and run_id not in runs:
                 runs[run_id] = training_settings(run_id)
             for prompt in chosen.itertuples():
                 for seed in seeds:
                     if found:
                         row = bank_task(product_id, arm, name, version, run_id, token, class_noun(product_type),
                                         prompt.prompt_id, prompt.text, seed, settings)
+                        if arm == tracking.ZERO_SHOT:  # no token to say: the reference photos show the product
+                            row["generation_prompt"] = row["prompt"]
                     else:  # planned, not generable until the arm has a champion
                         row = {"product_id": product_id, "arm": arm, "adapter_model": name,
                                "prompt_id": prompt.prompt_id, "seed": seed}
-                    rows.append({**row, "resolution": settings.resolution, "training": runs.get(run_id),
-                                 "scoring": scoring})
+                    training = ZERO_SHOT_TRAINING if arm == tracking.ZERO_SHOT else runs.get(run_id)
+                    rows.append({**row, "resolution": settings.resolution, "training": training, "scoring": scoring})
     plan = pd.DataFrame(rows, columns=[c for c in PLAN_COLUMNS if c != "evaluation_id"])
     return plan, failures
 
@@ -196,18 +244,26 @@ def scoring_settings(settings) -> str:
 
 # --- training settings shown beside each arm's figures ---
 
+# The zero-shot arm trains nothing: no steps, no GPU seconds.
+ZERO_SHOT_TRAINING = json.dumps({"steps": 0, "rank": None, "alpha": None, "lr": None, "prior": "none",
+                                 "examples": 0, "train_seconds": 0.0})
+
 def training_settings(run_id: str) -> str:
     """The settings an adapter was trained with, from its MLflow run (what actually ran): JSON of
     steps, rank, alpha, learning rate, prior preservation and examples."""
     from mlflow import MlflowClient
 
-    params = MlflowClient().get_run(run_id).data.params
+    run = MlflowClient().get_run(run_id)
+    params = run.data.params
     prior = "none"
     if params.get("baseline.prior_preservation") == "True":
         prior = (f"weight {params.get('baseline.prior_loss_weight')} x "
                  f"{params.get('baseline.class_images')} class images")
+    # the run's wall time: the training's device seconds per product (its task held one device)
+    seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
     return json.dumps({"steps": params.get("steps"), "rank": params.get("rank"), "alpha": params.get("lora_alpha"),
-                       "lr": params.get("learning_rate"), "prior": prior, "examples": params.get("examples")})
+                       "lr": params.get("learning_rate"), "prior": prior, "examples": params.get("examples"),
+                       "train_seconds": round(seconds, 1) if seconds is not None else None})
 
 
 def describe_training(settings) -> str | None:
@@ -221,5 +277,8 @@ def describe_training(settings) -> str | None:
         values = sorted({str(p.get(name)) for p in parsed}, key=lambda v: (len(v), v))
         return values[0] if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
+    if all(str(p.get("steps")) == "0" for p in parsed):
+        return "no training (reference photos at generation), 0 device s per product"
     return (f"{field('steps')} steps, rank {field('rank')}, alpha {field('alpha')}, lr {field('lr')}, "
-            f"prior {field('prior')}, {field('examples')} examples")
+            f"prior {field('prior')}, {field('examples')} examples, {field('train_seconds')} device s per product "
+            "(training run wall time)")

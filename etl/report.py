@@ -18,6 +18,7 @@ import html
 import io
 import json
 import math
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +110,8 @@ class _Data:
     ratings: pd.DataFrame
     evaluation: pd.DataFrame
     evaluations: pd.DataFrame  # etl.plans.status: every pinned evaluation, complete or what is missing
+    # etl.evaluation.arm_by_product_type: per product type, the arm that passes more often
+    by_type: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     def product(self, product_id: str) -> _Data:
         """The rows of one product (masks follow its reference images)."""
@@ -134,6 +137,8 @@ def _product_ids(lake, products: list[str] | None) -> list[str]:
 
 
 def _load(lake, ids: list[str]) -> _Data:
+    from etl.evaluation import ARM_ORDER, arm_by_product_type
+
     """Run one query per section, restricted to `ids`."""
     chosen = f"IN ({sql_list(ids)})" if ids else "IN (NULL)"
 
@@ -177,8 +182,9 @@ def _load(lake, ids: list[str]) -> _Data:
         evaluation=sql(f"""SELECT product_id, evaluation_id, selected_after_results, {', '.join(EVALUATION_COLUMNS)}
                            FROM evaluation_metrics
                            WHERE evaluation_id IS NOT NULL AND (product_id = '(all)' OR product_id {chosen})
-                           ORDER BY dataset, arm DESC, selection, product_id"""),
+                           ORDER BY dataset, {ARM_ORDER}, selection, product_id"""),
         evaluations=_covering(status(lake), ids),
+        by_type=arm_by_product_type(lake),
     )
 
 
@@ -267,8 +273,21 @@ def _index_page(data: _Data, ids: list[str], written_at: str, notice: str = "") 
               "prompts and seeds, each arm's adapter version frozen. Per arm, selection and dataset, over all of "
               "the dataset's products (selection all: every planned image; ranked: ours' kept top N), with the "
               "arm's training settings.</p>\n"
-            + _evaluations(data, "(all)"))
+            + _evaluations(data, "(all)") + _by_type(data.by_type))
     return _page("recontext report", body, written_at, notice)
+
+
+def _by_type(table: pd.DataFrame) -> str:
+    """Per product type, which arm passes more often in the latest complete evaluation, with each
+    arm's training device seconds per product: does a product need its own adapter?"""
+    if table.empty:
+        return ""
+    columns = list(table.columns)
+    cells = [[_e(getattr(r, c)) for c in columns] for r in table.itertuples()]
+    return ("<h2>Which arm, per product type</h2>\n<p>Image pass rate per arm over each type's products (every "
+            "planned image of the latest complete evaluation) and training device seconds per product (the "
+            "zero-shot arm trains nothing). Raters are named in ratings_source; synthetic ones mean nothing.</p>\n"
+            + _table(columns, cells, {c for c in columns if c.endswith(("_rate", "_per_product")) or c == "products"}))
 
 
 def _summary_table(data: _Data, ids: list[str]) -> str:

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
               "generate": "generate with each product's champion adapter, score, rank",
               "evaluate": "baseline arm, generation, ranking, evaluation: ours vs baseline"}
     for command in [run, *(commands.add_parser(name, help=text) for name, text in groups.items())]:
+        if command is not run and command.prog.split()[-1] == "evaluate":
+            command.add_argument("--arms", help="comma-separated arms to compare: ours and any of baseline, "
+                                 "zero_shot (default: evaluation.baseline and evaluation.zero_shot settings)")
         command.add_argument("--products", help="comma-separated product ids (default: all)")
         command.add_argument("--wait", action="store_true", help="wait for a run already using this home")
         command.set_defaults(run=cmd_run, group=None if command is run else command.prog.split()[-1],
@@ -170,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the pipeline on the bundled sample catalog")
     demo.add_argument("--base", choices=CHOICES["models", "tiny_family"], default=None,
-                      help="the tiny base-model family to build and use (default: models.tiny_family, sd)")
+                      help="the tiny base-model family to build and use (udfs/diffusion.py FAMILIES; "
+                      "default: models.tiny_family, sd)")
     demo.set_defaults(run=cmd_demo, needs_home=False)
 
     models = commands.add_parser("models", help="each model role: weights, family, device and precision")
@@ -314,6 +318,8 @@ def cmd_run(settings: Settings, args) -> int:
 
     names = load_groups()[args.group] if args.group else args.stages
     check_stage_names(names)  # unknown stage names: refused before the engine and the models' imports
+    if getattr(args, "arms", None):
+        settings = _with_arms(settings, args.arms)
     products = [p.strip() for p in args.products.split(",") if p.strip()] if args.products else None
     if args.products is not None and not products:
         raise UserError(f"--products names no product: {args.products!r}")
@@ -328,6 +334,20 @@ def cmd_run(settings: Settings, args) -> int:
     if args.group == "evaluate":
         _print_evaluation(lake)
     return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _with_arms(settings: Settings, arms: str) -> Settings:
+    """`--arms ours,baseline,zero_shot`: the settings with exactly those arms compared."""
+    import dataclasses
+
+    from etl import tracking
+
+    chosen = {a.strip() for a in arms.split(",") if a.strip()}
+    known = {tracking.OURS, tracking.BASELINE, tracking.ZERO_SHOT}
+    if tracking.OURS not in chosen or chosen - known:
+        raise UserError(f"--arms {arms!r}: name ours and any of baseline, zero_shot")
+    return dataclasses.replace(settings, evaluation=dataclasses.replace(
+        settings.evaluation, baseline=tracking.BASELINE in chosen, zero_shot=tracking.ZERO_SHOT in chosen))
 
 
 def _print_notice(lake, ratings: bool = False) -> None:
@@ -473,13 +493,20 @@ def cmd_promote(settings: Settings, args) -> int:
 
 
 def cmd_evaluations(settings: Settings, args) -> int:
+    from etl.evaluation import arm_by_product_type, latest_complete
     from etl.plans import status
 
-    states = status(_lake(settings))
+    lake = _lake(settings)
+    states = status(lake)
+    latest = latest_complete(lake)
+    by_type = arm_by_product_type(lake, latest)  # empty without a complete evaluation
     if args.format == "json":
         rows = [{"evaluation_id": r.evaluation_id, "created_at": str(r.created_at), "products": int(r.products),
                  "planned_images": json.loads(r.planned), "status": "complete" if r.complete else "incomplete",
-                 "missing": list(r.missing)} for r in states.itertuples()]
+                 "missing": list(r.missing),
+                 # the latest complete evaluation's: per product type, the arm that passes more often
+                 "arm_by_product_type": json.loads(by_type.to_json(orient="records"))
+                 if r.evaluation_id == latest and len(by_type) else []} for r in states.itertuples()]
         print(json.dumps(rows, indent=2))
         return 0
     if states.empty:
@@ -490,6 +517,11 @@ def cmd_evaluations(settings: Settings, args) -> int:
               f"  {'complete' if r.complete else 'INCOMPLETE'}")
         for line in r.missing:
             print(f"    missing: {line}")
+    if len(by_type):
+        print(f"\nper product type, the arm that passes more often (evaluation {latest}; image pass rate, "
+              "training device s per product):")
+        print(by_type.to_string(index=False))
+        _print_notice(lake, ratings=True)
     return 0
 
 
@@ -558,14 +590,23 @@ def cmd_demo(settings: Settings, args) -> int:
     from jobs.graph import load_groups
     from jobs.runner import run
 
+    from udfs.diffusion import BY_NAME
+
+    if args.base and args.base not in BY_NAME:
+        raise UserError(f"unknown base family '{args.base}'; families: {', '.join(BY_NAME)}")
     if args.base and args.base != settings.models.tiny_family:
         if (settings.home / "config.toml").exists():
             raise UserError(f"{settings.home}/config.toml exists; set [models] tiny_family = \"{args.base}\" "
                             "there (or use a new home) to run the demo on that family")
         # A new home remembers its family, so later commands on it use the same base models.
         settings.home.mkdir(parents=True, exist_ok=True)
-        (settings.home / "config.toml").write_text(f'[models]\ntiny_family = "{args.base}"\n')
-        settings = dataclasses.replace(settings, models=dataclasses.replace(settings.models, tiny_family=args.base))
+        # A family that edits from reference photos adds the zero-shot arm to the demo's evaluation.
+        zero_shot = BY_NAME[args.base].reference is not None
+        (settings.home / "config.toml").write_text(f'[models]\ntiny_family = "{args.base}"\n' + (
+            "[evaluation]\nzero_shot = true\n" if zero_shot else ""))
+        settings = dataclasses.replace(
+            settings, models=dataclasses.replace(settings.models, tiny_family=args.base),
+            evaluation=dataclasses.replace(settings.evaluation, zero_shot=zero_shot or settings.evaluation.zero_shot))
     print(f"recontext demo, home {settings.home}, base family {settings.models.tiny_family}")
     catalog = write_sample_catalog(settings.home / "samples" / "catalog")
     if not settings.ingest.sources:

@@ -16,6 +16,8 @@ requests (training/imagine.py) call it too.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import json
 import logging
@@ -24,13 +26,14 @@ import pandas as pd
 
 from core.settings import GenerationSettings, Settings
 from etl.lakehouse import Lakehouse
-from etl.plans import pending_tasks
+from etl.plans import pending_tasks, photos_version, reference_photos
+from etl.tracking import ZERO_SHOT
 from etl.step import CHAMPIONS, Step
 from core.tables import TABLES
 from training.fanout import fan_out, parallelism, with_slots
 from udfs.device import task_device
 from udfs.diffusion import adapter_loaded, render
-from udfs.imaging import encode_png, pixel_hash
+from udfs.imaging import decode_rgb, encode_png, padded_square, pixel_hash
 from udfs.zoo import ModelZoo
 
 log = logging.getLogger(__name__)
@@ -45,9 +48,21 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
 
     tasks, failures = pending_tasks(lake)
     specs = []
+    zero_shot = sorted(set(tasks.product_id[tasks.arm == ZERO_SHOT]))
+    photos, photo_ids = reference_photos(lake, zero_shot), reference_photos(lake, zero_shot, with_images=False)
     for (product_id, arm, name, version), group in tasks.groupby(
             ["product_id", "arm", "adapter_model", "adapter_version"], sort=True):
         source = f"adapter:{name}/{version}"
+        if arm == ZERO_SHOT:  # no adapter: the reference photos travel with the task
+            if version != photos_version(photo_ids.get(product_id, [])):  # a pinned plan's photos are gone
+                failures.append((product_id, source, "generation_failed", "the reference photos this zero-shot "
+                                 "version was planned with changed; the current plan uses the new ones"))
+                continue
+            references = json.dumps([base64.b64encode(bytes(image)).decode() for image in photos.get(product_id, [])])
+            specs.append({"product_id": product_id, "arm": arm, "adapter": None, "source": source,
+                          "reference_photos": references,
+                          "tasks": group.astype(object).where(group.notna(), None).to_json(orient="records")})
+            continue
         try:
             if group.token.isna().any():
                 raise ValueError(f"version {version} of {name} is not in the adapters table")
@@ -59,6 +74,7 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
                              f"generation failed ({type(err).__name__}: {err}); it is retried on the next run"))
             continue
         specs.append({"product_id": product_id, "arm": arm, "adapter": adapter.adapter_path, "source": source,
+                      "reference_photos": None,
                       "tasks": group.astype(object).where(group.notna(), None).to_json(orient="records")})
     rows = []
     if specs:
@@ -66,7 +82,7 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
         progress(f"  generating for {len(specs)} adapter(s) in {min(parallel, len(specs))} parallel task(s)")
         frame = lake.spark.createDataFrame(with_slots(pd.DataFrame(specs)),
                                            "product_id STRING, arm STRING, adapter STRING, source STRING, "
-                                           "tasks STRING, slot BIGINT")
+                                           "reference_photos STRING, tasks STRING, slot BIGINT")
         results = fan_out(lake.spark, frame, parallel, functools.partial(_generate_task, lake.settings, zoo),
                           RESULT_SCHEMA)
         for failed in results[results.error.notna()].itertuples():
@@ -80,12 +96,18 @@ def run_generation(lake: Lakehouse, zoo: ModelZoo, progress=print) -> dict[str, 
     return {"generations": written, "quarantine": lake.quarantine(STAGE, failures)}
 
 
-def generate_images(zoo: ModelZoo, adapter_path, tasks: list[dict], settings: GenerationSettings) -> list[dict]:
+def generate_images(zoo: ModelZoo, adapter_path, tasks: list[dict], settings: GenerationSettings,
+                    references: list | None = None) -> list[dict]:
     """`generations` rows for `tasks` (generation_prompt, seed) from the worker's one base
-    pipeline with the adapter loaded (fused on GPUs), `settings.batch_size` prompts per call."""
-    with zoo.exclusive("text2img"), adapter_on(zoo, adapter_path, settings) as pipeline:
+    pipeline with the adapter loaded (fused on GPUs), `settings.batch_size` prompts per call;
+    without an adapter, the base pipeline conditioned on `references` (the zero-shot arm)."""
+    block = adapter_on(zoo, adapter_path, settings) if adapter_path else contextlib.nullcontext(zoo.load("text2img"))
+    if references:  # as in training, at the generation's size: a reference's tokens join every attention
+        references = [padded_square(image, settings.resolution) for image in references]
+    with zoo.exclusive("text2img"), block as pipeline:
         images = render(pipeline, [t["generation_prompt"] for t in tasks], [t["seed"] for t in tasks],
-                        settings.steps, settings.guidance_scale, settings.resolution, settings.batch_size)
+                        settings.steps, settings.guidance_scale, settings.resolution, settings.batch_size,
+                        references=references)
         return [image_row(task, image, type(pipeline.scheduler).__name__) for task, image in zip(tasks, images)]
 
 
@@ -111,7 +133,9 @@ def _generate_task(settings: Settings, zoo: ModelZoo, spec, state: dict) -> list
     base pipeline for that device is loaded once (the zoo) and reused by its next tasks."""
     device = task_device(zoo.models.device, int(spec.slot))
     try:
-        rows = generate_images(zoo.on(device), spec.adapter, json.loads(spec.tasks), settings.generation)
+        references = ([decode_rgb(base64.b64decode(b)) for b in json.loads(spec.reference_photos)]
+                      if spec.reference_photos else None)
+        rows = generate_images(zoo.on(device), spec.adapter, json.loads(spec.tasks), settings.generation, references)
         return [{**row, "error": None} for row in rows]
     except Exception as err:  # noqa: BLE001 - reported to the driver, which quarantines the product
         log.exception("generation for %s (%s) on %s failed", spec.product_id, spec.arm, device)
@@ -120,6 +144,8 @@ def _generate_task(settings: Settings, zoo: ModelZoo, spec, state: dict) -> list
 
 
 GENERATE = Step("generate", run_generation,
-                reads=("adapters", "prompt_bank", "products", "product_classes", "evaluation_plans", CHAMPIONS),
+                # product_images: the zero-shot arm's reference photos
+                reads=("adapters", "prompt_bank", "products", "product_classes", "evaluation_plans", "product_images",
+                       CHAMPIONS),
                 writes=("generations", "quarantine"), roles=("text2img",),
                 description="images from each product's champion adapter (and the baseline's)")

@@ -1,9 +1,15 @@
-"""DreamBooth-style LoRA fine-tuning of a Stable Diffusion UNet (paper 2.4, appendix A.5).
+"""DreamBooth-style LoRA fine-tuning of a diffusion model's denoiser (paper 2.4, appendix A.5).
 
 Training runs on the worker's one loaded base pipeline (udfs/zoo.py): the LoRA layers are added
 for the run and removed after it, leaving the frozen weights untouched for the sweep's next
-token, validation and generation. SD 1.x/2.x and SDXL differ only in what udfs/diffusion.py's
-Family says (text encoders, SDXL's pooled embeddings and size time ids).
+token, validation and generation. SD 1.x/2.x, SDXL and FLUX.2 [klein] differ only in what
+udfs/diffusion.py's Family says (denoiser, text encoders, SDXL's pooled embeddings and size time
+ids, the loss). The flow-matching loss (FLUX.2 [klein]) is diffusers' klein DreamBooth LoRA
+trainer's: latents are the VAE posterior's mode, 2x2-patchified and normalised by the VAE's batch
+norm; timesteps are drawn by `weighting_scheme`'s density and indexed into the flow-matching
+scheduler's timesteps and sigmas; x_t = (1 - sigma) x0 + sigma noise, packed into tokens with
+their position ids; the target is noise - x0, weighted per sigma; the guidance embedding gets
+`guidance_scale` where the transformer has one.
 
 Our arm has no prior-preservation loss: negatives and counterfactuals are ordinary examples with
 their own captions (without the rare token), so the adapter learns what the product is *not*.
@@ -40,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from core.settings import TrainingSettings
 from udfs.device import BUILDING
+from udfs.imaging import padded_square
 from udfs.diffusion import FAMILIES, Family
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -88,13 +95,17 @@ def train_lora(pipeline, examples: list[Example], config: TrainingSettings, out_
     if not examples:
         raise ValueError("no training examples")
     family = FAMILIES[type(pipeline).__name__]
-    prediction_type = pipeline.scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction"):
+    prediction_type = pipeline.scheduler.config.get("prediction_type", "epsilon") if family.loss == "noise" \
+        else "flow"
+    if family.loss == "flow_matching" and config.train_text_encoder:
+        raise ValueError(f"train_text_encoder is not supported for {family.name}: diffusers' trainer for it "
+                         "trains the transformer only")
+    if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(f"the base model's scheduler has prediction_type '{prediction_type}'; LoRA training "
                          "supports epsilon and v_prediction")
     steps = steps or config.steps
     out_dir = Path(out_dir)
-    unet, vae = pipeline.unet, pipeline.vae
+    unet, vae = getattr(pipeline, family.denoiser), pipeline.vae  # a UNet or a transformer
     encoders = [getattr(pipeline, name) for name in family.text_encoders]
     target = unet.device
     weight_dtype = _weight_dtype(config, target)
@@ -115,16 +126,16 @@ def train_lora(pipeline, examples: list[Example], config: TrainingSettings, out_
 def _train(pipeline, family: Family, unet, vae, encoders, examples, config: TrainingSettings, out_dir: Path,
            steps: int, on_step, validate, prior, prior_loss_weight: float, prediction_type: str,
            target: torch.device, weight_dtype: torch.dtype) -> TrainResult:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig, inject_adapter_in_model
 
     alpha = lora_alpha(config)
-    trained = {"unet": unet}
+    trained = {family.denoiser: unet}
     with BUILDING:  # parallel tasks share torch's global generator and module construction
         torch.manual_seed(config.seed)  # the LoRA initialisation
         unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                    target_modules=list(config.target_modules)))
+                                    target_modules=list(config.target_modules or family.lora_target_modules(unet))))
         if config.train_text_encoder:
             for name, encoder in zip(family.text_encoders, encoders):
                 # peft directly: transformers 5's add_adapter wants a peft release not yet published.
@@ -142,17 +153,23 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=steps)
     scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 else None
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    flow = family.loss == "flow_matching"
+    scheduler_class = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
+    noise_scheduler = scheduler_class.from_config(pipeline.scheduler.config)
 
     # Instance examples first, then the prior (class) examples: one tensor, two index ranges.
     everything = [*examples, *prior]
-    mean, std = _encoded_latents(vae, [e.image for e in everything], config, target)
-    token_ids = [getattr(pipeline, name)([e.caption for e in everything], padding="max_length",
-                                         max_length=getattr(pipeline, name).model_max_length, truncation=True,
-                                         return_tensors="pt").input_ids.to(target) for name in family.tokenizers]
+    mean, std = _encoded_latents(vae, [e.image for e in everything], config, target, flow)
     time_ids = sdxl_time_ids([e.image for e in everything], config.resolution) if family.added_conditions else None
-    frozen = None
-    if not config.train_text_encoder:
+    frozen, token_ids = None, []
+    if flow:  # the pipeline's own text conditioning (prompt states, their position ids), as the trainer
+        with torch.no_grad():
+            frozen = tuple(t.cpu() for t in pipeline.encode_prompt([e.caption for e in everything], device=target))
+    else:
+        token_ids = [getattr(pipeline, name)([e.caption for e in everything], padding="max_length",
+                                             max_length=getattr(pipeline, name).model_max_length, truncation=True,
+                                             return_tensors="pt").input_ids.to(target) for name in family.tokenizers]
+    if not flow and not config.train_text_encoder:
         with torch.no_grad():
             frozen = _encode(family, encoders, token_ids)
 
@@ -169,7 +186,10 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
             if prior else None
         rows = torch.cat([index, prior_index]) if prior else index
         noise = torch.randn((len(rows), *mean.shape[1:]), generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
+        if flow:  # a timestep index per row from the weighting scheme's density (uniform by default)
+            timesteps = _flow_indices(noise_scheduler, config, len(rows), generator)
+        else:
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
         latents = mean[rows]
         if config.sample_latents:  # a fresh draw from each image's latent distribution
             latents = latents + std[rows] * torch.randn(latents.shape, generator=generator)
@@ -178,9 +198,10 @@ def _train(pipeline, family: Family, unet, vae, encoders, examples, config: Trai
             part = torch.arange(m * batch, (m + 1) * batch)
             if prior:
                 part = torch.cat([part, len(index) + part])
-            loss = _loss(family, unet, encoders, noise_scheduler, prediction_type, frozen, token_ids, time_ids,
-                         rows[part], latents[part].to(target), noise[part].to(target), timesteps[part].to(target),
-                         target, weight_dtype, batch if prior else None, prior_loss_weight)
+            loss = (_flow_loss if flow else _loss)(
+                family, unet, encoders, noise_scheduler, prediction_type, frozen, token_ids, time_ids,
+                rows[part], latents[part].to(target), noise[part].to(target), timesteps[part].to(target),
+                target, weight_dtype, batch if prior else None, prior_loss_weight, config)
             scaled = loss / micro_batches
             (scaler.scale(scaled) if scaler else scaled).backward()
             micro_losses.append(float(loss.detach()))
@@ -223,7 +244,7 @@ def _weight_dtype(config: TrainingSettings, device: torch.device) -> torch.dtype
 
 def _loss(family: Family, unet, encoders, noise_scheduler, prediction_type: str, frozen, token_ids, time_ids,
           rows, latents, noise, timesteps, target, weight_dtype, instances: int | None,
-          prior_loss_weight: float) -> torch.Tensor:
+          prior_loss_weight: float, config: TrainingSettings = None) -> torch.Tensor:
     """The denoising loss of one micro-batch; with `instances`, its first `instances` rows are
     instance examples and the rest prior examples, whose loss is added times the weight."""
     if frozen is not None:
@@ -244,6 +265,46 @@ def _loss(family: Family, unet, encoders, noise_scheduler, prediction_type: str,
             + prior_loss_weight * F.mse_loss(prediction[instances:].float(), wanted[instances:].float()))
 
 
+def _flow_indices(scheduler, config: TrainingSettings, count: int, generator) -> torch.Tensor:
+    """Indices into the flow-matching scheduler's training timesteps and sigmas, drawn as diffusers'
+    flow trainers draw them (compute_density_for_timestep_sampling, scaled to the timestep count)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(config.weighting_scheme, count, logit_mean=config.logit_mean,
+                                              logit_std=config.logit_std, mode_scale=config.mode_scale,
+                                              generator=generator)
+    return (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
+
+
+def _flow_loss(family: Family, transformer, encoders, scheduler, prediction_type: str, frozen, token_ids, time_ids,
+               rows, latents, noise, indices, target, weight_dtype, instances: int | None,
+               prior_loss_weight: float, config: TrainingSettings = None) -> torch.Tensor:
+    """Rectified-flow loss of one micro-batch on packed latents (diffusers' klein trainer):
+    x_t = (1 - sigma) x0 + sigma noise, the transformer predicts noise - x0 at timestep / 1000."""
+    from diffusers import Flux2KleinPipeline
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    timesteps = scheduler.timesteps[indices.cpu()].to(target)
+    sigmas = scheduler.sigmas[indices.cpu()].to(target, latents.dtype).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    packed = Flux2KleinPipeline._pack_latents(noisy)  # (B, C, H, W) -> (B, H*W, C)
+    latent_ids = Flux2KleinPipeline._prepare_latent_ids(latents).to(target)
+    states, text_ids = frozen[0][rows].to(target), frozen[1][rows].to(target)
+    guidance = torch.full((len(rows),), config.guidance_scale, device=target) \
+        if transformer.config.guidance_embeds else None
+    with _autocast(target, weight_dtype):
+        prediction = transformer(hidden_states=packed.to(weight_dtype), timestep=timesteps / 1000, guidance=guidance,
+                                 encoder_hidden_states=states.to(weight_dtype), txt_ids=text_ids, img_ids=latent_ids,
+                                 return_dict=False)[0]
+    prediction = Flux2KleinPipeline._unpack_latents_with_ids(prediction[:, :packed.size(1)], latent_ids)
+    weighting = compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas)
+    errors = (weighting.float() * (prediction.float() - (noise - latents).float()) ** 2).reshape(len(rows), -1)
+    per_row = errors.mean(dim=1)
+    if instances is None:
+        return per_row.mean()
+    return per_row[:instances].mean() + prior_loss_weight * per_row[instances:].mean()
+
+
 def sdxl_time_ids(images: list[Image.Image], resolution: int) -> torch.Tensor:
     """SDXL's size conditioning per training image, as diffusers' SDXL trainers compute it:
     (original height, original width, crop top, crop left, target height, target width). The
@@ -255,24 +316,17 @@ def sdxl_time_ids(images: list[Image.Image], resolution: int) -> torch.Tensor:
 
 
 def training_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """An image as the model sees it in training, in [-1, 1]: the long side resized to
-    `resolution`, the short side padded on both ends with the median colour of the photo's border
-    (product shots have plain backgrounds), so wide and tall products keep their ends."""
-    rgb = image.convert("RGB")
-    scale = resolution / max(rgb.size)
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    pixels = np.asarray(rgb)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    canvas = Image.new("RGB", (resolution, resolution), tuple(int(c) for c in np.median(border, axis=0)))
-    canvas.paste(rgb.resize(size, Image.Resampling.LANCZOS), ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
-    array = torch.from_numpy(np.asarray(canvas).copy())
+    """An image as the model sees it in training, in [-1, 1]: udfs.imaging.padded_square (long
+    side resized, short side padded with the border colour, so products keep their ends)."""
+    array = torch.from_numpy(np.asarray(padded_square(image, resolution)).copy())
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def _encoded_latents(vae, images: list[Image.Image], config: TrainingSettings,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, flow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's latent distribution (mean, std), scaled, on the CPU: encoded once, in
-    micro-batches of `vae_batch_size`, in fp32 (SDXL's VAE overflows in fp16)."""
+    micro-batches of `vae_batch_size`, in fp32 (SDXL's VAE overflows in fp16). FLUX.2's are
+    2x2-patchified and normalised by the VAE's batch-norm statistics, as its pipelines do."""
     dtype = vae.dtype
     vae.to(torch.float32)
     means, stds = [], []
@@ -286,6 +340,13 @@ def _encoded_latents(vae, images: list[Image.Image], config: TrainingSettings,
                 stds.append(dist.std.cpu())
     finally:
         vae.to(dtype)
+    if flow:
+        from diffusers import Flux2KleinPipeline
+
+        bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).float().cpu()
+        bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float().cpu() + vae.config.batch_norm_eps)
+        return ((Flux2KleinPipeline._patchify_latents(torch.cat(means)) - bn_mean) / bn_std,
+                Flux2KleinPipeline._patchify_latents(torch.cat(stds)) / bn_std)
     factor = vae.config.scaling_factor
     return torch.cat(means) * factor, torch.cat(stds) * factor
 
@@ -318,8 +379,9 @@ def _save_adapter(pipeline, trained: dict, adapter_dir: Path) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-              for name, module in trained.items()}
+    family = FAMILIES[type(pipeline).__name__]
+    convert = convert_state_dict_to_diffusers if family.lora_keys == "diffusers" else dict
+    layers = {f"{name}_lora_layers": convert(get_peft_model_state_dict(module)) for name, module in trained.items()}
     metadata = {f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict()
                 for name, module in trained.items()}
     scratch = adapter_dir.with_name(".adapter-tmp")

@@ -445,7 +445,7 @@ class _ProductTraining:
 
         def validate(pipeline, step: int) -> dict:
             generator = torch.Generator("cpu").manual_seed(config.seed)
-            images = pipeline([instance_prompt(token, self.class_noun)] * config.validation_images,
+            images = pipeline(prompt=[instance_prompt(token, self.class_noun)] * config.validation_images,
                               num_inference_steps=self.settings.augment.steps, height=config.resolution,
                               width=config.resolution, generator=generator).images
             if save_images:  # the task logs them with the run
@@ -461,7 +461,7 @@ class _ProductTraining:
         count, prompt = self.settings.baseline.class_images, f"a photo of a {self.class_noun}"
         pipeline = self.pipeline
         generator = torch.Generator("cpu").manual_seed(self.config.seed)
-        images = pipeline([prompt] * count, num_inference_steps=self.settings.augment.steps,
+        images = pipeline(prompt=[prompt] * count, num_inference_steps=self.settings.augment.steps,
                           height=self.config.resolution, width=self.config.resolution, generator=generator).images
         return [Example(image, prompt) for image in images]
 
@@ -473,7 +473,7 @@ class _ProductTraining:
             return None
         config = self.config
         generator = torch.Generator("cpu").manual_seed(config.seed)
-        images = pipeline([f"{instance_prompt(token, self.class_noun)}, {scene}" for scene in self.scenes],
+        images = pipeline(prompt=[f"{instance_prompt(token, self.class_noun)}, {scene}" for scene in self.scenes],
                           num_inference_steps=self.settings.augment.steps, height=config.resolution,
                           width=config.resolution, generator=generator).images
         clip = self.zoo.load("clip")

@@ -80,7 +80,7 @@ def run_task(zoo: ModelZoo, task: dict) -> list[tuple[Image.Image, dict]]:
 
 def negative(pipeline, task: dict, params: dict, generator) -> list[tuple[Image.Image, dict]]:
     resolution = params["resolution"]
-    image = pipeline(task["prompt"], height=resolution, width=resolution, num_inference_steps=params["steps"],
+    image = pipeline(prompt=task["prompt"], height=resolution, width=resolution, num_inference_steps=params["steps"],
                      guidance_scale=params["guidance_scale"], generator=generator).images[0]
     return [(image, {})]
 
@@ -120,8 +120,9 @@ def _inpainted(pipeline, task: dict, params: dict, generator, outpaint: bool) ->
         repaint = Image.eval(mask, lambda v: 255 - v)  # everything but the product
     else:  # counterfactual: the product region, grown a little so another object fits
         repaint = mask.filter(ImageFilter.MaxFilter(params.get("dilate", 5)))
-    generated = pipeline(task["prompt"], image=parent, mask_image=repaint, height=parent.height, width=parent.width,
-                         num_inference_steps=params["steps"], guidance_scale=params["guidance_scale"],
+    generated = pipeline(prompt=task["prompt"], image=parent, mask_image=repaint, height=parent.height,
+                         width=parent.width, num_inference_steps=params["steps"],
+                         guidance_scale=params["guidance_scale"],
                          generator=generator).images[0].convert("RGB").resize(parent.size)
     # Keep what must not change exactly: the product (outpaint) or the background (counterfactual).
     keep = mask if outpaint else Image.eval(repaint, lambda v: 255 - v)

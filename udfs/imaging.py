@@ -23,6 +23,20 @@ def decode_rgb(data: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+def padded_square(image: Image.Image, size: int) -> Image.Image:
+    """`size` x `size`: the long side resized to `size`, the short side padded on both ends with
+    the median colour of the photo's border (product shots have plain backgrounds), so wide and
+    tall products keep their ends."""
+    rgb = image.convert("RGB")
+    scale = size / max(rgb.size)
+    fitted = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    pixels = np.asarray(rgb)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    canvas = Image.new("RGB", (size, size), tuple(int(c) for c in np.median(border, axis=0)))
+    canvas.paste(rgb.resize(fitted, Image.Resampling.LANCZOS), ((size - fitted[0]) // 2, (size - fitted[1]) // 2))
+    return canvas
+
+
 def alpha_mask(data: bytes) -> np.ndarray | None:
     """The alpha channel as a boolean mask (alpha >= 128), or None when the image has none."""
     image = Image.open(io.BytesIO(data))

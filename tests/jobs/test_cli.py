@@ -134,3 +134,24 @@ def test_the_demo_evaluation_is_one_pinned_plan_both_arms_complete(demo_home):
     training = {r["arm"]: r["training"] for r in rows}
     assert "prior none" in training["ours"] and "rank 64" in training["baseline"]
     assert "prior weight" in training["baseline"]
+
+
+def test_per_product_type_the_arm_that_passes_more_often(demo_home):
+    """`recontext evaluations` names, per product type, the arm with the higher image pass rate,
+    recomputed here from rated_images; trained arms carry their training device seconds."""
+    (evaluation,) = json.loads(recontext("evaluations", "--format", "json", home=demo_home).stdout)
+    decisions = evaluation["arm_by_product_type"]
+    rated = json.loads(recontext(
+        "sql", "SELECT r.arm, coalesce(p.product_type, c.product_type) AS product_type, r.passed FROM rated_images r "
+        "JOIN products p ON p.product_id = r.product_id LEFT JOIN product_classes c ON c.product_id = r.product_id "
+        f"WHERE r.evaluation_id = '{evaluation['evaluation_id']}'", "--format", "json", home=demo_home).stdout)
+    for row in rated:
+        row["product_type"] = row["product_type"] or "(untyped)"
+    assert decisions and {d["product_type"] for d in decisions} == {r["product_type"] for r in rated}
+    for decision in decisions:
+        own = [r for r in rated if r["product_type"] == decision["product_type"]]
+        rates = {arm: sum(r["passed"] for r in own if r["arm"] == arm) / sum(r["arm"] == arm for r in own)
+                 for arm in {r["arm"] for r in own}}
+        assert {arm: decision[f"{arm}_pass_rate"] for arm in rates} == pytest.approx(rates, abs=1e-3)
+        assert rates[decision["passes_more_often"]] == max(rates.values())
+        assert decision["ours_train_s_per_product"] > 0 and decision["ratings_source"] == "synthetic"
