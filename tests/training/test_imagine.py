@@ -211,3 +211,59 @@ def test_service_serves_ranked_images_over_http_and_keeps_the_base_model_loaded(
     served = [r for r in delta_rows(request_home, "generations", ["origin", "seed", "product_id"])
               if r["origin"] == "on_demand" and r["product_id"] == "coffee-cup" and r["seed"] in (11, 12, 13)]
     assert len(served) == 3  # the service records its lineage like the command
+
+
+def test_on_demand_requests_during_a_scheduled_run_fail_neither(demo_home, tmp_path):
+    """Two `recontext imagine` processes while `recontext run generate rank` has new work (a third
+    seed per prompt): the requests commit to generations, image_metrics and ranked_generations
+    while the generate stage runs, and the runner's write check counts only the stage's own
+    commits, so the run exits 0 and every row of both is stored."""
+    import pandas as pd
+    from deltalake import DeltaTable
+
+    from etl.lakehouse import commit_writer
+    from sample_images import cli_env
+
+    home = copy_home(demo_home, tmp_path / "home")
+    with open(home / "config.toml", "a") as config:
+        config.write("\n[generation]\nseeds_per_prompt = 3\n")
+    bank = [r for r in delta_rows(home, "generations", ["origin"]) if r["origin"] == "bank"]
+    command = [sys.executable, "-m", "jobs.cli", "--home", str(home)]
+    run = subprocess.Popen([*command, "run", "generate", "rank"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=cli_env())
+    printed = []
+    for line in run.stdout:  # the requests start once the generate stage has
+        printed.append(line)
+        if "generate:" in line:
+            break
+    requests = [subprocess.Popen([*command, "imagine", product, scene, "-n", "2", "--keep", "1", "--format", "json"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+                for product, scene in (("coffee-cup", SCENE), ("motorcycle", "parked on a city street at dusk"))]
+    answers = [request.communicate(timeout=900) for request in requests]
+    printed.append(run.communicate(timeout=1200)[0])
+    assert run.returncode == 0, "".join(printed)
+    for request, (out, err) in zip(requests, answers):
+        assert request.returncode == 0, err
+    kept = [k["image_id"] for out, _ in answers for k in json.loads(out)["kept"]]
+
+    runs = pd.DataFrame(delta_rows(home, "job_runs", ["run_id", "stage", "status", "started_at", "finished_at",
+                                                      "tables_written"]))
+    runs = runs[runs.run_id == runs.run_id.max()].set_index("stage")
+    assert list(runs.status) == ["succeeded", "succeeded"]
+    generations = pd.DataFrame(delta_rows(home, "generations", ["image_id", "origin", "arm"]))
+    on_demand = set(generations[generations.origin == "on_demand"].image_id)
+    assert len(on_demand) == 4 and set(kept) <= on_demand  # every image of both requests
+    # A third seed per prompt: half as many images as the two seeds made; the stage counted its own rows only.
+    assert json.loads(runs.loc["generate", "tables_written"])["generations"] == len(bank) // 2 > 0
+    assert (generations.origin == "bank").sum() == len(bank) * 3 // 2
+    # Every image of both is scored, and every image of ours ranked (the baseline arm is not ranked).
+    assert set(generations.image_id) <= {r["image_id"] for r in delta_rows(home, "image_metrics", ["image_id"])}
+    ours = set(generations[generations.arm == "ours"].image_id)
+    assert on_demand <= ours <= {r["image_id"] for r in delta_rows(home, "ranked_generations", ["image_id"])}
+    # The requests did commit while the generate stage ran, as writers of their own.
+    started, finished = (pd.Timestamp(runs.loc["generate", c], unit="ms", tz="UTC")
+                         for c in ("started_at", "finished_at"))
+    theirs = [c for c in DeltaTable(str(home / "lakehouse" / "generations")).history()
+              if not (commit_writer(c) or "step:").startswith("step:")
+              and started <= pd.Timestamp(c["timestamp"], unit="ms", tz="UTC") <= finished]
+    assert theirs, "no request committed during the generate stage"
