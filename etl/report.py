@@ -451,7 +451,7 @@ def run_report(lake, zoo=None) -> dict[str, int]:
 
 
 REPORT = Step("report", run_report,
-              reads=("products", "product_images", "masks", "synthetic_images", "training_images", "image_metrics",
-                     "generations", "ranked_generations", "evaluation_metrics", "evaluation_plans", "human_ratings",
-                     "rated_images"),
+              reads=("products", "product_classes", "product_images", "masks", "synthetic_images", "training_images",
+                     "image_metrics", "generations", "ranked_generations", "evaluation_metrics", "evaluation_plans",
+                     "human_ratings", "rated_images"),
               writes=(REPORT_FILES,), description="the static HTML report under <home>/report")

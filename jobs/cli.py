@@ -613,9 +613,14 @@ def cmd_demo(settings: Settings, args) -> int:
         settings = dataclasses.replace(settings, ingest=dataclasses.replace(settings.ingest, sources=(str(catalog),)))
     lake = _lake(settings)
     groups = load_groups()
+    failed = []
+
+    def run_stages(stages: list[str]) -> None:  # the demo goes on past a failed stage, then exits 1
+        failed.extend(r.stage for r in run(lake, stages) if r.status == "failed")
+
     print("\ningesting, augmenting and scoring (the LLM writes the prompt bank; the first time on a machine it is "
           "\nconverted once for every home, see README):")
-    run(lake, ["ingest", *groups["augment"]])
+    run_stages(["ingest", *groups["augment"]])
     print(lake.spark.sql(
         "SELECT p.product_id, p.product_type, count(i.image_id) AS images, "
         "concat_ws(' ', collect_list(concat(i.width, 'x', i.height))) AS sizes "
@@ -632,16 +637,16 @@ def cmd_demo(settings: Settings, args) -> int:
         "GROUP BY 1, 2 ORDER BY 1, 2").toPandas().to_string(index=False))
     _print_notice(lake)
     print("\ntraining a tiny LoRA adapter per product (MLflow store: <home>/mlflow):")
-    run(lake, groups["train"])
+    run_stages(groups["train"])
     _print_adapters(lake)
     print("\ntraining the baseline arm (DreamBooth + LoRA, prior preservation):")
-    run(lake, ["train_baseline"])
+    run_stages(["train_baseline"])
     adapters = lake.spark.sql("SELECT product_id, arm, min(CAST(model_version AS INT)) AS version FROM adapters "
                               "GROUP BY product_id, arm").toPandas()
     for row in adapters.itertuples():  # the demo promotes every first adapter of both arms; people review first
         promote(lake, row.product_id, str(row.version), row.arm)
     print("\npromoted each product's first adapter of each arm to @champion; generation, ranking, evaluation:")
-    run(lake, groups["evaluate"])
+    run_stages(groups["evaluate"])
     _print_ranking(lake)
     _print_evaluation(lake)
     index, images = export_package(lake, settings.home / "ratings" / "package")
@@ -650,12 +655,15 @@ def cmd_demo(settings: Settings, args) -> int:
     imported, _ = import_ratings(lake, synthetic_ratings(lake, settings.home / "ratings" / "synthetic.csv"),
                                  source="synthetic")
     print(f"  {imported} synthetic ratings imported")
-    run(lake, ["evaluate", "report"])
+    run_stages(["evaluate", "report"])
     _print_evaluation(lake)
     print()
     _print_tables(lake)
     print(f"\nreport (open in a browser): {(settings.home / 'report' / 'index.html').as_uri()}")
     print(f"query it: recontext --home {settings.home} sql \"SELECT * FROM evaluation_metrics\"")
+    if failed:
+        print(f"\ndemo: stage(s) {', '.join(dict.fromkeys(failed))} failed (their errors are above)", file=sys.stderr)
+        return 1
     return 0
 
 
