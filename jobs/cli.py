@@ -403,8 +403,8 @@ def _print_evaluation(lake) -> None:
         print(f"dataset {dataset}:")
         print(rows[list(EVALUATION_SUMMARY)].rename(columns=EVALUATION_SUMMARY).to_string(index=False))
     print("training settings per arm:")
-    for row in table.drop_duplicates("arm").itertuples():
-        print(f"  {row.arm}: {row.training}")
+    for row in table.drop_duplicates("arm").itertuples():  # within the summary's 100 columns
+        print(textwrap.fill(f"  {row.arm}: {row.training}", 100, subsequent_indent="    "))
     if table.selected_after_results.fillna(False).astype(bool).any():
         print("NOTE: a version evaluated here was promoted after results of its product were seen:\n"
               "these figures were selected after the fact")
