@@ -236,11 +236,13 @@ def comparison(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFram
         f"AND evaluation_id = {sql_literal(evaluation_id)} ORDER BY dataset, {ARM_ORDER}, selection").toPandas()
 
 
-def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd.DataFrame:
+def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None,
+                        products: list[str] | None = None) -> pd.DataFrame:
     """The decision a user makes, per product type: each arm's image pass rate over the type's
-    products (selection 'all', the same planned prompts and seeds for every arm), its training
-    device seconds per product, and the arm that passes more often (ties: the cheaper arm, listed
-    first). Empty until an evaluation is complete and rated."""
+    products (selection 'all', the same planned prompts and seeds for every arm; only `products`
+    when given, as a report restricted to them), its training device seconds per product, and the
+    arm that passes more often (ties: the cheaper arm, listed first). Empty until an evaluation
+    is complete and rated."""
     from etl.prompt_bank import resolved_types
 
     evaluation_id = evaluation_id or latest_complete(lake)
@@ -248,6 +250,8 @@ def arm_by_product_type(lake: Lakehouse, evaluation_id: str | None = None) -> pd
         return pd.DataFrame()
     images = lake.spark.sql(f"""SELECT r.arm, r.product_id, r.passed, r.ratings_source FROM rated_images r
                                 WHERE r.evaluation_id = {sql_literal(evaluation_id)}""").toPandas()
+    if products is not None:
+        images = images[images.product_id.isin(products)]
     if images.empty:
         return pd.DataFrame()
     types = dict(resolved_types(lake).toPandas().itertuples(index=False))

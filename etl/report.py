@@ -184,7 +184,7 @@ def _load(lake, ids: list[str]) -> _Data:
                            WHERE evaluation_id IS NOT NULL AND (product_id = '(all)' OR product_id {chosen})
                            ORDER BY dataset, {ARM_ORDER}, selection, product_id"""),
         evaluations=_covering(status(lake), ids),
-        by_type=arm_by_product_type(lake),
+        by_type=arm_by_product_type(lake, products=ids),
     )
 
 
