@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from core.settings import Settings
-from core.errors import UserError
 from etl.sample_catalog import write_sample_catalog
 from udfs.imaging import decode_rgb
 from udfs.onnx_graph import read_graph
@@ -45,7 +44,8 @@ def test_the_runtime_setting_picks_the_runtime(tmp_path):
 
     assert loaded("auto").runtime == U2NET_CPU_RUNTIME  # no GPU in this process: the faster CPU runtime
     assert loaded("torch").runtime == "torch" and loaded("onnxruntime").runtime == "onnxruntime"
-    with pytest.raises(UserError, match="u2netp_runtime must be one of auto, torch, onnxruntime, not 'tensorrt'"):
+    # Refused when the settings load (core.settings.validate), naming the allowed runtimes.
+    with pytest.raises(ValueError, match="models.u2netp_runtime = 'tensorrt' .* is not one of: auto, torch, onnxruntime"):
         loaded("tensorrt")
 
 
