@@ -3,6 +3,7 @@ SIGKILLs at several points of several stages (training and generation fanned out
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,12 +81,24 @@ def tables(home: Path) -> dict[str, pd.DataFrame]:
         frame = DeltaTable(home / "lakehouse" / name).to_pandas(columns=columns)
         if "image" in frame:
             frame["image"] = frame["image"].map(len)
+        if "training" in frame:  # a run's training device seconds are measured: equal runs differ there
+            frame["training"] = frame["training"].map(without_measured_seconds)
         for column in frame.columns:  # arrays (e.g. mask boxes) compare as tuples
             if frame[column].map(lambda v: hasattr(v, "__len__") and not isinstance(v, (str, bytes))).any():
                 frame[column] = frame[column].map(lambda v: None if v is None else tuple(v))
         sortable = [c for c in frame.columns if not frame[c].map(lambda v: isinstance(v, bytes)).any()]
         out[name] = frame.sort_values(sortable).reset_index(drop=True) if len(frame) else frame
     return out
+
+
+def without_measured_seconds(training: str | None) -> str | None:
+    """An arm's training description (evaluation_plans' JSON or evaluation_metrics' text) without
+    the training run's wall time."""
+    if training is None:
+        return None
+    if training.startswith("{"):
+        return json.dumps({k: v for k, v in json.loads(training).items() if k != "train_seconds"}, sort_keys=True)
+    return re.sub(r"[0-9.]+(-[0-9.]+)? device s per product", "(measured) device s per product", training)
 
 
 def job_runs(home: Path) -> pd.DataFrame:
