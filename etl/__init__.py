@@ -1,1 +1,1 @@
-"""The lakehouse and the Spark jobs: table catalog, shared vocabularies, and one module per pipeline step, each declaring (etl/step.py) the tables it reads and writes and the models it loads."""
+"""The lakehouse and the Spark jobs: one module per pipeline step, each declaring (etl/step.py) the tables it reads and writes and the models it loads; post-finetuning ranking (`ranking`), the learned ranker (`ranker`), plans and evaluation. The table catalog and vocabularies live in core/."""

@@ -1,1 +1,1 @@
-"""LoRA fine-tuning (`train_job`, `lora`), rare-token choice, generation with adapters, post-finetuning ranking and the learned ranker. MLflow configuration and the registry live in etl/tracking.py."""
+"""LoRA fine-tuning (`train_job`, `lora`), rare-token choice, generation with adapters (`generate`, `imagine`). Ranking and the learned ranker live in etl/ (ranking.py, ranker.py); MLflow configuration and the registry in etl/tracking.py."""
