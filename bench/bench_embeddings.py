@@ -86,7 +86,7 @@ def main() -> None:
         staged = work / f"{name}-input"
         frame.write.format("delta").mode("overwrite").save(str(staged))  # read from storage, like a job
         source = lake.spark.read.format("delta").load(str(staged))
-        udf = image_embedding_udf(zoo, role)
+        udf = image_embedding_udf(zoo, role, "full")
 
         def spark_path():
             rows = source.select(udf("image", F.lit(None).cast("binary")).alias("e")).select("e.vector").toPandas()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.vocabulary import AUGMENT_KINDS, AUGMENTED_NEGATIVES, AUGMENTED_POSITIVES, EVALUATED, LABELS, METRICS, REFERENCE
+from core.vocabulary import (AUGMENT_KINDS, AUGMENTED_NEGATIVES, AUGMENTED_POSITIVES, EMBEDDING_VARIANTS, EVALUATED,
+                             LABELS, METRICS, REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -316,8 +317,8 @@ TABLES: dict[str, Table] = {
                 ("image_id", "STRING", "the embedded image"),
                 ("backbone", "STRING", "model name, e.g. tiny-clip or ViT-B-32"),
                 ("role", "STRING", "clip or dino"),
-                ("variant", "STRING", "full (whole image) or segmented (product only, on white)"),
-                ("mask_method", "STRING", "masks.method used for the segmented variant; '' for full"),
+                ("variant", "STRING", "; ".join(f"{v.name} ({v.description})" for v in EMBEDDING_VARIANTS.values())),
+                ("mask_method", "STRING", "masks.method of the mask a masked variant used; '' for full"),
                 ("vector", "ARRAY<FLOAT>", "unit-norm embedding"),
                 ("model_fingerprint", "STRING", "name@digest of the weights it came from (a change recomputes it)"),
                 ("created_at", "TIMESTAMP", "when this row was last written"),
@@ -356,6 +357,8 @@ TABLES: dict[str, Table] = {
                 ("iou_against", "STRING", "what mask_iou compares with: alpha, or parent:<image_id>"),
                 ("models", "STRING", "fingerprints (name@digest) of the CLIP, DINO, segmenter and captioner weights "
                                      "the scores come from; a change recomputes the product's rows"),
+                ("metric_versions", "STRING", "name=version of every metric (core.vocabulary.METRICS) when the row "
+                                              "was computed; a new or changed metric recomputes the product's rows"),
                 ("computed_at", "TIMESTAMP", "when this row was last written"),
             ],
             key=["image_id", "product_id"],

@@ -1,6 +1,7 @@
-"""The pipeline's shared vocabularies, each spelled once: the metric columns (which are
-evaluated in Table 2, and the weighted aggregate), the kinds of image and the augmentation
-kinds with their behaviour (AUGMENT_KINDS).
+"""The pipeline's shared vocabularies, each spelled once, as rows that carry their behaviour: the
+metrics (METRICS: inputs, compute function, version; which are evaluated in Table 2; the
+weighted aggregate), the embedding variants they read, the kinds of image and the augmentation
+kinds (AUGMENT_KINDS).
 
 Dependency-free on purpose: `core/tables.py` declares columns from it, and the metrics job, the
 filter, the ranking, the evaluation and the report read it.
@@ -12,29 +13,83 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class EmbeddingVariant:
+    """What part of an image the embeddings job embeds. `prepare` is "module:function"
+    (image, mask) -> image, resolved when used; None embeds the whole image and needs no mask."""
+
+    name: str  # embeddings.variant
+    prepare: str | None
+    description: str
+
+    def mask_method(self, segmenter: str) -> str:
+        """embeddings.mask_method of its vectors: the segmenter whose mask prepared it, '' if none."""
+        return "" if self.prepare is None else segmenter
+
+
+EMBEDDING_VARIANTS: dict[str, EmbeddingVariant] = {v.name: v for v in (
+    EmbeddingVariant("full", None, "the whole image"),
+    EmbeddingVariant("segmented", "udfs.imaging:segment",
+                     "the product alone: background white, cropped to the mask's box (MultiBooth)"),
+    EmbeddingVariant("background", "udfs.imaging:without_product",
+                     "the scene alone: the product's pixels (its mask, dilated) filled with the scene's mean colour"),
+)}
+
+
+@dataclass(frozen=True)
 class Metric:
+    """A per-image metric and its behaviour. The metrics job and `recontext imagine` both compute
+    it by calling `compute` on the inputs it names; stored rows computed by another `version`
+    are recomputed. Inputs: "<role>:<variant>" (a stored embedding: role clip or dino, variant
+    from EMBEDDING_VARIANTS), "text" (the CLIP text vector of the image's prompt, else its
+    caption), "mask" and "source_mask" (the image's product mask and its source's)."""
+
     name: str  # column name in image_metrics (and evaluation_metrics when evaluated)
     label: str  # as the paper and reports print it
     comment: str  # column comment
+    # "module:function" (inputs, image, references) -> float or None: `image` and each of
+    # `references` (the product's references, the image itself left out) map input -> value
+    compute: str
+    inputs: tuple[str, ...]
+    version: int = 1  # raise it when the definition changes: stored rows are recomputed
+    evaluated: bool = True  # a column of the paper's Table 2 and a feature of the learned ranker
 
 
 # The per-image metrics, in image_metrics' column order (docs/metrics.md for the definitions).
 METRICS: tuple[Metric, ...] = (
-    Metric("clip_i", "CLIP-I", "mean CLIP cosine to the product's reference images (DreamBooth CLIP-I)"),
-    Metric("dino_i", "DINO-I", "mean DINO cosine to the product's reference images (DreamBooth DINO)"),
-    Metric("clip_t", "CLIP-T", "CLIP cosine between the image and its text (DreamBooth CLIP-T)"),
-    Metric("seg_clip_i", "Seg CLIP-I", "clip_i on segmented products (MultiBooth)"),
-    Metric("seg_dino_i", "Seg DINO-I", "dino_i on segmented products (MultiBooth)"),
-    Metric("seg_clip_t", "Seg CLIP-T", "clip_t with the image segmented (MultiBooth)"),
-    Metric("mask_iou", "mask IoU", "IoU of the image's mask with its source mask"),
+    Metric("clip_i", "CLIP-I", "mean CLIP cosine to the product's reference images (DreamBooth CLIP-I)",
+           "etl.metrics:mean_cosine_to_references", ("clip:full",)),
+    Metric("dino_i", "DINO-I", "mean DINO cosine to the product's reference images (DreamBooth DINO)",
+           "etl.metrics:mean_cosine_to_references", ("dino:full",)),
+    Metric("clip_t", "CLIP-T", "CLIP cosine between the image and its text (DreamBooth CLIP-T)",
+           "etl.metrics:cosine_of_pair", ("clip:full", "text")),
+    Metric("seg_clip_i", "Seg CLIP-I", "clip_i on segmented products (MultiBooth)",
+           "etl.metrics:mean_cosine_to_references", ("clip:segmented",)),
+    Metric("seg_dino_i", "Seg DINO-I", "dino_i on segmented products (MultiBooth)",
+           "etl.metrics:mean_cosine_to_references", ("dino:segmented",)),
+    Metric("seg_clip_t", "Seg CLIP-T", "clip_t with the image segmented (MultiBooth)",
+           "etl.metrics:cosine_of_pair", ("clip:segmented", "text")),
+    Metric("mask_iou", "mask IoU", "IoU of the image's mask with its source mask",
+           "etl.metrics:iou_of_masks", ("mask", "source_mask"), evaluated=False),  # a filter, not an evaluation
+    Metric("bg_clip_t", "Background CLIP-T", "clip_t with the product masked out: how well the scene alone "
+           "matches the text (scene adherence apart from the product)",
+           "etl.metrics:cosine_of_pair", ("clip:background", "text"), evaluated=False),
 )
 METRIC_COLUMNS: tuple[str, ...] = tuple(m.name for m in METRICS)
-# The columns of the paper's Table 2, in its order (mask IoU is a filter, not an evaluation).
+# The columns of the paper's Table 2, in its order; the learned ranker's features.
 EVALUATED: tuple[str, ...] = ("clip_i", "clip_t", "dino_i", "seg_clip_i", "seg_clip_t", "seg_dino_i")
 # What the report shows beside each generated image: the ranking's default aggregate.
 RANKING_METRICS: tuple[str, ...] = ("clip_t", "clip_i", "dino_i")
 LABELS: dict[str, str] = {m.name: m.label for m in METRICS}
-assert set(EVALUATED) <= set(METRIC_COLUMNS) and set(RANKING_METRICS) <= set(METRIC_COLUMNS)
+assert set(EVALUATED) == {m.name for m in METRICS if m.evaluated} and set(RANKING_METRICS) <= set(METRIC_COLUMNS)
+# What a stored image_metrics row was computed by: a row with another value is recomputed.
+METRIC_VERSIONS = ",".join(f"{m.name}={m.version}" for m in sorted(METRICS, key=lambda m: m.name))
+
+
+def vector_inputs() -> list[tuple[str, str]]:
+    """(role, variant) of every stored embedding some metric reads, in first-use order: what the
+    embeddings job makes and what the metrics join."""
+    pairs = [tuple(i.split(":")) for m in METRICS for i in m.inputs if ":" in i]
+    return list(dict.fromkeys(pairs))
 
 
 def aggregate_score(frame, weights: dict):

@@ -1,55 +1,72 @@
-"""Embeddings job: images -> `embeddings` (CLIP and DINO, full and segmented), caption texts ->
+"""Embeddings job: images -> `embeddings` (each role and variant a metric reads: CLIP and DINO,
+full and segmented, CLIP of the background), caption texts ->
 `text_embeddings`. Each (image, backbone, variant) is embedded once; re-runs embed only what is
 new, so metrics are recomputed from stored vectors without running a model."""
 
 from __future__ import annotations
 
+import pandas as pd
 from pyspark.sql import functions as F
 
-from etl.image_sets import all_images
+from etl.image_sets import all_images, stored_image_ids
 from etl.lakehouse import Lakehouse
 from etl.model_outputs import write_model_outputs
 from etl.step import Step
 from core.tables import sql_literal
+from core.vocabulary import EMBEDDING_VARIANTS, vector_inputs
 from udfs.inference import image_embedding_udf, text_embedding_udf
 from udfs.zoo import ModelZoo
 
 STAGE = "embeddings"
-IMAGE_ROLES = ("clip", "dino")
+IMAGE_ROLES = tuple(dict.fromkeys(role for role, _ in vector_inputs()))
 
 
 def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
+    """Every (role, variant) some metric reads (core.vocabulary.vector_inputs)."""
     written = {"embeddings": 0, "text_embeddings": 0, "quarantine": 0}
     method = zoo.models.segmenter
-    # Segmented variants exist only where a product was found.
+    # Masked variants exist only where a product was found.
     masks = lake.table("masks").where(f"method = {sql_literal(method)} AND area_fraction > 0").select(
         "image_id", "mask")
-    variants = {
-        "full": (lambda images: images.withColumn("mask", F.lit(None).cast("binary")), ""),
-        "segmented": (lambda images: images.join(masks, "image_id"), method),
-    }
-    for role in IMAGE_ROLES:
-        backbone = zoo.name(role)
-        for variant, (with_mask, mask_method) in variants.items():
-            fingerprint = embedding_fingerprint(zoo, role, mask_method)
-            done = lake.table("embeddings").where(
-                f"backbone = {sql_literal(backbone)} AND variant = '{variant}' "
-                f"AND mask_method = {sql_literal(mask_method)} "
-                f"AND model_fingerprint = {sql_literal(fingerprint)}").select("image_id")
-            pending = with_mask(all_images(lake, done))
-            rows = pending.select(
-                "image_id", "product_id", image_embedding_udf(zoo, role)("image", "mask").alias("r")
-            ).selectExpr(
-                "image_id", f"{sql_literal(backbone)} AS backbone", f"'{role}' AS role", f"'{variant}' AS variant",
-                f"{sql_literal(mask_method)} AS mask_method", "r.vector AS vector",
-                f"{sql_literal(fingerprint)} AS model_fingerprint", "product_id", "r.error AS error")
-            for table, n in write_model_outputs(lake, STAGE, "embeddings", pending, rows).items():
-                written[table] += n
+    passes = pd.DataFrame([
+        {"role": role, "variant": variant, "backbone": zoo.name(role), "mask_method": mask_method,
+         "model_fingerprint": embedding_fingerprint(zoo, role, mask_method)}
+        for role, variant in vector_inputs()
+        for mask_method in [EMBEDDING_VARIANTS[variant].mask_method(method)]])
+    for p in _with_pending_images(lake, passes, masks).itertuples():
+        done = lake.table("embeddings").where(
+            f"backbone = {sql_literal(p.backbone)} AND variant = '{p.variant}' "
+            f"AND mask_method = {sql_literal(p.mask_method)} "
+            f"AND model_fingerprint = {sql_literal(p.model_fingerprint)}").select("image_id")
+        images = all_images(lake, done)
+        pending = (images.join(masks, "image_id") if p.mask_method
+                   else images.withColumn("mask", F.lit(None).cast("binary")))
+        rows = pending.select(
+            "image_id", "product_id", image_embedding_udf(zoo, p.role, p.variant)("image", "mask").alias("r")
+        ).selectExpr(
+            "image_id", f"{sql_literal(p.backbone)} AS backbone", f"'{p.role}' AS role", f"'{p.variant}' AS variant",
+            f"{sql_literal(p.mask_method)} AS mask_method", "r.vector AS vector",
+            f"{sql_literal(p.model_fingerprint)} AS model_fingerprint", "product_id", "r.error AS error")
+        for table, n in write_model_outputs(lake, STAGE, "embeddings", pending, rows).items():
+            written[table] += n
     # Every text CLIP-T may compare with: captions, and the prompts of synthetic and generated images.
     texts = lake.spark.sql("SELECT caption AS text FROM captions UNION SELECT prompt AS text FROM synthetic_images "
                            "UNION SELECT prompt AS text FROM generations")
     written["text_embeddings"] = embed_texts(lake, zoo, texts)
     return written
+
+
+def _with_pending_images(lake: Lakehouse, passes: pd.DataFrame, masks) -> pd.DataFrame:
+    """The passes that have an image to embed, found by one query over the stored keys (the
+    passes then run one by one): a run with nothing new costs one scan, not one per pass."""
+    wanted = lake.spark.createDataFrame(passes.assign(masked=passes.mask_method != "")).crossJoin(
+        stored_image_ids(lake))
+    found = masks.select("image_id").distinct().withColumn("found", F.lit(True))
+    stored = lake.table("embeddings").select("image_id", "backbone", "variant", "mask_method", "model_fingerprint")
+    pending = (wanted.join(found, "image_id", "left").where("NOT masked OR found")
+               .join(stored, ["image_id", "backbone", "variant", "mask_method", "model_fingerprint"], "left_anti"))
+    todo = {(r["role"], r["variant"]) for r in pending.select("role", "variant").distinct().collect()}
+    return passes[[(r, v) in todo for r, v in zip(passes.role, passes.variant)]]
 
 
 def embedding_fingerprint(zoo: ModelZoo, role: str, mask_method: str) -> str:
@@ -77,4 +94,4 @@ def embed_texts(lake: Lakehouse, zoo: ModelZoo, texts) -> int:
 EMBEDDINGS = Step("embeddings", run_embeddings,
                   reads=("product_images", "synthetic_images", "generations", "masks", "captions"),
                   writes=("embeddings", "text_embeddings", "quarantine"), roles=IMAGE_ROLES,
-                  description="CLIP and DINO embeddings (full and segmented) and CLIP text embeddings")
+                  description="CLIP and DINO embeddings (each variant a metric reads) and CLIP text embeddings")

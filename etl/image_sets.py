@@ -39,6 +39,11 @@ IMAGE_BYTES = """
 """
 
 
+def stored_image_ids(lake: Lakehouse) -> DataFrame:
+    """image_id of every stored image, once (key columns only: no image bytes are read)."""
+    return lake.spark.sql(f"SELECT DISTINCT image_id FROM ({_UNION})")
+
+
 def all_images(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
     """image_id, product_id, kind, image, has_alpha; an image shared by products appears once.
 

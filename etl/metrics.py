@@ -12,8 +12,12 @@ Definitions (raw cosine; backbones recorded next to the values; see docs/metrics
 - mask_iou: |A and B| / |A or B| of the image's product mask and its source mask: the parent
   image's mask for derived images, the image's own alpha channel for a reference photo that has
   one (how well the segmenter recovers a known outline), else NULL.
-No model runs here; a product is recomputed only when its set of images or references changed,
-or when the weights behind its scores did (the `models` fingerprints).
+- bg_clip_t: clip_t of the scene alone, the product's pixels masked out (udfs.imaging
+  .without_product), against the same text: scene adherence apart from the product.
+Each metric is a row of core.vocabulary.METRICS naming its inputs and one of the compute
+functions at the end of this module. No model runs here; a product is recomputed only when its
+set of images or references changed, when the weights behind its scores did (the `models`
+fingerprints), or when a metric was added or its definition changed (`metric_versions`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from etl.image_sets import scored_images
 from etl.lakehouse import Lakehouse
 from etl.step import Step
 from core.tables import TABLES, sql_literal
+from core.vocabulary import EMBEDDING_VARIANTS, METRIC_VERSIONS, METRICS, resolve, vector_inputs
 from udfs.imaging import decode_mask
 from udfs.zoo import ModelZoo
 
@@ -50,40 +55,29 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     spark = lake.spark
-    clip, dino, method = zoo.name("clip"), zoo.name("dino"), zoo.models.segmenter
+    method = zoo.models.segmenter
     constants = metric_constants(zoo)
     scored_images(lake).createOrReplaceTempView("_scored")
-    todo = _products_to_score(lake, constants["models"])
+    todo = _products_to_score(lake, constants)
     if not todo:
         return {"image_metrics": 0}
     spark.createDataFrame(pd.DataFrame({"product_id": todo}), "product_id string").createOrReplaceTempView("_todo")
-
-    def vectors(backbone: str, variant: str) -> str:
-        mask_method = "" if variant == "full" else method
-        return (f"(SELECT image_id, vector FROM embeddings WHERE backbone = {sql_literal(backbone)} "
-                f"AND variant = '{variant}' AND mask_method = {sql_literal(mask_method)})")
-
     wide = spark.sql(
         f"""
-        SELECT s.image_id, s.product_id, s.kind, s.is_reference,
-               cf.vector AS clip_vector, df.vector AS dino_vector, cs.vector AS seg_clip_vector,
-               ds.vector AS seg_dino_vector,
+        SELECT s.image_id, s.product_id, s.kind, s.is_reference, {stored_vector_columns()},
                coalesce(nullif(s.prompt, ''), cap.caption) AS text,
                CASE WHEN nullif(s.prompt, '') IS NOT NULL THEN 'prompt' ELSE 'caption' END AS text_source,
-               tf.vector AS text_vector, m.mask AS mask,
+               tf.vector AS {input_column("text")}, m.mask AS mask,
                coalesce(pm.mask, a.mask) AS source_mask,
                CASE WHEN pm.mask IS NOT NULL THEN concat('parent:', s.parent_image_id)
                     WHEN a.mask IS NOT NULL THEN 'alpha' END AS iou_against
         FROM _scored s JOIN _todo t ON t.product_id = s.product_id
-        LEFT JOIN {vectors(clip, 'full')} cf ON cf.image_id = s.image_id
-        LEFT JOIN {vectors(dino, 'full')} df ON df.image_id = s.image_id
-        LEFT JOIN {vectors(clip, 'segmented')} cs ON cs.image_id = s.image_id
-        LEFT JOIN {vectors(dino, 'segmented')} ds ON ds.image_id = s.image_id
+        {stored_vector_joins(zoo, "s")}
         LEFT JOIN (SELECT image_id, min(caption) AS caption FROM captions
                    WHERE model = {sql_literal(zoo.name('captioner'))}
                    AND prompt = {sql_literal(zoo.models.caption_prompt)} GROUP BY image_id) cap
                ON cap.image_id = s.image_id
-        LEFT JOIN (SELECT text, vector FROM text_embeddings WHERE backbone = {sql_literal(clip)}) tf
+        LEFT JOIN (SELECT text, vector FROM text_embeddings WHERE backbone = {sql_literal(zoo.name("clip"))}) tf
                ON tf.text = coalesce(nullif(s.prompt, ''), cap.caption)
         LEFT JOIN (SELECT image_id, mask FROM masks WHERE method = {sql_literal(method)}) m ON m.image_id = s.image_id
         LEFT JOIN (SELECT image_id, mask FROM masks WHERE method = 'alpha') a ON a.image_id = s.image_id
@@ -98,17 +92,47 @@ def run_metrics(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
         return {"image_metrics": lake.upsert("image_metrics", staged)}
 
 
+def input_column(name: str) -> str:
+    """The column a metric input travels in: "clip:full" -> clip_full_vector, "text" -> text_vector."""
+    return name.replace(":", "_") + "_vector" if ":" in name or name == "text" else name
+
+
+def stored_vector_columns() -> str:
+    return ", ".join(f"{_alias(role, variant)}.vector AS {input_column(f'{role}:{variant}')}"
+                     for role, variant in vector_inputs())
+
+
+def stored_vector_joins(zoo: ModelZoo, images: str) -> str:
+    """LEFT JOINs of every stored embedding a metric reads onto `images`.image_id."""
+    joins = []
+    for role, variant in vector_inputs():
+        mask_method = EMBEDDING_VARIANTS[variant].mask_method(zoo.models.segmenter)
+        alias = _alias(role, variant)
+        joins.append(f"LEFT JOIN (SELECT image_id, vector FROM embeddings WHERE backbone = {sql_literal(zoo.name(role))} "
+                     f"AND variant = '{variant}' AND mask_method = {sql_literal(mask_method)}) {alias} "
+                     f"ON {alias}.image_id = {images}.image_id")
+    return "\n".join(joins)
+
+
+def _alias(role: str, variant: str) -> str:
+    return f"e_{role}_{variant}"
+
+
 def metric_constants(zoo: ModelZoo) -> dict:
-    """The columns every image_metrics row carries: backbones, mask method, and the fingerprints
-    of the weights behind its scores (a change recomputes the product)."""
+    """The columns every image_metrics row carries: backbones, mask method, the fingerprints of
+    the weights behind its scores and the metrics' versions (a change recomputes the product)."""
     method = zoo.models.segmenter
     return {"clip_backbone": zoo.name("clip"), "dino_backbone": zoo.name("dino"), "mask_method": method,
-            "models": ";".join(zoo.fingerprint(role) for role in ("clip", "dino", method, "captioner"))}
+            "models": ";".join(zoo.fingerprint(role) for role in ("clip", "dino", method, "captioner")),
+            "metric_versions": METRIC_VERSIONS}
 
 
-def _products_to_score(lake: Lakehouse, models: str) -> list[str]:
-    """Products with an image lacking metrics, whose number of references changed, or whose
-    metrics came from other weights (`models`: a swapped CLIP, DINO, segmenter or captioner)."""
+def _products_to_score(lake: Lakehouse, constants: dict) -> list[str]:
+    """Products with an image lacking metrics, whose number of references changed, whose metrics
+    came from other weights (`models`: a swapped CLIP, DINO, segmenter or captioner) or from
+    other metric definitions (a metric added or its version raised)."""
+    current = (f"models <=> {sql_literal(constants['models'])} "
+               f"AND metric_versions <=> {sql_literal(constants['metric_versions'])}")
     rows = lake.spark.sql(
         f"""
         SELECT s.product_id FROM (
@@ -117,7 +141,7 @@ def _products_to_score(lake: Lakehouse, models: str) -> list[str]:
         LEFT JOIN (  -- a reference is compared with the others: its n_references is one short
             SELECT product_id, count(*) AS images,
                    max(n_references + CASE WHEN kind = 'reference' THEN 1 ELSE 0 END) AS refs,
-                   sum(CASE WHEN models <=> {sql_literal(models)} THEN 0 ELSE 1 END) AS stale
+                   sum(CASE WHEN {current} THEN 0 ELSE 1 END) AS stale
             FROM image_metrics GROUP BY product_id) m ON m.product_id = s.product_id
         WHERE m.product_id IS NULL OR m.images <> s.images OR NOT (m.refs <=> s.refs) OR m.stale > 0
         """
@@ -126,23 +150,19 @@ def _products_to_score(lake: Lakehouse, models: str) -> list[str]:
 
 
 def score_product(rows: pd.DataFrame, constants: dict) -> pd.DataFrame:
-    """All metric columns for one product's images (the applyInPandas function)."""
-    refs = rows[rows.is_reference.astype(bool)]
+    """Every metric (core.vocabulary.METRICS) for one product's images: the applyInPandas
+    function of the metrics job, and what `recontext imagine` scores its images with. `rows`
+    carry each metric input in its input_column."""
+    computes = [(m.name, m.inputs, resolve(m.compute)) for m in METRICS]
+    inputs = list(dict.fromkeys(i for m in METRICS for i in m.inputs))
+    values = [{i: _value(getattr(row, input_column(i))) for i in inputs} for row in rows.itertuples(index=False)]
+    references = [k for k, is_reference in enumerate(rows.is_reference.astype(bool)) if is_reference]
     out = []
-    for row in rows.itertuples(index=False):
-        others = refs[refs.image_id != row.image_id] if row.is_reference else refs
-        values = {
-            "clip_i": _mean_to_refs(row.clip_vector, others["clip_vector"]),
-            "dino_i": _mean_to_refs(row.dino_vector, others["dino_vector"]),
-            "seg_clip_i": _mean_to_refs(row.seg_clip_vector, others["seg_clip_vector"]),
-            "seg_dino_i": _mean_to_refs(row.seg_dino_vector, others["seg_dino_vector"]),
-            "clip_t": _pair_cosine(row.clip_vector, row.text_vector),
-            "seg_clip_t": _pair_cosine(row.seg_clip_vector, row.text_vector),
-            "mask_iou": (mask_iou(decode_mask(row.mask), decode_mask(row.source_mask))
-                         if _present(row.mask) and _present(row.source_mask) else None),
-        }
+    for n, row in enumerate(rows.itertuples(index=False)):
+        others = [values[k] for k in references if k != n]
         out.append({
-            "image_id": row.image_id, "product_id": row.product_id, "kind": row.kind, **values,
+            "image_id": row.image_id, "product_id": row.product_id, "kind": row.kind,
+            **{name: compute(metric_inputs, values[n], others) for name, metric_inputs, compute in computes},
             "n_references": len(others), "text": row.text,
             "text_source": row.text_source if row.text is not None else None,
             **constants, "iou_against": row.iou_against,
@@ -151,25 +171,40 @@ def score_product(rows: pd.DataFrame, constants: dict) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns).astype({"n_references": "int32"})
 
 
-def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value))
+def _value(value):
+    """None for a missing input (NULL arrives as None or NaN)."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
-def _mean_to_refs(vector, ref_vectors: pd.Series) -> float | None:
-    refs = [np.asarray(v, dtype=np.float64) for v in ref_vectors if _present(v)]
-    if not _present(vector) or not refs:
+# The compute functions METRICS name: (inputs, image, references) -> float or None, None when an
+# input is missing.
+
+def mean_cosine_to_references(inputs: tuple[str, ...], image: dict, references: list[dict]) -> float | None:
+    """The mean cosine of the image's vector with each reference's (CLIP-I, DINO and their
+    segmented variants)."""
+    (name,) = inputs
+    refs = [np.asarray(r[name], dtype=np.float64) for r in references if r[name] is not None]
+    if image[name] is None or not refs:
         return None
-    return float(cosine(np.asarray(vector, dtype=np.float64)[None], np.stack(refs)).mean())
+    return float(cosine(np.asarray(image[name], dtype=np.float64)[None], np.stack(refs)).mean())
 
 
-def _pair_cosine(a, b) -> float | None:
-    if not (_present(a) and _present(b)):
+def cosine_of_pair(inputs: tuple[str, ...], image: dict, references: list[dict]) -> float | None:
+    """The cosine of two of the image's own vectors (CLIP-T: its image and its text)."""
+    a, b = (image[name] for name in inputs)
+    if a is None or b is None:
         return None
     return float(cosine(np.asarray(a, dtype=np.float64)[None], np.asarray(b, dtype=np.float64)[None])[0, 0])
+
+
+def iou_of_masks(inputs: tuple[str, ...], image: dict, references: list[dict]) -> float | None:
+    """Mask IoU of the image's two masks (PNG bytes)."""
+    a, b = (image[name] for name in inputs)
+    return None if a is None or b is None else mask_iou(decode_mask(a), decode_mask(b))
 
 
 METRICS_STEP = Step("metrics", run_metrics,
                     reads=("product_images", "synthetic_images", "generations", "embeddings", "text_embeddings",
                            "captions", "masks"),
                     writes=("image_metrics",),
-                    description="CLIP-I, CLIP-T, DINO, segmented variants and mask IoU from stored vectors")
+                    description="every metric of core.vocabulary.METRICS, from stored vectors and masks")

@@ -30,10 +30,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.vocabulary import RANKING_METRICS
+
 SERVICE_NAME = "recontext-service"
 ROOT = Path(__file__).resolve().parent.parent
-CODE = ("etl", "training", "udfs", "jobs")  # the packages the model carries (code_paths)
-OUTPUT_COLUMNS = ["request", "product_id", "scene", "rank", "score", "clip_t", "clip_i", "dino_i", "image_png_base64",
+CODE = ("core", "etl", "training", "udfs", "jobs")  # the packages the model carries (code_paths)
+OUTPUT_COLUMNS = ["request", "product_id", "scene", "rank", "score", *RANKING_METRICS, "image_png_base64",
                   "width", "height", "seed", "prompt", "adapter_model", "adapter_version", "base_model_loads",
                   "model_weights"]
 

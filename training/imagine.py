@@ -32,16 +32,17 @@ import pandas as pd
 from etl import tracking
 from core.errors import UserError
 from etl.lakehouse import Lakehouse
-from etl.metrics import metric_constants, score_product
+from etl.metrics import input_column, metric_constants, score_product, stored_vector_columns, stored_vector_joins
 from etl.prompt_bank import class_noun, resolved_types, scene_refusal
 from core.tables import sql_list, sql_literal
-from core.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE
+from core.vocabulary import BANK, GENERATED, METRIC_COLUMNS, ON_DEMAND, REFERENCE, vector_inputs
 from etl.plans import prompts, task_key
 from training.generate import adapter_on, image_row
 from udfs.diffusion import render
 from etl.ranking import configured_ranker, rank_generations
 from training.requests import REFUSED, checked_request
-from udfs.imaging import decode_rgb, segment
+from udfs.imaging import decode_rgb
+from udfs.inference import variant_image
 from udfs.zoo import SEGMENTER, ModelZoo
 
 log = logging.getLogger(__name__)
@@ -156,43 +157,35 @@ class Imaginer:
 
     def _score(self, product_id: str, image_ids: list[str], images: list, text: str) -> pd.DataFrame:
         """image_metrics rows of the new images: score_product over the product's stored reference
-        vectors and the new images' vectors, made as the masks and embeddings jobs make them."""
-        zoo, method = self.zoo, self.zoo.models.segmenter
-        clip, dino, segmenter = zoo.load("clip"), zoo.load("dino"), zoo.load(method)
-        references = self._reference_vectors(product_id)
-        masks = segmenter.segment(images)
-        found = [i for i, m in enumerate(masks) if m.area_fraction > 0]  # segmented variants need a product
-        products = [segment(images[i], masks[i].mask) for i in found]
-        seg_clip = dict(zip(found, clip.embed_images(products))) if found else {}
-        seg_dino = dict(zip(found, dino.embed_images(products))) if found else {}
-        new = pd.DataFrame({
-            "image_id": image_ids, "product_id": product_id, "kind": GENERATED, "is_reference": False,
-            "clip_vector": list(clip.embed_images(images)), "dino_vector": list(dino.embed_images(images)),
-            "seg_clip_vector": [seg_clip.get(i) for i in range(len(images))],
-            "seg_dino_vector": [seg_dino.get(i) for i in range(len(images))],
-            "text": text, "text_source": "prompt", "text_vector": [clip.embed_texts([text])[0]] * len(images),
-            "mask": None, "source_mask": None, "iou_against": None})  # generated images have no source mask
+        inputs and the new images' inputs, made as the masks and embeddings jobs make them (each
+        input a metric names, each variant prepared by its own function)."""
+        zoo = self.zoo
+        references = self._reference_inputs(product_id)
+        masks = [m.mask if m.area_fraction > 0 else None for m in zoo.load(zoo.models.segmenter).segment(images)]
+        new = pd.DataFrame({"image_id": image_ids, "product_id": product_id, "kind": GENERATED, "is_reference": False,
+                            "text": text, "text_source": "prompt", "mask": None, "source_mask": None,
+                            "iou_against": None})  # generated images have no source mask
+        for role, variant in vector_inputs():
+            prepared = {}
+            for i, (image, mask) in enumerate(zip(images, masks)):
+                try:  # as the embeddings job: a variant that cannot be made has no vector
+                    prepared[i] = variant_image(variant, image, mask)
+                except ValueError:
+                    pass
+            vectors = dict(zip(prepared, zoo.load(role).embed_images(list(prepared.values())))) if prepared else {}
+            new[input_column(f"{role}:{variant}")] = [vectors.get(i) for i in range(len(images))]
+        new[input_column("text")] = [zoo.load("clip").embed_texts([text])[0]] * len(images)
         scored = score_product(pd.concat([references, new], ignore_index=True), metric_constants(zoo))
         return scored[scored.image_id.isin(image_ids)].reset_index(drop=True)
 
-    def _reference_vectors(self, product_id: str) -> pd.DataFrame:
-        """The product's reference photos with their stored CLIP and DINO vectors (full and segmented)."""
-        zoo, method = self.zoo, self.zoo.models.segmenter
-
-        def vectors(role: str, variant: str) -> str:
-            return (f"(SELECT image_id, vector FROM embeddings WHERE backbone = {sql_literal(zoo.name(role))} "
-                    f"AND variant = '{variant}' AND mask_method = {sql_literal('' if variant == 'full' else method)})")
-
+    def _reference_inputs(self, product_id: str) -> pd.DataFrame:
+        """The product's reference photos with their stored vectors (every variant a metric reads)."""
         references = self.lake.spark.sql(
-            f"""SELECT i.image_id, cf.vector AS clip_vector, df.vector AS dino_vector,
-                       cs.vector AS seg_clip_vector, ds.vector AS seg_dino_vector
+            f"""SELECT i.image_id, {stored_vector_columns()}
                 FROM (SELECT DISTINCT image_id FROM product_images
                       WHERE product_id = {sql_literal(product_id)} AND role = '{REFERENCE}') i
-                LEFT JOIN {vectors('clip', 'full')} cf ON cf.image_id = i.image_id
-                LEFT JOIN {vectors('dino', 'full')} df ON df.image_id = i.image_id
-                LEFT JOIN {vectors('clip', 'segmented')} cs ON cs.image_id = i.image_id
-                LEFT JOIN {vectors('dino', 'segmented')} ds ON ds.image_id = i.image_id""").toPandas()
-        if references.empty or references.clip_vector.isna().all():
+                {stored_vector_joins(self.zoo, "i")}""").toPandas()
+        if references.empty or references[input_column("clip:full")].isna().all():
             raise UserError(f"{product_id}'s reference photos have no stored embeddings; run `recontext score` first")
         return references.assign(product_id=product_id, kind=REFERENCE, is_reference=True, text=None,
                                  text_source=None, text_vector=None, mask=None, source_mask=None, iou_against=None)

@@ -77,6 +77,25 @@ def segment(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels).crop(box)
 
 
+def without_product(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The scene alone: the product's pixels, its mask dilated by 2% of the image's long side (so
+    no outline is left), filled with the mean colour of the rest. The input of background
+    CLIP-T, which then measures the scene apart from the product."""
+    from scipy.ndimage import binary_dilation
+
+    if mask.shape != (image.height, image.width):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size)) >= 128
+    if not mask.any():
+        raise ValueError("the mask is empty: no product to mask out")
+    grow = max(1, round(0.02 * max(image.size)))
+    product = binary_dilation(mask, iterations=grow)
+    pixels = np.asarray(image.convert("RGB")).copy()
+    if product.all():
+        raise ValueError("the product fills the image: no background to embed")
+    pixels[product] = pixels[~product].mean(axis=0).round().astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
 def pixel_hash(image: Image.Image) -> str:
     """The image_id of every stored image: sha256 of mode, size and raw pixels (not file bytes)."""
     digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())

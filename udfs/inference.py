@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from pyspark.sql.functions import pandas_udf
 
-from udfs.imaging import alpha_mask, decode_mask, decode_rgb, encode_mask, segment
+from core.vocabulary import EMBEDDING_VARIANTS, resolve
+from udfs.imaging import alpha_mask, decode_mask, decode_rgb, encode_mask
 from udfs.zoo import ModelZoo
 
 EMBEDDING = "struct<vector: array<float>, error: string>"
@@ -48,26 +49,34 @@ def _run_batched(items: list, prepare: Callable, infer: Callable, batch_size: in
     return results
 
 
-def _prepare_image(item) -> object:
-    """Decode an (image bytes, mask bytes or None) pair; with a mask, segment the product."""
-    data, mask = item
+def variant_image(variant: str, image, mask: np.ndarray | None):
+    """The image an embedding variant embeds (core.vocabulary.EMBEDDING_VARIANTS), prepared with
+    the product mask when the variant asks for one. The embeddings job and `imagine` share it."""
+    prepare = EMBEDDING_VARIANTS[variant].prepare
+    if prepare is None:
+        return image
+    if mask is None:
+        raise ValueError(f"the {variant} variant needs a product mask")
+    return resolve(prepare)(image, mask)
+
+
+def _prepare_image(variant: str, data: bytes | None, mask: bytes | None):
     if data is None:
         raise ValueError("no image bytes")
-    image = decode_rgb(data)
-    return segment(image, decode_mask(mask)) if mask is not None else image
+    return variant_image(variant, decode_rgb(data), None if mask is None else decode_mask(mask))
 
 
-def image_embedding_udf(zoo: ModelZoo, role: str):
-    """(image, mask) -> unit-norm embedding from role 'clip' or 'dino'. A non-null mask embeds
-    the segmented product (background removed, cropped to the mask's box)."""
+def image_embedding_udf(zoo: ModelZoo, role: str, variant: str):
+    """(image, mask) -> unit-norm embedding from role 'clip' or 'dino' of the variant's image."""
     batch_size = zoo.models.batch_size
+    prepare = lambda item: _prepare_image(variant, *item)  # noqa: E731
 
     @pandas_udf(EMBEDDING)
     def embed(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         model = zoo.load(role)
         for images, masks in batches:
             items = list(zip(images, masks.where(masks.notna(), None)))
-            results = _run_batched(items, _prepare_image, lambda xs: list(model.embed_images(xs)), batch_size)
+            results = _run_batched(items, prepare, lambda xs: list(model.embed_images(xs)), batch_size)
             yield _frame(results, lambda v: np.asarray(v, dtype=np.float32).tolist(), "vector")
 
     return embed

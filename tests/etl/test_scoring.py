@@ -38,7 +38,8 @@ def test_every_image_gets_masks_captions_embeddings_metrics(scored):
     lake, _, first = scored
     assert first["masks"]["masks"] == 5 + 1  # u2netp for all five, alpha for the gift box
     assert first["captions"]["captions"] == 5
-    assert first["embeddings"]["embeddings"] == 5 * 2 * 2  # clip, dino x full, segmented
+    # clip, dino x full, segmented; clip of the background
+    assert first["embeddings"]["embeddings"] == 5 * 2 * 2 + 5
     assert first["metrics"]["image_metrics"] == 5
     metrics = delta(lake, "image_metrics")
     assert set(metrics.clip_backbone) == {"tiny-clip"} and set(metrics.dino_backbone) == {"tiny-dino"}
@@ -73,6 +74,32 @@ def test_metrics_match_numpy_on_the_stored_vectors(scored):
         assert row.text == captions[image_id] and row.text_source == "caption"
         assert np.isclose(row.clip_t, cos(vec[image_id, "clip", "full"], t), atol=1e-6)
         assert np.isclose(row.seg_clip_t, cos(vec[image_id, "clip", "segmented"], t), atol=1e-6)
+        assert np.isclose(row.bg_clip_t, cos(vec[image_id, "clip", "background"], t), atol=1e-6)
+
+
+def test_the_background_variant_masks_the_product_out(scored):
+    """The background vector is CLIP of the photo with the product's (dilated) mask filled with
+    the mean colour of the rest: rebuilt here with numpy from the stored mask and image."""
+    from udfs.zoo import ModelZoo
+
+    lake = scored[0]
+    images = delta(lake, "product_images").drop_duplicates("image_id").set_index("image_id")
+    masks = delta(lake, "masks").query("method == 'u2netp'").set_index("image_id")
+    emb = delta(lake, "embeddings").query("variant == 'background'").set_index("image_id")
+    image_id = sorted(emb.index)[0]
+    photo = np.asarray(Image.open(io.BytesIO(images.loc[image_id, "image"])).convert("RGB")).astype(np.float64)
+    mask = np.asarray(Image.open(io.BytesIO(masks.loc[image_id, "mask"]))) >= 128
+    grow = max(1, round(0.02 * max(mask.shape)))
+    product = mask.copy()
+    for _ in range(grow):  # a cross-shaped dilation, one pixel per step
+        grown = product.copy()
+        grown[1:] |= product[:-1]; grown[:-1] |= product[1:]; grown[:, 1:] |= product[:, :-1]; grown[:, :-1] |= product[:, 1:]
+        product = grown
+    photo[product] = np.round(photo[~product].mean(axis=0))
+    clip = ModelZoo.from_settings(lake.settings).load("clip")
+    expected = clip.embed_images([Image.fromarray(photo.astype(np.uint8))])[0]
+    assert emb.loc[image_id, "mask_method"] == "u2netp"
+    assert np.allclose(np.asarray(emb.loc[image_id, "vector"]), expected, atol=1e-5)
 
 
 def test_single_reference_products_get_null_image_similarity(scored):
@@ -113,7 +140,7 @@ def test_a_new_view_rescores_only_its_product(scored):
     (catalog / "motorcycle" / "flipped.png").write_bytes(encode(flipped, "PNG"))
     ingest(lake, catalog)
     written = run_scoring(lake, progress=lambda _: None)
-    assert written["masks"]["masks"] == 1 and written["embeddings"]["embeddings"] == 4
+    assert written["masks"]["masks"] == 1 and written["embeddings"]["embeddings"] == 5
     assert written["metrics"]["image_metrics"] == 3  # the motorcycle's three views, nothing else
     after = delta(lake, "image_metrics").set_index("image_id")
     others = before[before.product_id != "motorcycle"].index
@@ -157,8 +184,9 @@ def test_metric_definitions_on_constructed_vectors():
     rows = pd.DataFrame({
         "image_id": ["ref1", "ref2", "gen"], "product_id": ["p"] * 3,
         "kind": ["reference", "reference", "generated"], "is_reference": [True, True, False],
-        "clip_vector": [a, b, a], "dino_vector": [a, b, a], "seg_clip_vector": [a, b, None],
-        "seg_dino_vector": [a, b, None], "text": [None, None, "x"], "text_source": ["caption"] * 3,
+        "clip_full_vector": [a, b, a], "dino_full_vector": [a, b, a], "clip_segmented_vector": [a, b, None],
+        "dino_segmented_vector": [a, b, None], "clip_background_vector": [None, None, a],
+        "text": [None, None, "x"], "text_source": ["caption"] * 3,
         "text_vector": [None, None, b], "mask": [None, None, None], "source_mask": [None, None, None],
         "iou_against": [None, None, None],
     })
@@ -167,6 +195,26 @@ def test_metric_definitions_on_constructed_vectors():
     assert np.isclose(out.loc["gen", "clip_i"], (1.0 + 0.6) / 2)  # identical to ref1 counts 1.0
     assert out.loc["gen", "n_references"] == 2 and np.isclose(out.loc["gen", "clip_t"], 0.6)
     assert pd.isna(out.loc["gen", "seg_clip_i"]) and pd.isna(out.loc["ref1", "clip_t"])
+    assert np.isclose(out.loc["gen", "bg_clip_t"], 0.6) and pd.isna(out.loc["ref1", "bg_clip_t"])
+
+
+def test_a_raised_metric_version_recomputes_stored_rows(scored, monkeypatch):
+    """A metric whose definition changes (its row's version raised) recomputes every stored row
+    once, and each row then names the versions it was computed by."""
+    import dataclasses
+
+    import core.vocabulary as vocabulary
+    import etl.metrics
+
+    lake = scored[0]
+    raised = tuple(dataclasses.replace(m, version=2) if m.name == "bg_clip_t" else m for m in vocabulary.METRICS)
+    versions = ",".join(f"{m.name}={m.version}" for m in sorted(raised, key=lambda m: m.name))
+    monkeypatch.setattr(etl.metrics, "METRICS", raised)
+    monkeypatch.setattr(etl.metrics, "METRIC_VERSIONS", versions)
+    stored = len(delta(lake, "image_metrics"))
+    assert run_scoring(lake, progress=lambda _: None)["metrics"]["image_metrics"] == stored
+    assert set(delta(lake, "image_metrics").metric_versions) == {versions} and "bg_clip_t=2" in versions
+    assert run_scoring(lake, progress=lambda _: None)["metrics"]["image_metrics"] == 0
 
 
 def test_new_weights_rescore_everything_and_rows_name_them(scored, tmp_path):

@@ -126,6 +126,31 @@ def test_batch_ranking_and_evaluation_leave_on_demand_images_out(request_home):
     assert ranked[~ranked.image_id.isin(on_demand)].kept.sum() <= lake.settings.generation.keep_top
 
 
+def test_a_request_scores_its_images_as_the_metrics_stage_does(request_home):
+    """Every metric of a request's images (each row of core.vocabulary.METRICS, computed inside the
+    request) equals what the batch masks, embeddings and metrics stages then compute for the same
+    images from stored vectors: one compute function per metric, two paths to its inputs."""
+    from core.settings import Settings
+    from core.vocabulary import METRIC_COLUMNS
+    from etl.embeddings import run_embeddings
+    from etl.lakehouse import Lakehouse
+    from etl.masks import run_masks
+    from etl.metrics import run_metrics
+    from training.imagine import imagine
+    from udfs.zoo import ModelZoo
+
+    lake = Lakehouse(Settings.load(request_home))
+    asked = imagine(lake, "motorcycle", "parked on a wooden pier by the sea", n=2, seed=11).set_index("image_id")
+    assert asked.clip_i.notna().all() and asked.bg_clip_t.notna().any()
+    zoo = ModelZoo.from_settings(lake.settings)
+    for run in (run_masks, run_embeddings, run_metrics):
+        run(lake, zoo)
+    batch = lake.spark.sql("SELECT * FROM image_metrics WHERE product_id = 'motorcycle'").toPandas().set_index("image_id")
+    for column in METRIC_COLUMNS:
+        np.testing.assert_allclose(batch.loc[asked.index, column].astype(float), asked[column].astype(float),
+                                   atol=1e-5, err_msg=column)
+
+
 @pytest.mark.parametrize("arguments, reason", [
     (["coffee-cup", "next to a Nike shoe", "-n", "2"], "Nike"),
     (["coffee-cup", "on a table next to a motorcycle", "-n", "2"], "another product type (motorcycle)"),

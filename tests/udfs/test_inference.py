@@ -37,8 +37,8 @@ def batch(lake):
 def test_embeddings_isolate_bad_rows(zoo, batch):
     out = batch.select(
         "id",
-        image_embedding_udf(zoo, "clip")("image", F.lit(None).cast("binary")).alias("clip"),
-        image_embedding_udf(zoo, "dino")("image", "seg_mask").alias("seg_dino"),
+        image_embedding_udf(zoo, "clip", "full")("image", F.lit(None).cast("binary")).alias("clip"),
+        image_embedding_udf(zoo, "dino", "segmented")("image", "seg_mask").alias("seg_dino"),
     ).orderBy("id").toPandas()
     clip = out["clip"]
     assert [r["error"] is None for r in clip] == [True, False, False, True, True]
