@@ -9,8 +9,9 @@ and stored alike, as real catalogs' ids are), written straight through the engin
 declared schemas (TABLES), in commits of 10,000 rows as a home that grew over time and was
 compacted would hold them: `products`, `product_images` (distinct 64x64 PNGs, image_id = the
 pixel hash the pipeline uses), `masks` (the segmenter's method, a real box and mask PNG, the current weights'
-fingerprint), `embeddings` (CLIP and DINO, full and segmented, random unit vectors of the tiny
-models' widths and the current fingerprints) and `image_metrics` (one row per image with the
+fingerprint), `embeddings` (every role and variant a metric reads: CLIP and DINO full and
+segmented, CLIP background; random unit vectors of the tiny models' widths and the current
+fingerprints) and `image_metrics` (one row per image with the
 current model fingerprints; metric values NULL). Then 100 new products (2 photos each, 160x120
 PNG) go through ingest, masks (tiny SAM), embeddings (tiny CLIP/DINO) and metrics
 normally, and each step is timed. One torch/ONNX thread.
@@ -40,9 +41,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.settings import Settings  # noqa: E402
+from etl.embeddings import embedding_fingerprint  # noqa: E402
 from etl.ingest import ingest  # noqa: E402
 from etl.lakehouse import Lakehouse  # noqa: E402
 from core.tables import TABLES, sql_list  # noqa: E402
+from core.vocabulary import EMBEDDING_VARIANTS, METRIC_VERSIONS, vector_inputs  # noqa: E402
 from jobs.steps import run_steps  # noqa: E402
 from sample_images import encode, product_shot, write_files  # noqa: E402
 from udfs.imaging import encode_mask, pixel_hash  # noqa: E402
@@ -90,15 +93,15 @@ def populate(lake: Lakehouse, zoo: ModelZoo, images: int) -> None:
                                    "model_fingerprint": fingerprints[segmenter]}),
             "embeddings": pd.concat([pd.DataFrame({
                 "image_id": ids, "backbone": zoo.name(role), "role": role, "variant": variant,
-                "mask_method": segmenter if variant == "segmented" else "",
-                "vector": list(_unit(rng, count, widths[role])),
-                "model_fingerprint": fingerprints[role] + (f"+{fingerprints[segmenter]}" if variant == "segmented"
-                                                           else "")})
-                for role in ("clip", "dino") for variant in ("full", "segmented")]),
+                "mask_method": mask_method, "vector": list(_unit(rng, count, widths[role])),
+                "model_fingerprint": embedding_fingerprint(zoo, role, mask_method)})
+                for role, variant in vector_inputs()  # every variant a metric reads
+                for mask_method in [EMBEDDING_VARIANTS[variant].mask_method(segmenter)]]),
             "image_metrics": pd.DataFrame({
                 "image_id": ids, "product_id": products, "kind": "reference", "n_references": IMAGES_PER_PRODUCT - 1,
                 "clip_backbone": zoo.name("clip"), "dino_backbone": zoo.name("dino"), "mask_method": segmenter,
-                "models": ";".join(fingerprints[r] for r in ("clip", "dino", segmenter, "captioner"))}),
+                "models": ";".join(fingerprints[r] for r in ("clip", "dino", segmenter, "captioner")),
+                "metric_versions": METRIC_VERSIONS}),
         }
         for name, frame in frames.items():
             table = TABLES[name]
