@@ -2,6 +2,7 @@
 
     python bench/bench_growth.py                 # homes of 1k, 10k and 100k stored reference images
     python bench/bench_growth.py --sizes 1000 10000
+    python bench/bench_growth.py --repeats 1      # one run per size (default 3, medians reported)
 
 For each size a fresh home is populated with that many reference images (4 per product) and
 the rows earlier runs would have left for them (product ids are random 16-hex-digit hashes, new
@@ -14,7 +15,8 @@ segmented, CLIP background; random unit vectors of the tiny models' widths and t
 fingerprints) and `image_metrics` (one row per image with the
 current model fingerprints; metric values NULL). Then 100 new products (2 photos each, 160x120
 PNG) go through ingest, masks (tiny SAM), embeddings (tiny CLIP/DINO) and metrics
-normally, and each step is timed. One torch/ONNX thread.
+normally, and each step is timed, on each of `--repeats` copies of the populated home; the
+medians are reported (single runs swing by tens of percent on the 2-core box). One torch/ONNX thread.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -132,33 +135,45 @@ def new_products(catalog: Path) -> None:
         (folder / "product.json").write_text(json.dumps({"product_type": "mug", "title": f"new mug {n}"}))
 
 
-def measure(root: Path, tiny: Path, catalog: Path, images: int) -> dict[str, float]:
-    lake = Lakehouse(Settings.load(root / f"home-{images}", models={"tiny_dir": str(tiny), "segmenter": SEGMENTER}))
-    zoo = ModelZoo.from_settings(lake.settings)
+def measure(root: Path, tiny: Path, catalog: Path, images: int, repeats: int) -> dict[str, float]:
+    """Each step's median seconds over `repeats` copies of one populated home."""
+    models = {"tiny_dir": str(tiny), "segmenter": SEGMENTER}
+    base = root / f"home-{images}"
     started = time.perf_counter()
-    populate(lake, zoo, images)
+    lake = Lakehouse(Settings.load(base, models=models))
+    populate(lake, ModelZoo.from_settings(lake.settings), images)
     print(f"  home of {images} stored images populated in {time.perf_counter() - started:.0f} s", flush=True)
-    seconds = {}
-    started = time.perf_counter()
-    summary = ingest(lake, catalog)
-    seconds["ingest"] = time.perf_counter() - started
-    assert summary.rows_written["product_images"] == 2 * NEW_PRODUCTS, summary
-    for step in STEPS:
+    runs = []
+    for repeat in range(repeats):
+        home = shutil.copytree(base, root / f"home-{images}-{repeat}")  # Delta logs hold relative paths
+        lake = Lakehouse(Settings.load(home, models=models))
+        zoo = ModelZoo.from_settings(lake.settings)
+        seconds = {}
         started = time.perf_counter()
-        written = run_steps(lake, [step], zoo, progress=lambda _: None)[step]
-        seconds[step] = time.perf_counter() - started
-        print(f"  {images}: {step} {seconds[step]:.1f} s {written}", flush=True)
-    metrics = lake.spark.sql(f"SELECT count(*) AS n FROM image_metrics WHERE product_id IN ({sql_list(NEW_IDS)}) "
-                             "AND clip_i IS NOT NULL").collect()[0]["n"]
-    assert metrics == 2 * NEW_PRODUCTS, metrics
-    seconds["total"] = sum(seconds.values())
-    print(f"  {images}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), flush=True)
-    return seconds
+        summary = ingest(lake, catalog)
+        seconds["ingest"] = time.perf_counter() - started
+        assert summary.rows_written["product_images"] == 2 * NEW_PRODUCTS, summary
+        for step in STEPS:
+            started = time.perf_counter()
+            written = run_steps(lake, [step], zoo, progress=lambda _: None)[step]
+            seconds[step] = time.perf_counter() - started
+            assert written[step if step != "metrics" else "image_metrics"] > 0, written
+        metrics = lake.spark.sql(f"SELECT count(*) AS n FROM image_metrics WHERE product_id IN ({sql_list(NEW_IDS)}) "
+                                 "AND clip_i IS NOT NULL").collect()[0]["n"]
+        assert metrics == 2 * NEW_PRODUCTS, metrics
+        seconds["total"] = sum(seconds.values())
+        print(f"  {images} (run {repeat + 1}): " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), flush=True)
+        runs.append(seconds)
+        shutil.rmtree(home)
+    median = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    print(f"  {images} (median of {repeats}): " + ", ".join(f"{k} {v:.1f} s" for k, v in median.items()), flush=True)
+    return median
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per size on copies of one home; medians reported")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="recontext-bench-growth-"))
@@ -167,11 +182,11 @@ def main() -> None:
     warm = Lakehouse(Settings.load(root / "warm", models={"tiny_dir": str(tiny)}))
     ModelZoo.from_settings(warm.settings).check("clip", "dino", "captioner", SEGMENTER)
     print("warm-up (model loads, first queries; not reported):", flush=True)
-    measure(root, tiny, catalog, 0)
-    results = {size: measure(root, tiny, catalog, size) for size in args.sizes}
+    measure(root, tiny, catalog, 0, 1)
+    results = {size: measure(root, tiny, catalog, size, args.repeats) for size in args.sizes}
     first, last = results[args.sizes[0]]["total"], results[args.sizes[-1]]["total"]
     labels = ", ".join(f"{s // 1000}k" for s in args.sizes)
-    print(f"growth: {NEW_PRODUCTS} new products at {labels} stored images: "
+    print(f"growth: {NEW_PRODUCTS} new products at {labels} stored images (median of {args.repeats}): "
           + ", ".join(f"{results[s]['total']:.1f} s" for s in args.sizes) + f"; ratio C/A {last / first:.2f}")
 
 

@@ -6,9 +6,10 @@ new, so metrics are recomputed from stored vectors without running a model."""
 from __future__ import annotations
 
 import pandas as pd
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.image_sets import all_images, stored_image_ids
+from etl.image_sets import image_keys, with_image_bytes
 from etl.lakehouse import Lakehouse
 from etl.model_outputs import write_model_outputs
 from etl.step import Step
@@ -33,22 +34,20 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
          "model_fingerprint": embedding_fingerprint(zoo, role, mask_method)}
         for role, variant in vector_inputs()
         for mask_method in [EMBEDDING_VARIANTS[variant].mask_method(method)]])
-    for p in _with_pending_images(lake, passes, masks).itertuples():
-        done = lake.table("embeddings").where(
-            f"backbone = {sql_literal(p.backbone)} AND variant = '{p.variant}' "
-            f"AND mask_method = {sql_literal(p.mask_method)} "
-            f"AND model_fingerprint = {sql_literal(p.model_fingerprint)}").select("image_id")
-        images = all_images(lake, done)
-        pending = (images.join(masks, "image_id") if p.mask_method
-                   else images.withColumn("mask", F.lit(None).cast("binary")))
-        rows = pending.select(
-            "image_id", "product_id", image_embedding_udf(zoo, p.role, p.variant)("image", "mask").alias("r")
-        ).selectExpr(
-            "image_id", f"{sql_literal(p.backbone)} AS backbone", f"'{p.role}' AS role", f"'{p.variant}' AS variant",
-            f"{sql_literal(p.mask_method)} AS mask_method", "r.vector AS vector",
-            f"{sql_literal(p.model_fingerprint)} AS model_fingerprint", "product_id", "r.error AS error")
-        for table, n in write_model_outputs(lake, STAGE, "embeddings", pending, rows).items():
-            written[table] += n
+    with lake.staged(_pending(lake, passes, masks)) as pending:
+        todo = {(r["role"], r["variant"]) for r in pending.select("role", "variant").distinct().collect()}
+        for p in passes.itertuples():
+            if (p.role, p.variant) not in todo:
+                continue
+            images = with_image_bytes(lake, pending.where(f"role = '{p.role}' AND variant = '{p.variant}'"))
+            rows = images.select(
+                "image_id", "product_id", image_embedding_udf(zoo, p.role, p.variant)("image", "mask").alias("r")
+            ).selectExpr(
+                "image_id", f"{sql_literal(p.backbone)} AS backbone", f"'{p.role}' AS role",
+                f"'{p.variant}' AS variant", f"{sql_literal(p.mask_method)} AS mask_method", "r.vector AS vector",
+                f"{sql_literal(p.model_fingerprint)} AS model_fingerprint", "product_id", "r.error AS error")
+            for table, n in write_model_outputs(lake, STAGE, "embeddings", images, rows).items():
+                written[table] += n
     # Every text CLIP-T may compare with: captions, and the prompts of synthetic and generated images.
     texts = lake.spark.sql("SELECT caption AS text FROM captions UNION SELECT prompt AS text FROM synthetic_images "
                            "UNION SELECT prompt AS text FROM generations")
@@ -56,17 +55,17 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     return written
 
 
-def _with_pending_images(lake: Lakehouse, passes: pd.DataFrame, masks) -> pd.DataFrame:
-    """The passes that have an image to embed, found by one query over the stored keys (the
-    passes then run one by one): a run with nothing new costs one scan, not one per pass."""
-    wanted = lake.spark.createDataFrame(passes.assign(masked=passes.mask_method != "")).crossJoin(
-        stored_image_ids(lake))
-    found = masks.select("image_id").distinct().withColumn("found", F.lit(True))
+def _pending(lake: Lakehouse, passes: pd.DataFrame, masks: DataFrame) -> DataFrame:
+    """Every image a pass has yet to embed: role, variant, the image's keys (image_keys) and, for
+    a masked variant, its product mask (an image without one has no masked vector). One query
+    over the stored keys, staged once: the passes then embed exactly these, so a run reads the
+    stored keys and the masks once, not once per pass."""
+    wanted = lake.spark.createDataFrame(passes.assign(masked=passes.mask_method != "")).crossJoin(image_keys(lake))
     stored = lake.table("embeddings").select("image_id", "backbone", "variant", "mask_method", "model_fingerprint")
-    pending = (wanted.join(found, "image_id", "left").where("NOT masked OR found")
-               .join(stored, ["image_id", "backbone", "variant", "mask_method", "model_fingerprint"], "left_anti"))
-    todo = {(r["role"], r["variant"]) for r in pending.select("role", "variant").distinct().collect()}
-    return passes[[(r, v) in todo for r, v in zip(passes.role, passes.variant)]]
+    return (wanted.join(stored, ["image_id", "backbone", "variant", "mask_method", "model_fingerprint"], "left_anti")
+            .join(masks, "image_id", "left").where("NOT masked OR mask IS NOT NULL")
+            .selectExpr("role", "variant", "image_id", "product_id", "kind", "has_alpha",
+                        "CASE WHEN masked THEN mask END AS mask"))
 
 
 def embedding_fingerprint(zoo: ModelZoo, role: str, mask_method: str) -> str:

@@ -39,32 +39,37 @@ IMAGE_BYTES = """
 """
 
 
-def stored_image_ids(lake: Lakehouse) -> DataFrame:
-    """image_id of every stored image, once (key columns only: no image bytes are read)."""
-    return lake.spark.sql(f"SELECT DISTINCT image_id FROM ({_UNION})")
-
-
-def all_images(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
-    """image_id, product_id, kind, image, has_alpha; an image shared by products appears once.
-
-    `done` (an image_id column) is left out on the key columns alone, before any image bytes are
-    read: the bytes are fetched for the images left only, so the cost follows new work, not the
-    size of the tables (ranking and anti-joining rows that carry every stored image's bytes was
-    most of a 100k-image home's incremental cost: bench/bench_growth.py)."""
+def image_keys(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
+    """image_id, product_id, kind, has_alpha of every stored image, once (an image shared by
+    products under its first product), `done` (an image_id column) left out: key columns only,
+    no image bytes are read."""
     keys = lake.spark.sql(f"SELECT image_id, product_id, kind, has_alpha FROM ({_UNION})")
     if done is not None:  # before ranking: the window sorts the pending rows only
         keys = keys.join(done, "image_id", "left_anti")
     first = Window.partitionBy("image_id").orderBy("product_id")
-    keys = keys.withColumn("n", F.row_number().over(first)).where("n = 1").drop("n")
-    # The pending images' products, as literals the scan can skip files by (Delta keeps each
-    # file's product_id range: files of earlier products are not read); a first run's long
-    # list is not worth it.
+    return keys.withColumn("n", F.row_number().over(first)).where("n = 1").drop("n")
+
+
+def with_image_bytes(lake: Lakehouse, keys: DataFrame) -> DataFrame:
+    """`keys` (rows with image_id and product_id, one per image) with each image's bytes as
+    `image`. Only the bytes of these images are read: the cost follows new work, not the size of
+    the tables (ranking and anti-joining rows that carry every stored image's bytes was most of a
+    100k-image home's incremental cost: bench/bench_growth.py)."""
+    # The images' products, as literals the scan can skip files by (Delta keeps each file's
+    # product_id range: files of other products are not read); a first run's long list is not
+    # worth it.
     products = [r["product_id"] for r in keys.select("product_id").distinct().limit(PRODUCT_FILTER + 1).collect()]
     where = f"WHERE product_id IN ({sql_list(products)})" if 0 < len(products) <= PRODUCT_FILTER else ""
     images = (lake.spark.sql(f"SELECT image_id, image FROM ({_UNION}) {where}")
               .join(keys.select("image_id"), "image_id", "left_semi")
               .groupBy("image_id").agg(F.first("image").alias("image")))
-    return keys.join(images, "image_id").select("image_id", "product_id", "kind", "image", "has_alpha")
+    return keys.join(images, "image_id")
+
+
+def all_images(lake: Lakehouse, done: DataFrame | None = None) -> DataFrame:
+    """image_id, product_id, kind, image, has_alpha of every stored image but `done`'s (an
+    image_id column); an image shared by products appears once."""
+    return with_image_bytes(lake, image_keys(lake, done)).select("image_id", "product_id", "kind", "image", "has_alpha")
 
 
 def scored_images(lake: Lakehouse) -> DataFrame:

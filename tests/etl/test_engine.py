@@ -193,6 +193,33 @@ def test_upsert_refuses_two_rows_for_one_declared_key(lake):
     assert lake.key_violations("products") == []
 
 
+def test_upsert_appends_new_keys_skips_equal_rows_and_merges_changed_ones(lake):
+    """Each kind of batch as delta-rs reads the result: all new keys are appended without
+    comparing; new keys beside unchanged stored rows are appended alone; a changed stored row is
+    MERGEd; an unchanged re-upsert writes no version."""
+    import pandas as pd
+
+    from homes import delta_rows
+
+    def rows(*pairs):
+        return pd.DataFrame([{"product_id": p, "title": t, "product_type": "mug", "attributes": "{}", "source": "t"}
+                             for p, t in pairs])
+
+    def stored():
+        return {r["product_id"]: r["title"] for r in delta_rows(lake.settings.home, "products", ["product_id", "title"])}
+
+    assert lake.upsert_rows("products", rows(("p1", "a"), ("p2", "b"))) == 2
+    assert lake.upsert_rows("products", rows(("p1", "a"), ("p3", "c"))) == 1  # p1 is unchanged
+    assert [h["operation"] for h in lake.history("products", 2)] == ["WRITE", "WRITE"]
+    version = len(lake.history("products"))
+    assert lake.upsert_rows("products", rows(("p2", "b"), ("p3", "c"))) == 0
+    assert len(lake.history("products")) == version  # nothing changed, no commit
+    assert lake.upsert_rows("products", rows(("p2", "B"), ("p4", "d"))) == 2
+    assert lake.history("products", 1)[0]["operation"] == "MERGE"
+    assert stored() == {"p1": "a", "p2": "B", "p3": "c", "p4": "d"}
+    assert lake.key_violations("products") == []
+
+
 def test_a_home_from_an_older_version_gains_the_new_columns(tmp_path):
     """prompt_bank as an older version wrote it (no `source` column): opening the home adds the
     declared column, keeps the rows, and the jobs write through it."""
