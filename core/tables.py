@@ -231,7 +231,7 @@ TABLES: dict[str, Table] = {
                 ("image_id", "STRING", "sha256 of the image's pixels"),
                 ("product_id", "STRING", "products.product_id"),
                 ("task_key", "STRING", "hash of adapter version, prompt (or scene), seed and parameters"),
-                ("arm", "STRING", "ours or baseline (adapters.arm)"),
+                ("arm", "STRING", "ours or baseline (adapters.arm), or zero_shot (no adapter: reference photos)"),
                 ("adapter_model", "STRING", "MLflow registered model"),
                 ("adapter_version", "STRING", "its version (the champion when generated)"),
                 ("run_id", "STRING", "MLflow run that trained the adapter"),
@@ -388,7 +388,7 @@ TABLES: dict[str, Table] = {
                 ("evaluation_id", "STRING", "evaluation_plans.evaluation_id"),
                 ("image_id", "STRING", "generations.image_id"),
                 ("product_id", "STRING", "its product"),
-                ("arm", "STRING", "ours or baseline"),
+                ("arm", "STRING", "generations.arm: ours, baseline or zero_shot"),
                 ("raters", "INT", "distinct raters of the image"),
                 ("passed", "BOOLEAN", "the verdict under evaluation.pass_rule"),
                 ("failed_questions", "STRING", "questions without a yes majority, comma separated"),
@@ -409,7 +409,7 @@ TABLES: dict[str, Table] = {
             "complete evaluations have rows.",
             [
                 ("evaluation_id", "STRING", "evaluation_plans.evaluation_id: the pinned plan these figures cover"),
-                ("arm", "STRING", "ours or baseline"),
+                ("arm", "STRING", "an arm of the plan: ours, baseline or zero_shot"),
                 ("selection", "STRING", "all (every generation of the champion version) or ranked (kept top N)"),
                 ("dataset", "STRING", "products.source the products came from"),
                 ("product_id", "STRING", "the product, or '(all)' for the dataset row"),
@@ -442,7 +442,7 @@ TABLES: dict[str, Table] = {
             [
                 ("evaluation_id", "STRING", "hash of the plan's content: a changed bank, setting or champion "
                                             "is a new evaluation"),
-                ("arm", "STRING", "ours, baseline, or another trained arm"),
+                ("arm", "STRING", "ours, baseline or zero_shot"),
                 ("product_id", "STRING", "products.product_id"),
                 ("prompt_id", "STRING", "prompt_bank.prompt_id of the target prompt"),
                 ("seed", "INT", "generator seed"),

@@ -19,9 +19,9 @@ from core.settings import Settings
 from core.errors import UserError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-OURS, BASELINE = "ours", "baseline"
+OURS, BASELINE = "ours", "baseline"  # the trained arms: the paper's method, plain DreamBooth + LoRA
 ZERO_SHOT = "zero_shot"  # no adapter: the base model conditioned on reference photos (etl/plans.py)
-TRAINING_KEY = "recontext.training_key"  # run tag: product|arm|training-set version|config hash  # the two arms: the paper's method, plain DreamBooth + LoRA
+TRAINING_KEY = "recontext.training_key"  # run tag: product|arm|training-set version|config hash
 # The user's choice, read once: mlflow.set_tracking_uri() writes this variable itself, so reading
 # it later would make a second home in the same process log into the first home's store.
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
