@@ -44,11 +44,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.settings import Settings  # noqa: E402
-from etl.embeddings import embedding_fingerprint  # noqa: E402
+from etl.embeddings import embedding_passes  # noqa: E402
 from etl.ingest import ingest  # noqa: E402
 from etl.lakehouse import Lakehouse  # noqa: E402
 from core.tables import TABLES, sql_list  # noqa: E402
-from core.vocabulary import EMBEDDING_VARIANTS, METRIC_VERSIONS, vector_inputs  # noqa: E402
+from core.vocabulary import METRIC_VERSIONS  # noqa: E402
 from jobs.steps import run_steps  # noqa: E402
 from sample_images import encode, product_shot, write_files  # noqa: E402
 from udfs.imaging import encode_mask, pixel_hash  # noqa: E402
@@ -94,12 +94,11 @@ def populate(lake: Lakehouse, zoo: ModelZoo, images: int) -> None:
                                    "mask": [mask_png] * count, "area_fraction": float(mask.mean()),
                                    "bbox": [[12, 8, 52, 56]] * count, "score": 0.9,
                                    "model_fingerprint": fingerprints[segmenter]}),
-            "embeddings": pd.concat([pd.DataFrame({
-                "image_id": ids, "backbone": zoo.name(role), "role": role, "variant": variant,
-                "mask_method": mask_method, "vector": list(_unit(rng, count, widths[role])),
-                "model_fingerprint": embedding_fingerprint(zoo, role, mask_method)})
-                for role, variant in vector_inputs()  # every variant a metric reads
-                for mask_method in [EMBEDDING_VARIANTS[variant].mask_method(segmenter)]]),
+            "embeddings": pd.concat([pd.DataFrame({  # every variant a metric reads
+                "image_id": ids, "backbone": p.backbone, "role": p.role, "variant": p.variant,
+                "mask_method": p.mask_method, "vector": list(_unit(rng, count, widths[p.role])),
+                "model_fingerprint": p.model_fingerprint})
+                for p in embedding_passes(zoo).itertuples()]),
             "image_metrics": pd.DataFrame({
                 "image_id": ids, "product_id": products, "kind": "reference", "n_references": IMAGES_PER_PRODUCT - 1,
                 "clip_backbone": zoo.name("clip"), "dino_backbone": zoo.name("dino"), "mask_method": segmenter,

@@ -29,11 +29,7 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
     # Masked variants exist only where a product was found.
     masks = lake.table("masks").where(f"method = {sql_literal(method)} AND area_fraction > 0").select(
         "image_id", "mask")
-    passes = pd.DataFrame([
-        {"role": role, "variant": variant, "backbone": zoo.name(role), "mask_method": mask_method,
-         "model_fingerprint": embedding_fingerprint(zoo, role, mask_method)}
-        for role, variant in vector_inputs()
-        for mask_method in [EMBEDDING_VARIANTS[variant].mask_method(method)]])
+    passes = embedding_passes(zoo)
     with lake.staged(_pending(lake, passes, masks)) as pending:
         todo = {(r["role"], r["variant"]) for r in pending.select("role", "variant").distinct().collect()}
         for p in passes.itertuples():
@@ -53,6 +49,16 @@ def run_embeddings(lake: Lakehouse, zoo: ModelZoo) -> dict[str, int]:
                            "UNION SELECT prompt AS text FROM generations")
     written["text_embeddings"] = embed_texts(lake, zoo, texts)
     return written
+
+
+def embedding_passes(zoo: ModelZoo) -> pd.DataFrame:
+    """One row per (role, variant) some metric reads (core.vocabulary.vector_inputs): the
+    backbone, mask_method and model_fingerprint its stored vectors carry."""
+    return pd.DataFrame([
+        {"role": role, "variant": variant, "backbone": zoo.name(role), "mask_method": mask_method,
+         "model_fingerprint": embedding_fingerprint(zoo, role, mask_method)}
+        for role, variant in vector_inputs()
+        for mask_method in [EMBEDDING_VARIANTS[variant].mask_method(zoo.models.segmenter)]])
 
 
 def _pending(lake: Lakehouse, passes: pd.DataFrame, masks: DataFrame) -> DataFrame:

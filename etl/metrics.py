@@ -26,11 +26,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from etl.embeddings import embedding_passes
 from etl.image_sets import scored_images
 from etl.lakehouse import Lakehouse
 from etl.step import Step
 from core.tables import TABLES, sql_literal
-from core.vocabulary import EMBEDDING_VARIANTS, METRIC_VERSIONS, METRICS, resolve, vector_inputs
+from core.vocabulary import METRIC_VERSIONS, METRICS, resolve, vector_inputs
 from udfs.imaging import decode_mask
 from udfs.zoo import ModelZoo
 
@@ -105,11 +106,10 @@ def stored_vector_columns() -> str:
 def stored_vector_joins(zoo: ModelZoo, images: str) -> str:
     """LEFT JOINs of every stored embedding a metric reads onto `images`.image_id."""
     joins = []
-    for role, variant in vector_inputs():
-        mask_method = EMBEDDING_VARIANTS[variant].mask_method(zoo.models.segmenter)
-        alias = _alias(role, variant)
-        joins.append(f"LEFT JOIN (SELECT image_id, vector FROM embeddings WHERE backbone = {sql_literal(zoo.name(role))} "
-                     f"AND variant = '{variant}' AND mask_method = {sql_literal(mask_method)}) {alias} "
+    for p in embedding_passes(zoo).itertuples():
+        alias = _alias(p.role, p.variant)
+        joins.append(f"LEFT JOIN (SELECT image_id, vector FROM embeddings WHERE backbone = {sql_literal(p.backbone)} "
+                     f"AND variant = '{p.variant}' AND mask_method = {sql_literal(p.mask_method)}) {alias} "
                      f"ON {alias}.image_id = {images}.image_id")
     return "\n".join(joins)
 
